@@ -1,0 +1,42 @@
+"""splittrain: split-learning fine-tuning of decoder LLMs.
+
+Cut a transformers causal LM into bottom / trunk / top segments that compute exactly what the whole model
+computes, each party loading only its own weights::
+
+    import splittrain
+    bottom, trunk, top = splittrain.split_model("Qwen/Qwen2-0.5B", cuts=(6, 18))
+    out = top(trunk(bottom(input_ids, attention_mask=mask)))
+    out.logits
+"""
+
+from .families import FAMILIES, Family, get_family
+from .loading import (
+    ModelFactory,
+    PartReport,
+    SplitParts,
+    load_segment,
+    load_segments,
+    save_segments,
+    split_model,
+)
+from .segments import Activations, Segment
+
+SplitModel = Segment  # the seed library's name for one part
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAMILIES",
+    "Activations",
+    "Family",
+    "ModelFactory",
+    "PartReport",
+    "Segment",
+    "SplitModel",
+    "SplitParts",
+    "get_family",
+    "load_segment",
+    "load_segments",
+    "save_segments",
+    "split_model",
+]

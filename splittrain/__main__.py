@@ -1,0 +1,6 @@
+"""python -m splittrain"""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

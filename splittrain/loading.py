@@ -1,0 +1,589 @@
+"""Checkpoint -> segments, reading only what each part needs.
+
+``split_model`` reads ``config.json`` and ``model.safetensors.index.json`` (or the one ``model.safetensors``),
+builds the model's modules on the meta device (no allocation, no random init), and for each requested part
+opens only the shards holding its tensors and reads only those tensors with ``safetensors.safe_open``. The
+tensors stay memory-mapped (zero-copy) when no dtype or device change is asked for, so a part costs memory
+only for the pages its forward pass touches. A model owner can then ``save`` each party's segments into its
+own folder, so no party ever holds another's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .families import Family, get_family
+from .segments import Segment
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SPLIT_FILE = "split.json"
+CLIENT_PARTS = ("bottom", "top")
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs``); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since the process started or since :func:`reset_peak_rss`."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class PartReport:
+    """What loading one part cost: shards opened, tensors read, bytes read, peak RSS growth, seconds."""
+
+    name: str
+    layers: tuple[int, int]
+    shards: list[str] = field(default_factory=list)
+    tensors: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    peak_rss_delta: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.name}: layers [{self.layers[0]}, {self.layers[1]}), {len(self.shards)} shard(s), "
+                f"{len(self.tensors)} tensors, {self.bytes_read / 2**20:.1f} MiB read, "
+                f"peak RSS +{self.peak_rss_delta / 2**20:.1f} MiB, {self.seconds:.2f} s")
+
+
+class SplitParts(tuple):
+    """The segments ``split_model`` built, in model order; unpack them or index by part name.
+
+    ``bottom, trunk, top = split_model(...)``; ``split_model(..., parts=("trunk",))["trunk"]``.
+    """
+
+    names: tuple[str, ...]
+    reports: dict[str, PartReport]
+
+    def __new__(cls, segments: Mapping[str, Segment], reports: Mapping[str, PartReport]) -> "SplitParts":
+        parts = super().__new__(cls, segments.values())
+        parts.names = tuple(segments)
+        parts.reports = dict(reports)
+        return parts
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            if key not in self.names:
+                raise KeyError(f"no part {key!r} here; parts: {', '.join(self.names)}")
+            key = self.names.index(key)
+        return super().__getitem__(key)
+
+    def items(self) -> Iterable[tuple[str, Segment]]:
+        return zip(self.names, self)
+
+
+# ------------------------------------------------------------------------------------------ cuts & devices
+def part_names(num_parts: int) -> list[str]:
+    """``bottom``, ``trunk`` (or ``trunk1``, ``trunk2``, ... when there are several), ``top``."""
+    middle = ["trunk"] if num_parts == 3 else [f"trunk{i}" for i in range(1, num_parts - 1)]
+    return ["bottom", *middle, "top"]
+
+
+def part_ranges(num_layers: int, cuts: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """Layer range ``[start, stop)`` of every part for ``cuts`` on a ``num_layers``-layer model."""
+    if isinstance(cuts, int):
+        cuts = (cuts,)
+    cuts = tuple(cuts)
+    if not cuts:
+        raise ValueError("give at least one cut layer, e.g. cuts=(6, 12)")
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in cuts):
+        raise TypeError(f"cuts must be integers, got {cuts!r}")
+    if any(b <= a for a, b in zip(cuts, cuts[1:])):
+        raise ValueError(f"cuts must be strictly increasing, got {cuts}")
+    bad = [c for c in cuts if not 1 <= c <= num_layers - 1]
+    if bad:
+        raise ValueError(f"cut(s) {bad} outside 1..{num_layers - 1}: the model has {num_layers} layers and "
+                         "every part needs at least one")
+    bounds = (0, *cuts, num_layers)
+    return dict(zip(part_names(len(bounds) - 1), zip(bounds, bounds[1:])))
+
+
+def resolve_device_map(
+    names: Sequence[str],
+    device: str | torch.device = "cpu",
+    device_map: str | Mapping[str, str | torch.device] | None = None,
+    gpu_count: int | None = None,
+) -> dict[str, torch.device]:
+    """Device of every part: ``device`` for all, a dict per part, or ``"auto"``.
+
+    ``"auto"`` with 0 GPUs puts everything on the CPU; with fewer GPUs than parts the bottom stays on the
+    CPU and the other parts spread over the GPUs in order (1 GPU: trunk+top on cuda:0; 2 GPUs: trunk
+    cuda:0, top cuda:1); with a GPU for every part, one GPU each.
+    """
+    names = list(names)
+    if device_map is None:
+        return {name: torch.device(device) for name in names}
+    if device_map == "auto":
+        gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+        if gpus == 0:
+            return {name: torch.device("cpu") for name in names}
+        if gpus >= len(names):
+            return {name: torch.device(f"cuda:{i}") for i, name in enumerate(names)}
+        rest = names[1:]
+        placed = {name: torch.device(f"cuda:{i * gpus // len(rest)}") for i, name in enumerate(rest)}
+        return {names[0]: torch.device("cpu"), **placed}
+    if isinstance(device_map, Mapping):
+        unknown = sorted(set(device_map) - set(names))
+        if unknown:
+            raise ValueError(f"device_map names unknown part(s) {unknown}; parts: {', '.join(names)}")
+        return {name: torch.device(device_map.get(name, device)) for name in names}
+    raise ValueError(f"device_map must be None, 'auto' or a dict per part, got {device_map!r}")
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _hub_error(repo: str, exc: Exception) -> Exception:
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    login = ("log in with `hf auth login` (or set HF_TOKEN), or download the model once and pass its "
+             "local folder instead")
+    if isinstance(exc, GatedRepoError):
+        return PermissionError(f"{repo!r} is a gated repository: accept its licence on its hub page, then {login}")
+    if isinstance(exc, RepositoryNotFoundError):
+        return FileNotFoundError(f"{repo!r} is neither a local folder nor a hub repository you can access "
+                                 f"(private or misspelt?): {login}")
+    if isinstance(exc, LocalEntryNotFoundError):
+        return ConnectionError(f"could not reach the hub for {repo!r} and no cached copy exists: check the "
+                               f"network, or {login}")
+    return exc
+
+
+class Checkpoint:
+    """A safetensors checkpoint, local folder or hub repository: config, weight map, shard files.
+
+    Hub shards are fetched one at a time as a part asks for them, so a party downloads only its shards.
+    """
+
+    def __init__(self, source: str | os.PathLike, revision: str | None = None, token: str | bool | None = None):
+        self.source = str(source)
+        self.revision, self.token = revision, token
+        self.local = Path(self.source).is_dir()
+        if not self.local and (os.path.isabs(self.source) or self.source.startswith(".")
+                               or self.source.count("/") > 1 or Path(self.source).exists()):
+            raise FileNotFoundError(f"no model folder at {self.source!r}")
+        from transformers import AutoConfig
+
+        try:
+            self.config = AutoConfig.from_pretrained(self.source, revision=revision, token=token)
+        except OSError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if self.local or cause is None:
+                raise
+            raise _hub_error(self.source, cause) from exc
+        self.weight_map = self._weight_map()
+
+    def file(self, filename: str) -> str:
+        """Local path of ``filename`` (downloaded from the hub if needed); a clear error if it is missing."""
+        if self.local:
+            path = Path(self.source, filename)
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {filename!r} is missing from {self.source!r}")
+            return str(path)
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            return hf_hub_download(self.source, filename, revision=self.revision, token=self.token)
+        except EntryNotFoundError as exc:
+            if isinstance(exc, LocalEntryNotFoundError):
+                raise _hub_error(self.source, exc) from exc
+            raise FileNotFoundError(f"shard {filename!r} is missing from hub repository {self.source!r}") from exc
+        except HfHubHTTPError as exc:
+            raise _hub_error(self.source, exc) from exc
+
+    def _weight_map(self) -> dict[str, str]:
+        try:
+            index_path = self.file(INDEX_FILE)
+        except FileNotFoundError:
+            index_path = None
+        if index_path is not None:
+            with open(index_path) as f:
+                return dict(json.load(f)["weight_map"])
+        try:
+            single = self.file(SINGLE_FILE)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{self.source!r} has neither {INDEX_FILE} nor {SINGLE_FILE}: splittrain loads safetensors "
+                "checkpoints only (convert .bin weights with transformers' save_pretrained)") from None
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return {key: SINGLE_FILE for key in f.keys()}
+
+    def prefixes(self, family: Family) -> tuple[str, str]:
+        """The (text model, head) key prefixes this checkpoint uses, among those the family allows."""
+        for text_prefix, head_prefix in family.checkpoint_prefixes:
+            probe = text_prefix + "layers."
+            if any(key.startswith(probe) for key in self.weight_map):
+                return text_prefix, head_prefix
+        raise ValueError(f"{self.source!r} holds no decoder layer weights under any of the prefixes "
+                         f"{[p for p, _ in family.checkpoint_prefixes]} known for family {family.name!r}")
+
+
+def _checkpoint_key(key: str, prefixes: tuple[str, str]) -> str:
+    """Causal-LM key (``model.layers.3...``, ``lm_head.weight``) -> the checkpoint's own key."""
+    text_prefix, head_prefix = prefixes
+    if key.startswith("model."):
+        return text_prefix + key[len("model."):]
+    return head_prefix + key
+
+
+# ------------------------------------------------------------------------------------------ skeleton
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _decoder_stack(model: nn.Module, what: str) -> nn.Module:
+    """``model.model`` after checking it has the decoder shape segments are cut from."""
+    inner = getattr(model, "model", None)
+    missing = [name for name in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(inner, name)]
+    if inner is None or missing or not isinstance(inner.layers, nn.ModuleList):
+        raise ValueError(
+            f"{what} ({type(model).__name__}) has no decoder-layer stack at model.layers with model.embed_tokens, "
+            "model.norm and model.rotary_emb beside it; splittrain cuts decoder-only causal LMs of that shape")
+    return inner
+
+
+def _skeleton(config: Any, dtype: torch.dtype, attn_implementation: str | None) -> nn.Module:
+    """The whole causal LM on the meta device: module structure without any weight memory."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+
+
+def _materialize_buffers(segment: Segment, skeleton: nn.Module, device: torch.device) -> None:
+    """Give non-persistent buffers (rotary inv_freq, Gemma's embed_scale) real values, the way
+    transformers does after loading: allocate, then run the model's own ``_init_weights`` on that module,
+    which skips tensors flagged as already loaded."""
+    from transformers import initialization
+
+    for module in segment.modules():
+        meta = [name for name, buf in module.named_buffers(recurse=False) if buf is not None and buf.is_meta]
+        if not meta:
+            continue
+        for name in meta:
+            setattr(module, name, torch.empty_like(getattr(module, name), device=device))
+        for param in module.parameters(recurse=False):
+            param._is_hf_initialized = True
+        with initialization.guard_torch_init_functions():
+            skeleton._init_weights(module)
+    left = [name for name, t in segment.state_dict(keep_vars=True).items() if t.is_meta]
+    left += [name for name, t in segment.named_buffers() if t.is_meta]
+    if left:
+        raise RuntimeError(f"segment {segment.name!r} has tensors that were never loaded: {left[:5]}")
+
+
+def _segment_from(model: nn.Module, family: Family, config: Any, name: str, start: int, stop: int,
+                  tied: bool) -> Segment:
+    inner = model.model
+    last = stop == config.num_hidden_layers
+    return Segment(
+        family, config, start, stop,
+        layers={i: inner.layers[i] for i in range(start, stop)},
+        rotary_emb=inner.rotary_emb,
+        embed_tokens=inner.embed_tokens if start == 0 or (last and tied) else None,
+        norm=inner.norm if last else None,
+        lm_head=model.lm_head if last and not tied else None,
+        name=name,
+    )
+
+
+# ------------------------------------------------------------------------------------------ public API
+def split_model(
+    model_name_or_path: str | os.PathLike | nn.Module,
+    cuts: Sequence[int] | int | None = None,
+    parts: Sequence[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    device_map: str | Mapping[str, str | torch.device] | None = None,
+    verbose: bool = False,
+    *,
+    family: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    attn_implementation: str | None = None,
+    split_point_1: int | None = None,
+    split_point_2: int | None = None,
+) -> SplitParts:
+    """Cut a decoder LLM at ``cuts`` and load the requested ``parts``, each reading only its own tensors.
+
+    Args:
+        model_name_or_path: hub id, local folder of a safetensors checkpoint, or a loaded
+            ``PreTrainedModel`` (split in place: segments share its modules, nothing is copied).
+        cuts: layer indices where the model is cut, strictly increasing in ``1..num_layers-1``;
+            ``(c1,)`` gives bottom+top, ``(c1, c2)`` bottom+trunk+top. ``split_point_1/2`` are accepted too.
+        parts: names of the parts to load (default all), e.g. ``("trunk",)`` for the server,
+            ``("bottom", "top")`` for a client.
+        dtype: weight dtype; default keeps the checkpoint's (zero-copy, memory-mapped).
+        device, device_map: one device for all parts, or a dict per part name, or ``"auto"``.
+        verbose: show a progress bar per part and print bytes read and peak RSS per part.
+        family: family name for a model whose ``model_type`` is not registered but has the same shape.
+        revision, token: passed to the hub for hub ids.
+        attn_implementation: transformers attention backend (default: transformers' choice).
+
+    Returns:
+        :class:`SplitParts`: the segments in model order (unpackable), indexable by part name,
+        with a :class:`PartReport` per part in ``.reports``.
+    """
+    if cuts is None:
+        cuts = tuple(c for c in (split_point_1, split_point_2) if c is not None)
+    elif split_point_1 is not None or split_point_2 is not None:
+        raise ValueError("give either cuts or split_point_1/split_point_2, not both")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    if isinstance(model_name_or_path, nn.Module):
+        return _split_loaded(model_name_or_path, cuts, parts, dtype, device, device_map, family)
+    checkpoint = Checkpoint(model_name_or_path, revision=revision, token=token)
+    config = _text_config(checkpoint.config)
+    ranges = part_ranges(config.num_hidden_layers, cuts)
+    return load_parts(checkpoint, ranges, parts, dtype, device, device_map, verbose, family, attn_implementation)
+
+
+def _select(ranges: Mapping[str, tuple[int, int]], parts: Sequence[str] | None) -> dict[str, tuple[int, int]]:
+    if parts is None:
+        return dict(ranges)
+    if isinstance(parts, str):
+        parts = (parts,)
+    unknown = [p for p in parts if p not in ranges]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; this split has parts: {', '.join(ranges)}")
+    return {name: r for name, r in ranges.items() if name in parts}
+
+
+def load_parts(
+    checkpoint: Checkpoint,
+    ranges: Mapping[str, tuple[int, int]],
+    parts: Sequence[str] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    device_map: str | Mapping[str, str | torch.device] | None = None,
+    verbose: bool = False,
+    family: str | None = None,
+    attn_implementation: str | None = None,
+) -> SplitParts:
+    """Load the parts named in ``ranges`` (name -> layer range) from ``checkpoint``; see :func:`split_model`."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    config = _text_config(checkpoint.config)
+    fam = get_family(family or config.model_type)
+    wanted = _select(ranges, parts)
+    devices = resolve_device_map(list(ranges), device, device_map)
+    stored_dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(stored_dtype, str):
+        stored_dtype = getattr(torch, stored_dtype)
+    skeleton = _skeleton(config, dtype or stored_dtype, attn_implementation)
+    _decoder_stack(skeleton, f"{config.model_type!r} model")
+    prefixes = checkpoint.prefixes(fam)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    segments: dict[str, Segment] = {}
+    reports: dict[str, PartReport] = {}
+    for name, (start, stop) in wanted.items():
+        began, rss0 = time.perf_counter(), rss_bytes()
+        reset_peak_rss()
+        target = devices[name]
+        if stop == config.num_hidden_layers and tied and "bottom" in segments and segments["bottom"].device != target:
+            raise ValueError("a tied head cannot share the embedding across devices: put bottom and top on the "
+                             f"same device (got {segments['bottom'].device} and {target})")
+        segment = _segment_from(skeleton, fam, config, name, start, stop, tied)
+        needed = {key: t for key, t in segment.state_dict(keep_vars=True).items() if t.is_meta}
+        report = PartReport(name, (start, stop))
+        by_shard: dict[str, list[str]] = {}
+        for key in needed:
+            ckpt_key = _checkpoint_key(key, prefixes)
+            if ckpt_key not in checkpoint.weight_map:
+                raise KeyError(f"tensor {ckpt_key!r} (for part {name!r}) is not in {checkpoint.source!r}")
+            by_shard.setdefault(checkpoint.weight_map[ckpt_key], []).append(key)
+        loaded: dict[str, torch.Tensor] = {}
+        bar = tqdm(total=len(needed), desc=f"loading {name}", unit="tensor", disable=not verbose)
+        for shard, keys in sorted(by_shard.items()):
+            report.shards.append(shard)
+            with safe_open(checkpoint.file(shard), "pt") as f:
+                for key in keys:
+                    ckpt_key = _checkpoint_key(key, prefixes)
+                    tensor = f.get_tensor(ckpt_key)
+                    report.tensors.append(ckpt_key)
+                    report.bytes_read += tensor.nbytes
+                    if tensor.shape != needed[key].shape:
+                        raise ValueError(f"tensor {ckpt_key!r} in {shard} has shape {tuple(tensor.shape)}, the "
+                                         f"config implies {tuple(needed[key].shape)}")
+                    loaded[key] = tensor.to(device=target, dtype=dtype or tensor.dtype)
+                    bar.update()
+        bar.close()
+        segment.load_state_dict(loaded, strict=False, assign=True)
+        _materialize_buffers(segment, skeleton, target)
+        report.seconds = time.perf_counter() - began
+        report.peak_rss_delta = max(0, peak_rss_bytes() - rss0)
+        if verbose:
+            print(report)
+        segments[name], reports[name] = segment, report
+    return SplitParts(segments, reports)
+
+
+def _split_loaded(model: nn.Module, cuts: Sequence[int] | int, parts: Sequence[str] | None,
+                  dtype: torch.dtype | None, device: str | torch.device,
+                  device_map: str | Mapping[str, Any] | None, family: str | None) -> SplitParts:
+    """Segments over an already-loaded causal LM's own modules (moved to their devices, not copied)."""
+    config = _text_config(model.config)
+    fam = get_family(family or config.model_type)
+    _decoder_stack(model, "the model")
+    ranges = part_ranges(config.num_hidden_layers, cuts)
+    wanted = _select(ranges, parts)
+    devices = resolve_device_map(list(ranges), device, device_map)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.model.embed_tokens.weight
+    segments, reports = {}, {}
+    for name, (start, stop) in wanted.items():
+        segment = _segment_from(model, fam, config, name, start, stop, tied)
+        segments[name] = segment.to(device=devices[name], dtype=dtype) if dtype else segment.to(devices[name])
+        reports[name] = PartReport(name, (start, stop))
+    return SplitParts(segments, reports)
+
+
+# ------------------------------------------------------------------------------------------ save / load
+def save_segments(segments: Sequence[Segment], directory: str | os.PathLike,
+                  max_shard_size: int | str = "5GB") -> Path:
+    """Write segments of one model into ``directory`` as a partial checkpoint a party can load alone.
+
+    The folder holds ``config.json`` (the model's transformers config), ``model.safetensors`` (or shards
+    plus an index) with the segments' tensors under their checkpoint names, and ``split.json`` (family,
+    number of layers, each part's layer range).
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    if not segments:
+        raise ValueError("nothing to save")
+    first = segments[0]
+    if any(s.config.to_dict() != first.config.to_dict() for s in segments[1:]):
+        raise ValueError("segments to save together must come from the same model")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    for segment in segments:
+        for key, tensor in segment.state_dict().items():
+            state.setdefault(key, tensor)
+    save_torch_state_dict(state, directory, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    first.config.save_pretrained(directory)
+    meta = {
+        "family": first.family.name,
+        "num_layers": first.config.num_hidden_layers,
+        "parts": {s.name: [s.start, s.stop] for s in sorted(segments, key=lambda s: s.start)},
+    }
+    (directory / SPLIT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def _read_split(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / SPLIT_FILE
+    if not path.is_file():
+        hint = (" (splittrain never unpickles .pt files: save segments with segment.save(dir))"
+                if str(directory).endswith((".pt", ".pth", ".bin")) else "")
+        raise FileNotFoundError(f"{str(directory)!r} is not a saved segment folder: no {SPLIT_FILE}{hint}")
+    return json.loads(path.read_text())
+
+
+def load_segments(directory: str | os.PathLike, parts: Sequence[str] | None = None,
+                  dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                  device_map: str | Mapping[str, Any] | None = None, verbose: bool = False) -> SplitParts:
+    """Load the segments saved in ``directory`` (all, or the named ``parts``)."""
+    directory = Path(directory)
+    meta = _read_split(directory)
+    ranges = {name: (int(a), int(b)) for name, (a, b) in meta["parts"].items()}
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    return load_parts(Checkpoint(directory), ranges, parts, dtype, device, device_map, verbose, meta["family"])
+
+
+def load_segment(directory: str | os.PathLike, part: str | None = None, **kwargs: Any) -> Segment:
+    """Load one saved segment; ``part`` names it when the folder holds several."""
+    meta = _read_split(Path(directory))
+    names = list(meta["parts"])
+    if part is None:
+        if len(names) != 1:
+            raise ValueError(f"{str(directory)!r} holds parts {names}: name one with part=...")
+        part = names[0]
+    return load_segments(directory, parts=(part,), **kwargs)[part]
+
+
+def party_parts(names: Sequence[str]) -> dict[str, list[str]]:
+    """Which parts each party holds: the client the ends, the server everything between."""
+    if len(names) == 2:
+        return {"client": [names[0]], "server": [names[1]]}
+    return {"client": [names[0], names[-1]], "server": list(names[1:-1])}
+
+
+class ModelFactory:
+    """The seed library's entry point, kept as a thin facade over :func:`split_model`."""
+
+    @staticmethod
+    def create_split_models(
+        model_type: str,
+        model_name_or_path: str | os.PathLike,
+        split_point_1: int,
+        split_point_2: int,
+        device: str = "cpu",
+        device_map: str | Mapping[str, Any] | None = None,
+        low_memory: bool = False,
+        verbose: bool = False,
+        storage_path: str | os.PathLike | None = None,
+        auto_save: bool = False,
+    ) -> tuple[Segment, Segment, Segment]:
+        """``(bottom, trunk, top)`` for ``model_type`` cut at the two split points.
+
+        Loading is always selective (each part reads only its shards and tensors), so ``low_memory`` is
+        accepted for compatibility and changes nothing. With ``auto_save`` the parts are written to
+        ``storage_path/{bottom,trunk,top}`` (load one back with ``SplitModel.load(path)``).
+        """
+        del low_memory  # always selective
+        family = get_family(model_type)
+        checkpoint = Checkpoint(model_name_or_path)
+        actual = _text_config(checkpoint.config).model_type
+        try:
+            actual_family = get_family(actual)
+        except ValueError:
+            actual_family = family  # an unregistered model type of the same shape: trust model_type
+        if actual_family is not family:
+            raise ValueError(f"model_type {model_type!r} does not match the checkpoint, whose model_type is {actual!r}")
+        config = _text_config(checkpoint.config)
+        ranges = part_ranges(config.num_hidden_layers, (split_point_1, split_point_2))
+        parts = load_parts(checkpoint, ranges, None, None, device, device_map, verbose, family.name)
+        if auto_save:
+            if storage_path is None:
+                raise ValueError("auto_save=True needs storage_path")
+            for name, segment in parts.items():
+                segment.save(Path(storage_path) / name)
+        return tuple(parts)  # type: ignore[return-value]
