@@ -1,0 +1,95 @@
+"""Crossing the cut: an autograd Function whose far side is the trunk, wherever it runs.
+
+Client code reads like ordinary training::
+
+    state = bottom(input_ids, attention_mask=mask)
+    state = cross(link, state, key)          # the trunk runs on the server
+    loss = top(state, labels=labels).loss
+    loss.backward()                          # dL/dh goes to the server, its dL/dh_in comes back
+
+Forward sends the hidden states with the attention mask and position ids (each side rebuilds its own masks
+and rotary tables); backward sends dL/dh and returns the server's dL/dh_in, so autograd continues into the
+bottom as if the trunk were local.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+import torch
+
+from .segments import Activations
+from .transport import Transport
+
+
+class TrunkLink:
+    """The client's handle on the trunk server through a :class:`Transport`."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.wire_bytes = 0
+
+    def _request(self, kind: str, header: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        reply_header, reply = self.transport.request(kind, header, tensors)
+        self.wire_bytes += sum(t.nbytes for t in tensors.values()) + sum(t.nbytes for t in reply.values())
+        return reply_header, reply
+
+    def forward(self, state: Activations, key: Hashable, training: bool, need_input_grad: bool) -> torch.Tensor:
+        tensors = {"hidden_states": state.hidden_states.detach(), "position_ids": state.position_ids}
+        if state.attention_mask is not None:
+            tensors["attention_mask"] = state.attention_mask
+        header = {"key": list(key), "training": training, "need_input_grad": need_input_grad}
+        return self._request("forward", header, tensors)[1]["hidden_states"]
+
+    def backward(self, key: Hashable, grad: torch.Tensor) -> torch.Tensor | None:
+        return self._request("backward", {"key": list(key)}, {"grad": grad.contiguous()})[1].get("grad")
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """Sum over trunk parameters of their squared gradient norms (for global-norm clipping)."""
+        return self._request("grad_sq_norm", {}, {})[1]["sq_norm"]
+
+    def step(self, scale: float | None = None) -> dict[str, Any]:
+        """Step the trunk optimizer and scheduler, scaling its gradients by ``scale`` first (clipping)."""
+        return self._request("step", {"scale": scale}, {})[0]
+
+    def save(self, tag: str) -> None:
+        self._request("save", {"tag": tag}, {})
+
+    def load(self, tag: str) -> None:
+        self._request("load", {"tag": tag}, {})
+
+
+class Cut(torch.autograd.Function):
+    """Identity-shaped op whose forward runs the trunk remotely and whose backward returns its input grad.
+
+    ``anchor`` is an empty tensor that requires grad when nothing before the cut does, so the output still
+    joins the graph and the trunk receives its gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, anchor: torch.Tensor | None, link: TrunkLink, key: Hashable,
+                attention_mask: torch.Tensor | None, position_ids: torch.Tensor, training: bool) -> torch.Tensor:
+        ctx.link, ctx.key = link, key
+        need_input_grad = ctx.needs_input_grad[0]
+        out = link.forward(Activations(hidden, attention_mask, position_ids), key, training, need_input_grad)
+        return out.to(device=hidden.device, dtype=hidden.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        grad_in = ctx.link.backward(ctx.key, grad)
+        if grad_in is not None:
+            grad_in = grad_in.to(device=grad.device, dtype=grad.dtype)
+        return grad_in, None, None, None, None, None, None
+
+
+def cross(link: TrunkLink, state: Activations, key: Hashable) -> Activations:
+    """Run the trunk on ``state`` through ``link``; differentiable when grad mode is on.
+
+    In grad mode the trunk's graph waits on the server under ``key`` until the backward pass arrives;
+    otherwise (validation, generation) the server keeps nothing.
+    """
+    hidden = state.hidden_states
+    training = torch.is_grad_enabled()
+    anchor = torch.empty(0, requires_grad=True) if training and not hidden.requires_grad else None
+    out = Cut.apply(hidden, anchor, link, key, state.attention_mask, state.position_ids, training)
+    return Activations(out, state.attention_mask, state.position_ids)

@@ -1,0 +1,154 @@
+"""peft LoRA on segments, per-party adapter state, and export to one standard peft adapter.
+
+Adapters are injected with peft into a segment whose module names are the full model's
+(``model.layers.7.self_attn.q_proj``), so adapter keys keep the original layer indices and the adapters of
+all parties together form one adapter for the whole model. LoRA ``A`` matrices are initialised from a
+generator seeded by (seed, module name): the same seed gives the same adapters however the model is cut,
+and the same as the unsplit model given :func:`init_lora`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import torch
+from torch import nn
+
+TrainMode = Literal["frozen", "lora", "full"]
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters of one party."""
+
+    r: int = 8
+    """Rank of the update."""
+    alpha: float = 16
+    """Scale numerator: the update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Projection names to adapt (attention and MLP by default)."""
+
+
+def target_regex(layers: Iterable[int], targets: Iterable[str]) -> str:
+    """peft ``target_modules`` regex (``re.fullmatch``) selecting ``targets`` in exactly these layers."""
+    layer_alt = "|".join(str(i) for i in sorted(layers))
+    target_alt = "|".join(re.escape(t) for t in targets)
+    return rf"(?:.*\.)?model\.layers\.({layer_alt})\.(?:.*\.)?({target_alt})"
+
+
+def lora_config(layers: Iterable[int], settings: LoraSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=target_regex(layers, settings.targets), bias="none")
+
+
+def _canonical(name: str) -> str:
+    """Module name from ``model.layers`` on, whatever wraps it (PeftModel, a segment, a causal LM)."""
+    at = name.find("model.layers.")
+    return name[at:] if at >= 0 else name
+
+
+@torch.no_grad()
+def init_lora(module: nn.Module, seed: int = 0, adapter: str = "default") -> None:
+    """peft's default init (A: kaiming-uniform, B: zeros), with A drawn from a per-module seeded generator."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, layer in module.named_modules():
+        if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+            weight = layer.lora_A[adapter].weight
+            g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(_canonical(name).encode()))
+            fresh = torch.empty(weight.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=g)
+            weight.copy_(fresh)
+            layer.lora_B[adapter].weight.zero_()
+
+
+def add_lora(segment: nn.Module, layers: Iterable[int], settings: LoraSettings, seed: int = 0) -> nn.Module:
+    """Inject LoRA adapters into ``layers`` of ``segment`` in place; only the adapters stay trainable."""
+    from peft import inject_adapter_in_model
+
+    for param in segment.parameters():
+        param.requires_grad_(False)
+    inject_adapter_in_model(lora_config(layers, settings), segment)
+    init_lora(segment, seed)
+    return segment
+
+
+def prepare(segment: nn.Module, mode: TrainMode, settings: LoraSettings | None = None, seed: int = 0) -> nn.Module:
+    """Make a segment trainable as ``frozen`` (nothing), ``lora`` (adapters on its layers) or ``full``."""
+    if mode == "lora":
+        return add_lora(segment, range(segment.start, segment.stop), settings or LoraSettings(), seed)
+    if mode not in ("frozen", "full"):
+        raise ValueError(f"training mode must be 'frozen', 'lora' or 'full', got {mode!r}")
+    for param in segment.parameters():
+        param.requires_grad_(mode == "full")
+    return segment
+
+
+def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's LoRA tensors under peft's saved names (``model.layers.3.mlp.up_proj.lora_A.weight``)."""
+    suffix = ".default"
+    return {
+        name.replace(suffix, ""): param.detach()
+        for name, param in module.named_parameters()
+        if ".lora_A." in name or ".lora_B." in name
+    }
+
+
+@torch.no_grad()
+def load_adapter_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy adapter tensors (names as from :func:`adapter_state_dict`) into ``module``'s adapters."""
+    params = dict(module.named_parameters())
+    expected = {name.replace(".default", ""): p for name, p in params.items() if ".lora_" in name}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"adapter mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in state.items():
+        expected[name].copy_(tensor)
+
+
+def export_adapter(out: str | Path, base_model: str, parts: Mapping[str, tuple[list[int], LoraSettings]],
+                   tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write one standard peft adapter for the whole model from the parties' adapters.
+
+    ``parts`` maps a party's part name to (its adapted layers, its settings); ``tensors`` holds all adapter
+    tensors under :func:`adapter_state_dict` names. Different ranks or alphas per party are expressed with
+    peft's ``rank_pattern`` / ``alpha_pattern``, so ``PeftModel.from_pretrained`` needs nothing else.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    if not parts:
+        raise ValueError("no LoRA-trained part to export")
+    settings = list(parts.values())
+    main_layers, main = max(settings, key=lambda s: len(s[0]))
+    all_layers = sorted({i for layers, _ in settings for i in layers})
+    targets = sorted({t for _, s in settings for t in s.targets})
+    rank_pattern, alpha_pattern = {}, {}
+    for layers, s in settings:
+        if (s.r, s.alpha) != (main.r, main.alpha) or sorted(s.targets) != sorted(main.targets):
+            key = rf"model\.layers\.({'|'.join(map(str, layers))})\..*"
+            rank_pattern[key], alpha_pattern[key] = s.r, s.alpha
+    for layers, s in settings:
+        if set(s.targets) != set(targets):
+            raise ValueError("parties adapt different projection names: export needs the same targets everywhere")
+    config = LoraConfig(r=main.r, lora_alpha=main.alpha, lora_dropout=main.dropout, bias="none",
+                        target_modules=target_regex(all_layers, targets), rank_pattern=rank_pattern,
+                        alpha_pattern=alpha_pattern, task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()}, out / ADAPTER_WEIGHTS,
+              metadata={"format": "pt"})
+    return out

@@ -1,0 +1,131 @@
+"""Split LoRA training equals monolithic peft training of the unsplit transformers model (fp32)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from splittrain.lora import LoraSettings, adapter_state_dict, init_lora, lora_config
+from splittrain.modules import ClientModule, OptimSettings, TrunkSettings, build_optimizer
+from conftest import batch
+
+CUTS = (1, 3)
+STEPS = 5
+LORA = LoraSettings(r=4, alpha=8)
+OPTIM = OptimSettings(lr=2e-2, weight_decay=0.01, schedule="linear", warmup_steps=2)
+
+
+def batches(count: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for i in range(count):
+        ids, mask = batch("right" if i % 2 else "left", batch_size=2, length=9, seed=10 + i % 2)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return out
+
+
+def trainer(tmp_path, accumulate: int = 1, clip: float | None = None, **kwargs) -> L.Trainer:
+    return L.Trainer(max_steps=STEPS, accumulate_grad_batches=accumulate, gradient_clip_val=clip, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path, accelerator="cpu",
+                     **kwargs)
+
+
+def split_run(folder, tmp_path, client: str, accumulate: int = 1, clip: float | None = None):
+    module = ClientModule(model=str(folder), cuts=CUTS, client=client, client_lora=LORA, optim=OPTIM,
+                          trunk=TrunkSettings(lora=LORA, optim=OPTIM), seed=3)
+    data = DataLoader(batches(STEPS * accumulate), batch_size=None)
+    trainer(tmp_path, accumulate, clip).fit(module, train_dataloaders=data)
+    weights = {**module.client_adapters(), **adapter_state_dict(module.server.trunk)}
+    if client == "full":
+        weights.update({k: v for s in (module.bottom, module.top) for k, v in s.state_dict().items()})
+    return module, weights
+
+
+def monolithic_run(folder, client: str, accumulate: int = 1, clip: float | None = None):
+    """The reference: the unsplit model with peft adapters on the same layers, one AdamW, a plain loop."""
+    from peft import inject_adapter_in_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    num_layers = model.config.num_hidden_layers
+    lora_layers = range(num_layers) if client == "lora" else range(*CUTS)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inject_adapter_in_model(lora_config(lora_layers, LORA), model)
+    init_lora(model, seed=3)
+    if client == "full":
+        client_layers = [*range(CUTS[0]), *range(CUTS[1], num_layers)]
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                continue
+            layer = name.split(".")[2] if name.startswith("model.layers.") else None
+            if layer is None or int(layer) in client_layers:
+                p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, OPTIM, STEPS)
+    model.train()
+    losses, data = [], iter(batches(STEPS * accumulate))
+    for _ in range(STEPS):
+        for _ in range(accumulate):
+            loss = model(**next(data)).loss
+            losses.append(loss.item())
+            (loss / accumulate).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    weights = adapter_state_dict(model)
+    if client == "full":
+        state = model.state_dict()
+        weights.update({k: state[k] for k in state if ".lora_" not in k and (
+            not k.startswith("model.layers.") or int(k.split(".")[2]) not in range(*CUTS))})
+    return losses, weights
+
+
+def assert_same(split_losses, split_weights, mono_losses, mono_weights):
+    assert len(split_losses) == len(mono_losses)
+    for i, (a, b) in enumerate(zip(split_losses, mono_losses)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"micro-batch {i}: split loss {a} vs monolithic {b}"
+    last_on_first_batch = max(i for i in range(len(mono_losses)) if i % 2 == 0)
+    assert mono_losses[last_on_first_batch] < mono_losses[0] - 0.05  # the run really trains
+    common = set(split_weights) & set(mono_weights)
+    assert common == set(split_weights)
+    assert set(mono_weights) - common <= {"lm_head.weight"}  # a tied head is the embedding in segments
+    for key in sorted(common):
+        diff = (split_weights[key] - mono_weights[key]).abs().max().item()
+        assert diff <= 1e-5, f"{key}: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "gemma3"])
+@pytest.mark.parametrize("client", ["lora", "full"])
+def test_split_training_equals_monolithic_peft(checkpoint, tmp_path, family, client):
+    _, folder = checkpoint(family)
+    module, weights = split_run(folder, tmp_path, client)
+    assert module.server.steps == STEPS
+    losses, mono = monolithic_run(folder, client)
+    assert_same(module._stats["losses"], weights, losses, mono)
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in weights.items() if "layers.1." in k)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_accumulation_and_clipping_equal_monolithic(checkpoint, tmp_path, family):
+    _, folder = checkpoint(family)
+    module, weights = split_run(folder, tmp_path, "lora", accumulate=2, clip=0.5)
+    assert module.server.steps == STEPS  # the trunk steps on the client's boundaries, not per micro-batch
+    losses, mono = monolithic_run(folder, "lora", accumulate=2, clip=0.5)
+    assert_same(module._stats["losses"], weights, losses, mono)
+    # clipping really bit: without it the weights differ
+    _, unclipped = monolithic_run(folder, "lora", accumulate=2)
+    assert max((unclipped[k] - mono[k]).abs().max().item() for k in mono) > 1e-3
+
+
+def test_frozen_client_trains_only_the_trunk(checkpoint, tmp_path):
+    _, folder = checkpoint("qwen2")
+    module, weights = split_run(folder, tmp_path, "frozen")
+    assert module.client_adapters() == {}
+    assert module.server.steps == STEPS
+    trunk_b = [v for k, v in weights.items() if ".lora_B." in k]
+    assert trunk_b and all(v.abs().sum() > 0 for v in trunk_b)
