@@ -152,3 +152,78 @@ def export_adapter(out: str | Path, base_model: str, parts: Mapping[str, tuple[l
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()}, out / ADAPTER_WEIGHTS,
               metadata={"format": "pt"})
     return out
+
+
+def _peft_name(name: str) -> str:
+    """A module parameter name -> peft's saved name (no owner prefix, no adapter name)."""
+    for owner in ("bottom.", "top."):
+        if name.startswith(owner):
+            name = name[len(owner):]
+    return name.replace(".default.", ".")
+
+
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Export a split run as ONE artefact for the whole model, loadable without splittrain.
+
+    LoRA-trained clients give a standard peft adapter (``adapter_config.json`` +
+    ``adapter_model.safetensors``) for ``PeftModel.from_pretrained(base, out)``. A client trained ``full``
+    owns changed base weights, so the export is a merged transformers checkpoint (trunk adapters merged in).
+    """
+    import json
+
+    from .state import load_state
+
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "run.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a splittrain run folder (no run.json)")
+    manifest = json.loads(manifest_path.read_text())
+    checkpoint = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no client checkpoint at {checkpoint}")
+    client_state = load_state(checkpoint)
+    trunk_file = run_dir / "trunk" / f"{client_state['trunk_checkpoint']}.safetensors"
+    if not trunk_file.is_file():
+        raise FileNotFoundError(f"the trunk checkpoint {trunk_file} that {checkpoint.name} refers to is missing")
+    trunk = {_peft_name(k): v for k, v in load_state(trunk_file)["trainable"].items()}
+    client = {_peft_name(k): v for k, v in client_state["state_dict"].items()}
+    c1, c2 = manifest["cuts"]
+    trunk_part = (list(range(c1, c2)), LoraSettings(**manifest["trunk_lora"]))
+    if manifest["client"] != "full":
+        parts = {"trunk": trunk_part}
+        if manifest["client"] == "lora":
+            client_layers = [*range(c1), *range(c2, manifest["num_layers"])]
+            parts["client"] = (client_layers, LoraSettings(**manifest["client_lora"]))
+        return export_adapter(out, manifest["model"], parts, {**client, **trunk})
+    return _export_merged(out, manifest["model"], trunk_part, trunk, client)
+
+
+def _export_merged(out: str | Path, base: str, trunk_part: tuple[list[int], LoraSettings],
+                   trunk: Mapping[str, torch.Tensor], client: Mapping[str, torch.Tensor]) -> Path:
+    from peft import inject_adapter_in_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, tensor in client.items():
+            if name not in params:
+                raise KeyError(f"client tensor {name!r} is not a parameter of {base}")
+            params[name].copy_(tensor)
+    layers, settings = trunk_part
+    inject_adapter_in_model(lora_config(layers, settings), model)
+    load_adapter_state_dict(model, trunk)
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    out = Path(out)
+    model.save_pretrained(out)
+    try:
+        AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    except (OSError, ValueError):
+        pass  # a checkpoint without a tokenizer exports without one
+    return out

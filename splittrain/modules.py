@@ -9,19 +9,25 @@ gradient norms, so split training gives the numbers monolithic training gives.
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import CheckpointIO
 
 from .cut import TrunkLink, cross
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
 from .metrics import TokenMetrics
 from .segments import Activations, Segment
+from .state import load_state, save_state
+
+
+RUN_FILE = "run.json"
 
 
 @dataclass
@@ -154,7 +160,7 @@ class ClientModule(L.LightningModule):
 
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
         trunk = TrunkModule(path, self.cuts, self.trunk_settings, self.seed, self.dtype_name, total)
-        run_dir = Path(self.trainer.default_root_dir) if self._trainer is not None else None
+        run_dir = self.run_dir if self._trainer is not None else None
         return TrunkServer(trunk, run_dir=run_dir)
 
     def connect(self, server) -> None:
@@ -204,8 +210,7 @@ class ClientModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             # A frozen client still needs Lightning to reach optimizer_step, where the trunk steps.
-            self._anchor = torch.nn.Parameter(torch.zeros(0))
-            params = [self._anchor]
+            params = [torch.nn.Parameter(torch.zeros(0))]
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         optimizer, scheduler = build_optimizer(params, self.optim, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -248,8 +253,24 @@ class ClientModule(L.LightningModule):
         return {**adapter_state_dict(self.bottom), **adapter_state_dict(self.top)}
 
     # ---------------------------------------------------------------------------------------- summary
+    @property
+    def run_dir(self) -> Path:
+        """The run folder: checkpoints, trunk state, run.json, summary.json."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
     def on_fit_start(self) -> None:
         self._stats["began"] = time.perf_counter()
+        if self.trainer.is_global_zero:
+            manifest = {
+                "model": resolve_model(self.model_name),
+                "cuts": list(self.cuts),
+                "num_layers": self.top.config.num_hidden_layers,
+                "client": self.client_mode,
+                "client_lora": asdict(self.client_lora),
+                "trunk_lora": asdict(self.trunk_settings.lora),
+            }
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / RUN_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
     def fit_summary(self) -> dict[str, Any]:
         """Figures of the last fit: first/last train loss, steps, time, throughput, bytes over the cut."""
@@ -263,3 +284,19 @@ class ClientModule(L.LightningModule):
             "tokens_per_second": self._stats["tokens"] / seconds if seconds else 0.0,
             "wire_bytes": self.link.wire_bytes if self.link is not None else 0,
         }
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    """Lightning checkpoints as one safetensors file (tensors + JSON structure): nothing is pickled.
+
+    The file keeps Lightning's name (``last.ckpt``, ``epoch=0-step=50.ckpt``) so ``--ckpt_path last`` works.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        save_state(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_state(path)
+
+    def remove_checkpoint(self, path) -> None:
+        Path(path).unlink(missing_ok=True)

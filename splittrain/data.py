@@ -1,0 +1,409 @@
+"""Instruction data for chat fine-tuning: rows -> messages -> chat template -> ids with assistant-only labels.
+
+Three row shapes are understood (see :func:`to_messages`): ``messages`` (a list of role/content dicts), alpaca
+(``instruction``, ``input``, ``output``) and ``prompt``/``completion``. A conversation is rendered with the
+tokenizer's chat template (or a fallback from :data:`CHAT_TEMPLATES`) and only the assistant turns carry labels,
+each through its end-of-turn token. :func:`render` prints which tokens are trained: look at it before training.
+
+From YAML (LightningCLI)::
+
+    data:
+      class_path: splittrain.data.InstructionDataModule
+      init_args: {train: data/train.jsonl, tokenizer: Qwen/Qwen2-0.5B-Instruct, max_length: 512}
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
+from itertools import groupby
+from pathlib import Path
+from typing import IO, Any
+
+import lightning as L
+import torch
+import transformers
+from datasets import load_dataset
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader, Sampler
+from transformers import AutoTokenizer
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
+
+# Jinja chat templates, rendered by transformers' `apply_chat_template` (trim_blocks and lstrip_blocks on).
+CHAT_TEMPLATES: dict[str, str] = {
+    # ChatML as Qwen2 writes it, without Qwen2's injected default system prompt.
+    "chatml": (
+        "{% for message in messages %}"
+        r"{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}"
+        r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # Gemma: the assistant is called `model`, there is no system role (Gemma merges it into the first user turn).
+    "gemma": r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = '' -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + (message['content'] | trim) + '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}""",
+}
+
+
+def to_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
+    """One data row as ``[{"role": ..., "content": ...}, ...]`` with at least one assistant turn.
+
+    Accepts ``messages``; alpaca ``instruction`` + optional ``input`` + ``output`` (+ optional ``system``);
+    ``prompt`` + ``completion`` (+ optional ``system``). Raises ``ValueError`` naming the row's keys otherwise.
+    """
+    if "messages" in row:
+        messages = [_message(m, row) for m in row["messages"]]
+    elif "instruction" in row and "output" in row:
+        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        messages = _with_system(row, [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}])
+    elif "prompt" in row and "completion" in row:
+        messages = _with_system(row, [{"role": "user", "content": row["prompt"]},
+                                      {"role": "assistant", "content": row["completion"]}])
+    else:
+        raise ValueError(f"row with keys {sorted(row)} is not an instruction row: expected 'messages', alpaca "
+                         "('instruction', optional 'input', 'output') or 'prompt'/'completion'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"row with keys {sorted(row)} has no assistant turn: nothing to train on")
+    return messages
+
+
+def _message(message: Any, row: Mapping[str, Any]) -> dict[str, str]:
+    if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)):
+        raise ValueError(f"row with keys {sorted(row)}: every message needs a string 'role' and 'content', "
+                         f"got {message!r}")
+    return {"role": message["role"], "content": message["content"]}
+
+
+def _with_system(row: Mapping[str, Any], messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": row["system"]}] if row.get("system") else []) + messages
+
+
+def resolve_chat_template(tokenizer: Any, fallback: str | None) -> str:
+    """The Jinja template to render with: the tokenizer's own, else ``fallback`` (a :data:`CHAT_TEMPLATES` name
+    or a raw template string). Raises ``ValueError`` when there is neither."""
+    if tokenizer.chat_template:
+        return tokenizer.get_chat_template()
+    if fallback is not None:
+        return CHAT_TEMPLATES.get(fallback, fallback)
+    raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template and no fallback was given: pass "
+                     f"chat_template= one of {sorted(CHAT_TEMPLATES)} or a Jinja template string "
+                     "(in YAML: data.init_args.chat_template)")
+
+
+def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]], max_length: int | None = None,
+                          chat_template: str | None = None) -> dict[str, list[int]]:
+    """``{"input_ids", "labels"}`` of one conversation; labels are ``IGNORE_INDEX`` except on assistant turns.
+
+    An assistant turn is what the template adds between the prompt with the generation header and the render that
+    includes the turn, up to and including its last special token (the end-of-turn token, which the model must learn
+    to emit); what follows that token (the newline before the next turn) is not trained. Truncated to
+    ``max_length`` tokens. Needs a fast tokenizer (character offsets).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer: label masking needs offsets")
+    template = resolve_chat_template(tokenizer, chat_template)
+
+    def rendered(part: Sequence[Mapping[str, str]], generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(part, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    text = rendered(messages)
+    special = sorted(set(tokenizer.all_special_tokens)
+                     | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    special_token = re.compile("|".join(map(re.escape, special))) if special else None
+    spans: list[tuple[int, int]] = []  # character ranges of `text` that are trained
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if index == 0:
+            raise ValueError("conversation starts with an assistant turn: it has no prompt to answer")
+        prompt, through = rendered(messages[:index], generation_prompt=True), rendered(messages[:index + 1])
+        # Incremental rendering only finds the turn if each render extends the previous one.
+        if not (through.startswith(prompt) and text.startswith(through)):
+            raise ValueError(f"the chat template does not render conversations prefix by prefix (assistant turn "
+                             f"{index}): {prompt!r} + turn is not a prefix of {text!r}. Templates that rewrite earlier "
+                             "turns (e.g. drop reasoning) need a different template for training: pass chat_template=")
+        turn = through[len(prompt):]
+        ends = [m.end() for m in special_token.finditer(turn)] if special_token else []
+        spans.append((len(prompt), len(prompt) + (ends[-1] if ends else len(turn))))
+
+    # The template writes bos itself when the family uses one: do not add special tokens again.
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = [token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
+              for token, offset in zip(input_ids, encoded["offset_mapping"])]
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+def render(tokenizer: Any, row_or_messages: Mapping[str, Any] | Sequence[Mapping[str, str]],
+           chat_template: str | None = None, file: IO[str] | None = None) -> str:
+    """The rendered conversation with trained tokens inside ``[[...]]`` and a count line; printed to ``file``
+    (stdout by default) and returned."""
+    messages = to_messages(row_or_messages) if isinstance(row_or_messages, Mapping) else row_or_messages
+    example = tokenize_conversation(tokenizer, messages, chat_template=chat_template)
+    pieces = []
+    for trained, run in groupby(zip(example["input_ids"], example["labels"]), key=lambda p: p[1] != IGNORE_INDEX):
+        text = tokenizer.decode([token for token, _ in run], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+        pieces.append(f"[[{text}]]" if trained else text)
+    trained_count = sum(label != IGNORE_INDEX for label in example["labels"])
+    shown = "".join(pieces) + f"\n-- {trained_count} of {len(example['labels'])} tokens trained (inside [[...]])"
+    print(shown, file=file if file is not None else sys.stdout)
+    return shown
+
+
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Example indices grouped into rows of at most ``max_length`` tokens, in order (next fit): a row closes when
+    the next example does not fit. Examples longer than ``max_length`` count as ``max_length`` (truncated)."""
+    rows: list[list[int]] = []
+    used = max_length  # forces a new row for the first example
+    for index, length in enumerate(lengths):
+        length = min(length, max_length)
+        if used + length > max_length:
+            rows.append([])
+            used = 0
+        rows[-1].append(index)
+        used += length
+    return rows
+
+
+def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int, packing: bool = False,
+            max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """A batch of LongTensors from tokenized examples, right-padded to the longest row.
+
+    Without packing: ``input_ids``, ``attention_mask``, ``labels`` (``IGNORE_INDEX`` on padding). With packing:
+    examples are concatenated into rows of at most ``max_length`` tokens (:func:`pack_rows`) and the batch has
+    ``input_ids``, ``labels``, ``position_ids`` restarting at 0 for each example and no ``attention_mask``:
+    transformers then keeps attention inside each example (only without a KV cache: call the model with
+    ``use_cache=False``, else it ignores the packing and attends across examples). The first token of every example has label
+    ``IGNORE_INDEX`` so no loss term predicts one example from the previous one.
+    """
+    if not packing:
+        longest = max(len(e["input_ids"]) for e in examples)
+        batch = {"input_ids": torch.full((len(examples), longest), pad_token_id, dtype=torch.long),
+                 "attention_mask": torch.zeros(len(examples), longest, dtype=torch.long),
+                 "labels": torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)}
+        for row, example in enumerate(examples):
+            length = len(example["input_ids"])
+            batch["input_ids"][row, :length] = torch.tensor(example["input_ids"])
+            batch["attention_mask"][row, :length] = 1
+            batch["labels"][row, :length] = torch.tensor(example["labels"])
+        return batch
+
+    if max_length is None:
+        raise ValueError("packing needs max_length (the length of a packed row)")
+    rows = []
+    for indices in pack_rows([len(examples[i]["input_ids"]) for i in range(len(examples))], max_length):
+        ids, labels, positions = [], [], []
+        for index in indices:
+            example_ids = list(examples[index]["input_ids"][:max_length])
+            ids += example_ids
+            labels += [IGNORE_INDEX] + list(examples[index]["labels"][1:len(example_ids)])
+            positions += range(len(example_ids))
+        rows.append((ids, labels, positions))
+    longest = max(len(ids) for ids, _, _ in rows)
+    batch = {"input_ids": torch.full((len(rows), longest), pad_token_id, dtype=torch.long),
+             "labels": torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long),
+             # Padding gets its own run of positions, i.e. it is one more (untrained) packed sequence.
+             "position_ids": torch.arange(longest).repeat(len(rows), 1)}
+    for row, (ids, labels, positions) in enumerate(rows):
+        batch["input_ids"][row, :len(ids)] = torch.tensor(ids)
+        batch["labels"][row, :len(ids)] = torch.tensor(labels)
+        batch["position_ids"][row, :len(ids)] = torch.tensor(positions)
+        batch["position_ids"][row, len(ids):] = torch.arange(longest - len(ids))
+    return batch
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of example indices in a seeded order per epoch, able to start mid-epoch (resume).
+
+    Plain batches chunk a permutation drawn from (seed, epoch). With ``rows`` (packing), the packed batches are
+    fixed and only their order is drawn per epoch. Lightning calls :meth:`set_epoch` at every epoch start.
+    """
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int,
+                 fixed_batches: list[list[int]] | None = None) -> None:
+        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        self.fixed_batches = fixed_batches
+        self.epoch = 0
+        self.start = 0  # batches to skip once, set by a resumed loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self, n: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(n))
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)).tolist()
+
+    def batches(self) -> list[list[int]]:
+        if self.fixed_batches is not None:
+            return [self.fixed_batches[i] for i in self._order(len(self.fixed_batches))]
+        order = self._order(self.size)
+        return [order[i:i + self.batch_size] for i in range(0, self.size, self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self.start = self.start, 0
+        return iter(self.batches()[start:])
+
+    def __len__(self) -> int:
+        return len(self.fixed_batches) if self.fixed_batches is not None else -(-self.size // self.batch_size)
+
+
+def packed_batches(lengths: Sequence[int], batch_size: int, max_length: int, shuffle: bool, seed: int) -> list[list[int]]:
+    """Example indices of each packed batch: ``batch_size`` consecutive rows of next-fit packing.
+
+    Rows are formed once over a seeded shuffle; :func:`collate`'s packing rebuilds exactly these rows.
+    """
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else \
+        list(range(len(lengths)))
+    rows = [[order[i] for i in row] for row in pack_rows([lengths[i] for i in order], max_length)]
+    return [sum(rows[start:start + batch_size], []) for start in range(0, len(rows), batch_size)]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position Lightning keeps in checkpoints (``state_dict``), so a run resumed mid-epoch
+    sees the same batches, in the same order, as an uninterrupted run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.consumed = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.consumed = self.batch_sampler.start
+        for item in super().__iter__():
+            self.consumed += 1
+            yield item
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.batch_sampler.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.batch_sampler.set_epoch(int(state["epoch"]))
+        self.batch_sampler.start = int(state["consumed"])
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Instruction rows from files or the hub, tokenized with a chat template and assistant-only labels."""
+
+    def __init__(self, train: str, tokenizer: str, val: str | None = None, chat_template: str | None = None,
+                 max_length: int = 512, batch_size: int = 8, packing: bool = False, val_size: float = 0.1,
+                 seed: int = 0, num_workers: int = 0, limit: int | None = None) -> None:
+        """
+        Args:
+            train: ``quickstart`` (the embedded data set), or training rows: a local ``.jsonl``/``.json``/``.parquet`` file, or a dataset name (or local folder)
+                for ``datasets.load_dataset``, optionally ``name:split`` (default split ``train``).
+            tokenizer: ``quickstart``, or a tokenizer folder or hub id, loaded with ``transformers.AutoTokenizer``.
+            val: Validation rows, same forms as ``train``; if None, ``val_size`` of ``train`` is held out.
+            chat_template: Used when the tokenizer has no chat template: a name (``chatml``, ``gemma``) or a Jinja
+                template string.
+            max_length: Tokens per example (longer ones are truncated) and per packed row.
+            batch_size: Examples per batch, or packed rows per batch with ``packing``.
+            packing: Concatenate examples into rows of ``max_length`` tokens (attention stays within an example).
+            val_size: Fraction of ``train`` held out for validation when ``val`` is None.
+            seed: Seed of the validation split and of the training order.
+            num_workers: DataLoader worker processes.
+            limit: Use at most this many rows of each loaded source (quick experiments).
+        """
+        super().__init__()
+        if train == "quickstart":  # the embedded data set: its own validation rows unless told otherwise
+            from .quickstart import TRAIN_FILE, VAL_FILE
+
+            train, val = str(TRAIN_FILE), val or str(VAL_FILE)
+        if tokenizer == "quickstart":
+            from .quickstart import TOKENIZER_DIR
+
+            tokenizer = str(TOKENIZER_DIR)
+        self.save_hyperparameters({"train": train, "tokenizer": tokenizer, "val": val, "chat_template": chat_template,
+                                   "max_length": max_length, "batch_size": batch_size, "packing": packing,
+                                   "val_size": val_size, "seed": seed, "num_workers": num_workers, "limit": limit})
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.chat_template = resolve_chat_template(self.tokenizer, chat_template)  # fail now, not after loading data
+        # Tokenizers without a pad token (Llama) pad with eos: padded positions are masked and unlabelled anyway.
+        self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                             else self.tokenizer.eos_token_id)
+        self.train_dataset: Any = None
+        self.val_dataset: Any = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and tokenize the rows (once)."""
+        if self.train_dataset is not None:
+            return
+        hp = self.hparams
+        train_rows = self._load(hp.train)
+        if hp.val is None:
+            split = train_rows.train_test_split(test_size=hp.val_size, seed=hp.seed)
+            train_rows, val_rows = split["train"], split["test"]
+        else:
+            val_rows = self._load(hp.val)
+        self.train_dataset, self.val_dataset = self._tokenize(train_rows), self._tokenize(val_rows)
+
+    def _load(self, source: str) -> Any:
+        path = Path(source)
+        if path.suffix in {".jsonl", ".json", ".parquet"}:
+            if not path.is_file():
+                raise FileNotFoundError(f"data file {source} does not exist")
+            rows = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path),
+                                split="train")
+        else:
+            name, _, split = source.partition(":")
+            rows = load_dataset(name, split=split or "train")
+        limit = self.hparams.limit
+        return rows if limit is None else rows.select(range(min(limit, len(rows))))
+
+    def _tokenize(self, rows: Any) -> Any:
+        encode = partial(_encode_row, tokenizer=self.tokenizer, max_length=self.hparams.max_length,
+                         chat_template=self.chat_template)
+        # datasets fingerprints library functions by name only: hash this module's source and the transformers
+        # version too, so changed tokenization code re-tokenizes instead of reusing a stale cache.
+        fingerprint = Hasher.hash([rows._fingerprint, encode, Path(__file__).read_text(), transformers.__version__])
+        examples = rows.map(encode, remove_columns=rows.column_names, desc="tokenizing", new_fingerprint=fingerprint)
+        # Truncation can cut every assistant token: such an example would only add a NaN/zero-token loss.
+        return examples.filter(_has_trained_token, desc="dropping examples without trained tokens")
+
+    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        collate_fn = partial(collate, pad_token_id=self.pad_token_id, packing=hp.packing, max_length=hp.max_length)
+        fixed = None
+        if hp.packing:
+            fixed = packed_batches([len(ids) for ids in dataset["input_ids"]], hp.batch_size, hp.max_length,
+                                   shuffle=shuffle, seed=hp.seed)
+        sampler = EpochBatchSampler(len(dataset), hp.batch_size, shuffle, hp.seed, fixed)
+        return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=hp.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation rows (there is no separate test source)."""
+        return self._loader(self.val_dataset, shuffle=False)
+
+
+def _encode_row(row: Mapping[str, Any], tokenizer: Any, max_length: int, chat_template: str) -> dict[str, list[int]]:
+    return tokenize_conversation(tokenizer, to_messages(row), max_length=max_length, chat_template=chat_template)
+
+
+def _has_trained_token(example: Mapping[str, Sequence[int]]) -> bool:
+    return any(label != IGNORE_INDEX for label in example["labels"])

@@ -1,0 +1,67 @@
+"""The embedded default that trains with no download: a small instruction data set, its tokenizer, and a tiny
+Qwen2-shaped model built locally on first use.
+
+The data and tokenizer ship with the package (regenerate them with ``make_data.py``); the model is random, built
+by :func:`model_dir` with a fixed seed and cached.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
+TRAIN_FILE = DATA_DIR / "train.jsonl"
+VAL_FILE = DATA_DIR / "val.jsonl"
+MODEL_NAME = "quickstart-qwen2"
+MODEL_SEED = 0
+INDEX_FILE = "model.safetensors.index.json"  # written last by a sharded save: its presence means a complete model
+
+
+def model_dir(cache: str | Path | None = None) -> Path:
+    """Folder of the quickstart model (config, weights in 2 MB shards, tokenizer), built on the first call.
+
+    The folder is ``<cache>/quickstart-qwen2``; ``cache`` defaults to ``$SPLITTRAIN_CACHE``, else
+    ``~/.cache/splittrain``.
+    """
+    root = Path(cache or os.environ.get("SPLITTRAIN_CACHE") or Path.home() / ".cache" / "splittrain").expanduser()
+    folder = root / MODEL_NAME
+    if (folder / INDEX_FILE).is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: an interrupted build leaves only a temporary folder, never a half model.
+    building = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=root))
+    try:
+        _build_model(building, folder)
+        try:
+            building.rename(folder)
+        except OSError:
+            if not (folder / INDEX_FILE).is_file():  # not a concurrent build that finished first
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return folder
+
+
+def _build_model(directory: Path, announced_as: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    config = Qwen2Config(
+        vocab_size=-(-len(tokenizer) // 8) * 8,  # a multiple of 8, as real checkpoints pad theirs
+        hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():  # a fixed model without disturbing the caller's random state
+        torch.manual_seed(MODEL_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    print(f"splittrain: building the quickstart model ({model.num_parameters() / 1e6:.2f}M parameters) "
+          f"in {announced_as}", file=sys.stderr)
+    model.save_pretrained(directory, max_shard_size="2MB")
+    tokenizer.save_pretrained(directory)

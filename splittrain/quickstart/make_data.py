@@ -1,0 +1,156 @@
+"""Writes the quickstart data set and tokenizer; deterministic, so running it twice gives identical files.
+
+    python splittrain/quickstart/make_data.py              # rewrites splittrain/quickstart/{data,tokenizer}
+    python splittrain/quickstart/make_data.py --out DIR    # somewhere else
+
+Tasks a tiny model learns in minutes on a CPU: reverse, count or upper-case a short word, add or subtract two
+numbers below 50, and look up the colour of a made-up fruit. Each task has a few phrasings; some rows have a system
+message and some are two-turn ("now do the same for ..."), so the assistant-only labels of later turns get exercised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+HERE = Path(__file__).resolve().parent
+SEED = 0
+TRAIN_ROWS = 4000
+VAL_ROWS = 200
+VOCAB_SIZE = 384  # 256 bytes + 3 special tokens + 125 merges: most tokens are characters or short pieces
+TWO_TURN_FRACTION = 0.1
+SYSTEM_FRACTION = 0.25
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+
+WORDS = """
+apple bread chair dance eagle field grape house juice kite lemon mango night ocean piano queen river stone table
+uncle voice water yellow zebra cloud dream flame glass heart light money paper smile sugar tiger train world
+bird cake door fish goat hand iron jam king lamp milk nest owl pen rain sun tree van wolf box cup dog egg fox
+hat ink jar key leg map net oil pig rat sea toy web yak zoo arm bag bed cow fan gum hen lid mud nut pot rug
+sock tent vest wind yarn bell coin desk drum frog gift hill lake moon nose pear ring ship star wave rose snow
+""".split()
+FRUIT_COLOURS = {
+    "blorp": "purple", "zindle": "green", "quibberry": "blue", "marnot": "red", "flumple": "yellow",
+    "tazzle": "orange", "grolo": "brown", "vintap": "pink", "skeeb": "white", "purnel": "black",
+    "drizzick": "silver", "yammon": "gold",
+}
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "Answer briefly.",
+    "You are a careful assistant. Reply with the answer only.",
+]
+
+
+class Task(NamedTuple):
+    """A question family: how to draw its arguments, its phrasings, its answer and a follow-up phrasing."""
+
+    draw: Callable[[random.Random], dict]
+    phrasings: list[str]
+    answer: Callable[..., str]
+    follow_up: str
+
+
+def _word(rng: random.Random) -> dict:
+    return {"word": rng.choice(WORDS)}
+
+
+def _numbers(rng: random.Random) -> dict:
+    return {"a": rng.randrange(50), "b": rng.randrange(50)}
+
+
+TASKS = [
+    Task(_word, ['Reverse the word "{word}".', "Write {word} backwards.", 'What is "{word}" spelled backwards?',
+                 "Spell the word {word} in reverse order."],
+         lambda word: word[::-1], 'Now do the same for "{word}".'),
+    Task(_word, ['How many letters are in the word "{word}"?', "Count the letters in {word}.",
+                 'What is the length of the word "{word}"?'],
+         lambda word: str(len(word)), 'Now do the same for "{word}".'),
+    Task(_word, ['Write "{word}" in capital letters.', "Convert {word} to upper case.",
+                 'Uppercase the word "{word}".'],
+         lambda word: word.upper(), 'Now do the same for "{word}".'),
+    Task(_numbers, ["What is {a} + {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}."],
+         lambda a, b: str(a + b), "Now do the same for {a} and {b}."),
+    Task(_numbers, ["What is {a} - {b}?", "Subtract {b} from {a}.", "What do you get when you take {b} away from {a}?"],
+         lambda a, b: str(a - b), "Now do the same for {a} and {b}."),
+    Task(lambda rng: {"fruit": rng.choice(sorted(FRUIT_COLOURS))},
+         ["What colour is a {fruit}?", "Tell me the colour of the {fruit} fruit.", "Which colour does a {fruit} have?"],
+         lambda fruit: f"A {fruit} is {FRUIT_COLOURS[fruit]}.", "And a {fruit}?"),
+]
+
+
+def conversation(rng: random.Random) -> dict:
+    """One row in ``messages`` format: optional system message, a question and its answer, maybe a follow-up."""
+    messages = []
+    if rng.random() < SYSTEM_FRACTION:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    task = rng.choice(TASKS)
+    args = task.draw(rng)
+    messages += [{"role": "user", "content": rng.choice(task.phrasings).format(**args)},
+                 {"role": "assistant", "content": task.answer(**args)}]
+    if rng.random() < TWO_TURN_FRACTION:
+        args = task.draw(rng)
+        messages += [{"role": "user", "content": task.follow_up.format(**args)},
+                     {"role": "assistant", "content": task.answer(**args)}]
+    return {"messages": messages}
+
+
+def generate(seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """``(train, val)`` rows; validation rows never repeat a training row exactly."""
+    rng = random.Random(seed)
+    train = [conversation(rng) for _ in range(TRAIN_ROWS)]
+    seen = {json.dumps(row) for row in train}
+    val: list[dict] = []
+    while len(val) < VAL_ROWS:
+        row = conversation(rng)
+        if (key := json.dumps(row)) not in seen:
+            seen.add(key)
+            val.append(row)
+    return train, val
+
+
+def write_jsonl(rows: Iterable[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as file:
+        for row in rows:
+            file.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def train_tokenizer(rows: Iterable[dict], vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE (digits split one by one) trained on the rows, as a transformers fast tokenizer with the
+    ChatML template: eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from splittrain.data import CHAT_TEMPLATES
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets cover whole tokens, for label masking
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = (f"{m['role']}\n{m['content']}\n" for row in rows for m in row["messages"])
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        extra_special_tokens=["<|im_start|>"], model_max_length=512)
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    return tokenizer
+
+
+def main(out: Path = HERE) -> None:
+    """Write ``out/data/{train,val}.jsonl`` and ``out/tokenizer/``."""
+    train, val = generate()
+    write_jsonl(train, out / "data" / "train.jsonl")
+    write_jsonl(val, out / "data" / "val.jsonl")
+    train_tokenizer(train).save_pretrained(out / "tokenizer")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE, help="folder that receives data/ and tokenizer/")
+    main(parser.parse_args().out)
