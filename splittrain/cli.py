@@ -90,7 +90,9 @@ def _lightning_cli(args: Sequence[str] | dict[str, Any]):
         InstructionDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [SafetensorsCheckpointIO()], "logger": False},
+        auto_configure_optimizers=False,  # each party builds its own AdamW from model.optim / model.trunk
+        trainer_defaults={"plugins": [{"class_path": f"{SafetensorsCheckpointIO.__module__}.SafetensorsCheckpointIO"}],
+                          "logger": False},
     )
 
 
@@ -124,7 +126,7 @@ def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
     words = sys.argv[1:] if args is None else args
     command = next(iter(words)) if isinstance(words, dict) else (words[0] if words else None)
     if command in LIGHTNING_COMMANDS or isinstance(words, dict):
-        return _lightning_cli(words)
+        return _lightning_cli(args)  # None: LightningCLI reads sys.argv itself
     ns = _tools_parser().parse_args(list(words))
     if ns.command == "split":
         return split_command(ns.model, ns.cuts, ns.out, dtype=ns.dtype, family=ns.family, revision=ns.revision,

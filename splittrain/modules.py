@@ -115,8 +115,8 @@ class ClientModule(L.LightningModule):
     """
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
-                 client: TrainMode = "lora", client_lora: LoraSettings | None = None,
-                 optim: OptimSettings | None = None, trunk: TrunkSettings | None = None,
+                 client: TrainMode = "lora", client_lora: LoraSettings = LoraSettings(),
+                 optim: OptimSettings = OptimSettings(), trunk: TrunkSettings = TrunkSettings(),
                  transport: Literal["local"] = "local", seed: int = 0, dtype: str | None = None,
                  sample_prompt: str | None = None) -> None:
         super().__init__()
@@ -127,9 +127,7 @@ class ClientModule(L.LightningModule):
         if transport != "local":
             raise ValueError(f"unknown transport {transport!r}; available: local")
         self.model_name, self.cuts, self.client_mode = model, tuple(cuts), client
-        self.client_lora = client_lora or LoraSettings()
-        self.optim = optim or OptimSettings()
-        self.trunk_settings = trunk or TrunkSettings()
+        self.client_lora, self.optim, self.trunk_settings = client_lora, optim, trunk
         self.transport_name, self.seed, self.dtype_name = transport, seed, dtype
         self.sample_prompt = sample_prompt
         self.strict_loading = False  # checkpoints hold only the trainable tensors
