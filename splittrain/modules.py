@@ -80,13 +80,14 @@ class TrunkModule(L.LightningModule):
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
                  trunk: TrunkSettings | None = None, seed: int = 0, dtype: str | None = None,
-                 total_steps: int | None = None) -> None:
+                 total_steps: int | None = None, device_map: dict[str, str] | str | None = None) -> None:
         super().__init__()
         from .loading import split_model
 
         self.settings = trunk or TrunkSettings()
         self.total_steps = total_steps
-        parts = split_model(resolve_model(model), cuts=tuple(cuts), parts=("trunk",), dtype=dtype)
+        parts = split_model(resolve_model(model), cuts=tuple(cuts), parts=("trunk",), dtype=dtype,
+                            device_map=device_map)
         self.trunk: Segment = prepare(parts["trunk"], "lora", self.settings.lora, seed)
 
     def build_optimizer(self):
@@ -112,13 +113,15 @@ class ClientModule(L.LightningModule):
         seed: seeds the LoRA initialisation (the same seed gives the same adapters however the model is cut).
         dtype: weight dtype (default: the checkpoint's).
         sample_prompt: a user message answered greedily after fitting, to show what the model learnt.
+        device_map: device per part (``bottom``, ``trunk``, ``top``) or ``"auto"``, as for ``split_model``;
+            in one process this places the trunk (Lightning places the client's parts on its accelerator).
     """
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
                  client: TrainMode = "lora", client_lora: LoraSettings = LoraSettings(),
                  optim: OptimSettings = OptimSettings(), trunk: TrunkSettings = TrunkSettings(),
                  transport: Literal["local"] = "local", seed: int = 0, dtype: str | None = None,
-                 sample_prompt: str | None = None) -> None:
+                 sample_prompt: str | None = None, device_map: dict[str, str] | str | None = None) -> None:
         super().__init__()
         if len(cuts) != 2:
             raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
@@ -129,7 +132,7 @@ class ClientModule(L.LightningModule):
         self.model_name, self.cuts, self.client_mode = model, tuple(cuts), client
         self.client_lora, self.optim, self.trunk_settings = client_lora, optim, trunk
         self.transport_name, self.seed, self.dtype_name = transport, seed, dtype
-        self.sample_prompt = sample_prompt
+        self.sample_prompt, self.device_map = sample_prompt, device_map
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self.bottom: Segment | None = None
         self.top: Segment | None = None
@@ -145,7 +148,8 @@ class ClientModule(L.LightningModule):
         from .loading import split_model
 
         path = resolve_model(self.model_name)
-        bottom, top = split_model(path, cuts=self.cuts, parts=("bottom", "top"), dtype=self.dtype_name)
+        bottom, top = split_model(path, cuts=self.cuts, parts=("bottom", "top"), dtype=self.dtype_name,
+                                  device_map=self.device_map)
         self.bottom = prepare(bottom, self.client_mode, self.client_lora, self.seed)
         self.top = prepare(top, self.client_mode, self.client_lora, self.seed)
         self.train_metrics = TokenMetrics(self.top.config.vocab_size)
@@ -157,7 +161,7 @@ class ClientModule(L.LightningModule):
         from .server import TrunkServer
 
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
-        trunk = TrunkModule(path, self.cuts, self.trunk_settings, self.seed, self.dtype_name, total)
+        trunk = TrunkModule(path, self.cuts, self.trunk_settings, self.seed, self.dtype_name, total, self.device_map)
         run_dir = self.run_dir if self._trainer is not None else None
         return TrunkServer(trunk, run_dir=run_dir)
 

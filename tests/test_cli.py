@@ -103,6 +103,8 @@ def test_bad_config_values_are_rejected(tmp_path, capsys):
     assert "client" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"outside 1\.\.5"):
         fit(tmp_path / "run2", "--model.cuts", "[2, 9]")
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['middle'\]; parts: bottom, trunk, top"):
+        fit(tmp_path / "run3", "--model.device_map", "{middle: cpu}")
 
 
 def test_export_needs_a_run_folder(tmp_path):
