@@ -23,17 +23,32 @@ from .segments import Activations, Segment
 
 SplitModel = Segment  # the seed library's name for one part
 
+# Training classes pull in Lightning and peft (seconds to import): loaded on first use only.
+_LAZY = {"ClientModule": "modules", "TrunkModule": "modules", "TrunkServer": "server"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "FAMILIES",
     "Activations",
+    "ClientModule",
     "Family",
     "ModelFactory",
     "PartReport",
     "Segment",
     "SplitModel",
     "SplitParts",
+    "TrunkModule",
+    "TrunkServer",
     "get_family",
     "load_segment",
     "load_segments",

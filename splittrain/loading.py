@@ -10,6 +10,7 @@ own folder, so no party ever holds another's weights.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
@@ -27,7 +28,6 @@ from .segments import Segment
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SPLIT_FILE = "split.json"
-CLIENT_PARTS = ("bottom", "top")
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -307,14 +307,16 @@ def _materialize_buffers(segment: Segment, skeleton: nn.Module, device: torch.de
 
 
 def _segment_from(model: nn.Module, family: Family, config: Any, name: str, start: int, stop: int,
-                  tied: bool) -> Segment:
+                  tied: bool, embedding: nn.Module | None = None) -> Segment:
+    """A segment over ``model``'s own modules; each segment gets its own (tiny) rotary module so segments
+    can live on different devices."""
     inner = model.model
     last = stop == config.num_hidden_layers
     return Segment(
         family, config, start, stop,
         layers={i: inner.layers[i] for i in range(start, stop)},
-        rotary_emb=inner.rotary_emb,
-        embed_tokens=inner.embed_tokens if start == 0 or (last and tied) else None,
+        rotary_emb=copy.deepcopy(inner.rotary_emb),
+        embed_tokens=(embedding or inner.embed_tokens) if start == 0 or (last and tied) else None,
         norm=inner.norm if last else None,
         lm_head=model.lm_head if last and not tied else None,
         name=name,
@@ -416,10 +418,12 @@ def load_parts(
         began, rss0 = time.perf_counter(), rss_bytes()
         reset_peak_rss()
         target = devices[name]
+        own_embedding = None
         if stop == config.num_hidden_layers and tied and "bottom" in segments and segments["bottom"].device != target:
-            raise ValueError("a tied head cannot share the embedding across devices: put bottom and top on the "
-                             f"same device (got {segments['bottom'].device} and {target})")
-        segment = _segment_from(skeleton, fam, config, name, start, stop, tied)
+            # Storage cannot be shared across devices: the top reads its own copy of the embedding (the two
+            # copies stay equal unless the client trains them in full).
+            own_embedding = _skeleton(config, dtype or stored_dtype, attn_implementation).model.embed_tokens
+        segment = _segment_from(skeleton, fam, config, name, start, stop, tied, own_embedding)
         needed = {key: t for key, t in segment.state_dict(keep_vars=True).items() if t.is_meta}
         report = PartReport(name, (start, stop))
         by_shard: dict[str, list[str]] = {}
@@ -466,6 +470,10 @@ def _split_loaded(model: nn.Module, cuts: Sequence[int] | int, parts: Sequence[s
     devices = resolve_device_map(list(ranges), device, device_map)
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.model.embed_tokens.weight
+    names = list(ranges)
+    if tied and devices[names[0]] != devices[names[-1]] and {names[0], names[-1]} <= set(wanted):
+        raise ValueError("this model's head is tied to its embedding: an in-memory split keeps them shared, so "
+                         "bottom and top need one device (split from a checkpoint folder to place them apart)")
     segments, reports = {}, {}
     for name, (start, stop) in wanted.items():
         segment = _segment_from(model, fam, config, name, start, stop, tied)

@@ -131,7 +131,7 @@ class ClientModule(L.LightningModule):
             raise ValueError(f"unknown transport {transport!r}; available: local")
         self.model_name, self.cuts, self.client_mode = model, tuple(cuts), client
         self.client_lora, self.optim, self.trunk_settings = client_lora, optim, trunk
-        self.transport_name, self.seed, self.dtype_name = transport, seed, dtype
+        self.seed, self.dtype_name = seed, dtype
         self.sample_prompt, self.device_map = sample_prompt, device_map
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self.bottom: Segment | None = None

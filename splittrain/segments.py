@@ -35,11 +35,6 @@ class Activations:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "Activations":
-        """The same activations on ``device`` (autograd follows the copy)."""
-        move = (lambda t: None if t is None else t.to(device))
-        return Activations(self.hidden_states.to(device), move(self.attention_mask), move(self.position_ids))
-
 
 class Segment(nn.Module):
     """Decoder layers ``[start, stop)`` of a ``num_layers``-layer model, with embedding/head at the ends.
