@@ -85,6 +85,10 @@ def _lightning_cli(args: Sequence[str] | dict[str, Any]):
         def after_fit(self) -> None:
             write_summary(self.trainer, self.model, self.datamodule)
 
+        def _parse_ckpt_path(self) -> None:
+            """LightningCLI would torch.load a checkpoint file to read hyper-parameters from it; ours are
+            safetensors and hold none (the run's config is its --config), so there is nothing to read."""
+
     return SplitCLI(
         ClientModule,
         InstructionDataModule,

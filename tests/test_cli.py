@@ -110,3 +110,13 @@ def test_bad_config_values_are_rejected(tmp_path, capsys):
 def test_export_needs_a_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="run.json"):
         main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_validate_restores_both_sides_from_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    fit(run, "--model.client", "lora")
+    summary = json.loads((run / "summary.json").read_text())
+    cli = main(["validate", "--config", CONFIG, "--trainer.default_root_dir", str(run), "--model.client", "lora",
+                "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
+                "--data.limit", "64", "--data.batch_size", "8", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert cli.trainer.callback_metrics["val_loss"].item() == pytest.approx(summary["val_loss"], abs=1e-6)

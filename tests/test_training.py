@@ -129,3 +129,15 @@ def test_frozen_client_trains_only_the_trunk(checkpoint, tmp_path):
     assert module.server.steps == STEPS
     trunk_b = [v for k, v in weights.items() if ".lora_B." in k]
     assert trunk_b and all(v.abs().sum() > 0 for v in trunk_b)
+
+
+def test_mixed_precision_on_the_client(checkpoint, tmp_path):
+    """Lightning's precision plugin runs the client under bf16 autocast; the trunk keeps stepping with it."""
+    _, folder = checkpoint("qwen2")
+    module = ClientModule(model=str(folder), cuts=CUTS, client="lora", client_lora=LORA, optim=OPTIM,
+                          trunk=TrunkSettings(lora=LORA, optim=OPTIM))
+    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(module, train_dataloaders=DataLoader(batches(2), batch_size=None))
+    assert module.server.steps == 2 and all(torch.isfinite(torch.tensor(module._stats["losses"])))
