@@ -437,8 +437,12 @@ def load_parts(
         for shard, keys in sorted(by_shard.items()):
             report.shards.append(shard)
             with safe_open(checkpoint.file(shard), "pt") as f:
+                stored = set(f.keys())
                 for key in keys:
                     ckpt_key = _checkpoint_key(key, prefixes)
+                    if ckpt_key not in stored:
+                        raise KeyError(f"tensor {ckpt_key!r} (for part {name!r}) is missing from shard {shard}, "
+                                       "although the index lists it there")
                     tensor = f.get_tensor(ckpt_key)
                     report.tensors.append(ckpt_key)
                     report.bytes_read += tensor.nbytes

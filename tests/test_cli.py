@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from splittrain.cli import main
 
@@ -77,10 +78,11 @@ def test_export_lora_run_loads_in_plain_peft(tmp_path):
         "import sys, torch; sys.modules['splittrain'] = None\n"
         "from transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
         f"m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(out)!r}).eval()\n"
-        f"torch.save(m(torch.tensor({ids.tolist()})).logits, {str(tmp_path / 'logits.pt')!r})\n"
+        "from safetensors.torch import save_file\n"
+        f"save_file({{'logits': m(torch.tensor({ids.tolist()})).logits.detach()}}, {str(tmp_path / 'logits.safetensors')!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
-    got = torch.load(tmp_path / "logits.pt")  # written by this test's own subprocess
+    got = load_file(tmp_path / "logits.safetensors")["logits"]
     assert (got - expected).abs().max() <= 1e-5
 
 

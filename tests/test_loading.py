@@ -302,6 +302,17 @@ def test_missing_shard_and_tensor_are_named(checkpoint, tmp_path):
     with pytest.raises(KeyError, match=r"model\.layers\.1\.self_attn\.q_proj\.bias.*trunk"):
         splittrain.split_model(dropped, cuts=(1, 3), parts=("trunk",))
 
+    # the index lists a tensor its shard does not hold
+    lying = tmp_path / "lying"
+    shutil.copytree(folder, lying)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    weight_map = index["weight_map"]
+    assert weight_map["model.layers.2.mlp.up_proj.weight"] != weight_map["model.layers.0.mlp.up_proj.weight"]
+    weight_map["model.layers.2.mlp.up_proj.weight"] = weight_map["model.layers.0.mlp.up_proj.weight"]
+    (lying / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(KeyError, match=r"model\.layers\.2\.mlp\.up_proj\.weight.*missing from shard"):
+        splittrain.split_model(lying, cuts=(1, 3), parts=("trunk",))
+
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(folder / "config.json", empty)
