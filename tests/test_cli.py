@@ -122,3 +122,14 @@ def test_validate_restores_both_sides_from_a_checkpoint(tmp_path):
                 "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
                 "--data.limit", "64", "--data.batch_size", "8", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
     assert cli.trainer.callback_metrics["val_loss"].item() == pytest.approx(summary["val_loss"], abs=1e-6)
+
+
+def test_main_takes_a_dict_like_a_notebook_would(tmp_path):
+    cli = main({"fit": {
+        "trainer": {"max_steps": 2, "default_root_dir": str(tmp_path), "enable_progress_bar": False,
+                    "limit_val_batches": 1},
+        "model": {"model": "quickstart", "cuts": [2, 4], "client": "lora"},
+        "data": {"train": "quickstart", "tokenizer": "quickstart", "limit": 32, "batch_size": 8},
+    }})
+    assert cli.model.global_step == 2 and cli.model.server.steps == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
