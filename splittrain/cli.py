@@ -32,10 +32,10 @@ def split_command(model: str, cuts: Sequence[int], out: str | Path, dtype: str |
                   family: str | None = None, revision: str | None = None,
                   max_shard_size: str = "5GB", verbose: bool = True) -> dict[str, Path]:
     """Cut ``model`` and write one folder per party under ``out``; each party's parts are loaded alone."""
-    from .loading import Checkpoint, _text_config, load_parts, part_ranges, party_parts, save_segments
+    from .loading import Checkpoint, load_parts, part_ranges, party_parts, save_segments
 
     checkpoint = Checkpoint(model, revision=revision)
-    ranges = part_ranges(_text_config(checkpoint.config).num_hidden_layers, tuple(cuts))
+    ranges = part_ranges(checkpoint.text_config.num_hidden_layers, tuple(cuts))
     written = {}
     for party, names in party_parts(list(ranges)).items():
         segments = load_parts(checkpoint, ranges, names, dtype=_dtype(dtype), verbose=verbose, family=family)

@@ -201,6 +201,7 @@ class Checkpoint:
             if self.local or cause is None:
                 raise
             raise _hub_error(self.source, cause) from exc
+        self.text_config = _text_config(self.config)  # the decoder's config (Gemma-3 nests it in a multimodal one)
         self.weight_map = self._weight_map()
 
     def file(self, filename: str) -> str:
@@ -369,7 +370,7 @@ def split_model(
     if isinstance(model_name_or_path, nn.Module):
         return _split_loaded(model_name_or_path, cuts, parts, dtype, device, device_map, family)
     checkpoint = Checkpoint(model_name_or_path, revision=revision, token=token)
-    config = _text_config(checkpoint.config)
+    config = checkpoint.text_config
     ranges = part_ranges(config.num_hidden_layers, cuts)
     return load_parts(checkpoint, ranges, parts, dtype, device, device_map, verbose, family, attn_implementation)
 
@@ -400,7 +401,7 @@ def load_parts(
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    config = _text_config(checkpoint.config)
+    config = checkpoint.text_config
     fam = get_family(family or config.model_type)
     wanted = _select(ranges, parts)
     devices = resolve_device_map(list(ranges), device, device_map)
@@ -583,14 +584,14 @@ class ModelFactory:
         del low_memory  # always selective
         family = get_family(model_type)
         checkpoint = Checkpoint(model_name_or_path)
-        actual = _text_config(checkpoint.config).model_type
+        actual = checkpoint.text_config.model_type
         try:
             actual_family = get_family(actual)
         except ValueError:
             actual_family = family  # an unregistered model type of the same shape: trust model_type
         if actual_family is not family:
             raise ValueError(f"model_type {model_type!r} does not match the checkpoint, whose model_type is {actual!r}")
-        config = _text_config(checkpoint.config)
+        config = checkpoint.text_config
         ranges = part_ranges(config.num_hidden_layers, (split_point_1, split_point_2))
         parts = load_parts(checkpoint, ranges, None, None, device, device_map, verbose, family.name)
         if auto_save:

@@ -91,12 +91,9 @@ class TrunkModule(L.LightningModule):
         self.trunk: Segment = prepare(parts["trunk"], "lora", self.settings.lora, seed)
 
     def build_optimizer(self):
+        """The trunk's AdamW and schedule, stepped by the server on the client's boundaries."""
         params = [p for p in self.trunk.parameters() if p.requires_grad]
         return build_optimizer(params, self.settings.optim, self.total_steps)
-
-    def configure_optimizers(self):
-        optimizer, scheduler = self.build_optimizer()
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class ClientModule(L.LightningModule):
