@@ -54,9 +54,11 @@ def _dtype(name: str | None):
 
 def _tools_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splittrain", description="Split-learning fine-tuning of decoder LLMs.",
-                                     epilog=f"training commands ({', '.join(LIGHTNING_COMMANDS)}) take LightningCLI "
-                                            "arguments: python -m splittrain fit --help")
+                                     epilog="python -m splittrain fit --help lists every training setting")
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, what in (("fit", "train split (LightningCLI: --config, --print_config, dotted overrides)"),
+                       ("validate", "validate a model or checkpoint"), ("test", "test a model or checkpoint")):
+        commands.add_parser(name, help=what, add_help=False)  # handled by LightningCLI before parsing gets here
     split = commands.add_parser("split", help="cut a checkpoint into one folder per party (client/, server/)")
     split.add_argument("--model", required=True, help="hub id or local folder of a safetensors checkpoint")
     split.add_argument("--cuts", required=True, type=int, nargs="+", help="cut layers, e.g. --cuts 6 12")
