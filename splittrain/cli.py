@@ -38,18 +38,12 @@ def split_command(model: str, cuts: Sequence[int], out: str | Path, dtype: str |
     ranges = part_ranges(checkpoint.text_config.num_hidden_layers, tuple(cuts))
     written = {}
     for party, names in party_parts(list(ranges)).items():
-        segments = load_parts(checkpoint, ranges, names, dtype=_dtype(dtype), verbose=verbose, family=family)
+        segments = load_parts(checkpoint, ranges, names, dtype=dtype, verbose=verbose, family=family)
         written[party] = save_segments(list(segments), Path(out) / party, max_shard_size=max_shard_size)
         if verbose:
             print(f"{party}: {', '.join(names)} -> {written[party]}")
         del segments
     return written
-
-
-def _dtype(name: str | None):
-    import torch
-
-    return None if name is None else getattr(torch, name.removeprefix("torch."))
 
 
 def _tools_parser() -> argparse.ArgumentParser:

@@ -365,10 +365,8 @@ def split_model(
         cuts = tuple(c for c in (split_point_1, split_point_2) if c is not None)
     elif split_point_1 is not None or split_point_2 is not None:
         raise ValueError("give either cuts or split_point_1/split_point_2, not both")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
     if isinstance(model_name_or_path, nn.Module):
-        return _split_loaded(model_name_or_path, cuts, parts, dtype, device, device_map, family)
+        return _split_loaded(model_name_or_path, cuts, parts, as_dtype(dtype), device, device_map, family)
     checkpoint = Checkpoint(model_name_or_path, revision=revision, token=token)
     config = checkpoint.text_config
     ranges = part_ranges(config.num_hidden_layers, cuts)
@@ -386,11 +384,21 @@ def _select(ranges: Mapping[str, tuple[int, int]], parts: Sequence[str] | None) 
     return {name: r for name, r in ranges.items() if name in parts}
 
 
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``"torch.bfloat16"`` / a dtype / None -> a dtype or None."""
+    if not isinstance(dtype, str):
+        return dtype
+    value = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; e.g. float32, bfloat16, float16")
+    return value
+
+
 def load_parts(
     checkpoint: Checkpoint,
     ranges: Mapping[str, tuple[int, int]],
     parts: Sequence[str] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     device_map: str | Mapping[str, str | torch.device] | None = None,
     verbose: bool = False,
@@ -403,11 +411,10 @@ def load_parts(
 
     config = checkpoint.text_config
     fam = get_family(family or config.model_type)
+    dtype = as_dtype(dtype)
     wanted = _select(ranges, parts)
     devices = resolve_device_map(list(ranges), device, device_map)
-    stored_dtype = getattr(config, "dtype", None) or torch.float32
-    if isinstance(stored_dtype, str):
-        stored_dtype = getattr(torch, stored_dtype)
+    stored_dtype = as_dtype(getattr(config, "dtype", None)) or torch.float32
     skeleton = _skeleton(config, dtype or stored_dtype, attn_implementation)
     _decoder_stack(skeleton, f"{config.model_type!r} model")
     prefixes = checkpoint.prefixes(fam)
@@ -427,20 +434,19 @@ def load_parts(
         segment = _segment_from(skeleton, fam, config, name, start, stop, tied, own_embedding)
         needed = {key: t for key, t in segment.state_dict(keep_vars=True).items() if t.is_meta}
         report = PartReport(name, (start, stop))
-        by_shard: dict[str, list[str]] = {}
+        by_shard: dict[str, list[tuple[str, str]]] = {}  # shard -> (segment key, checkpoint key)
         for key in needed:
             ckpt_key = _checkpoint_key(key, prefixes)
             if ckpt_key not in checkpoint.weight_map:
                 raise KeyError(f"tensor {ckpt_key!r} (for part {name!r}) is not in {checkpoint.source!r}")
-            by_shard.setdefault(checkpoint.weight_map[ckpt_key], []).append(key)
+            by_shard.setdefault(checkpoint.weight_map[ckpt_key], []).append((key, ckpt_key))
         loaded: dict[str, torch.Tensor] = {}
         bar = tqdm(total=len(needed), desc=f"loading {name}", unit="tensor", disable=not verbose)
         for shard, keys in sorted(by_shard.items()):
             report.shards.append(shard)
             with safe_open(checkpoint.file(shard), "pt") as f:
                 stored = set(f.keys())
-                for key in keys:
-                    ckpt_key = _checkpoint_key(key, prefixes)
+                for key, ckpt_key in keys:
                     if ckpt_key not in stored:
                         raise KeyError(f"tensor {ckpt_key!r} (for part {name!r}) is missing from shard {shard}, "
                                        "although the index lists it there")
@@ -536,8 +542,6 @@ def load_segments(directory: str | os.PathLike, parts: Sequence[str] | None = No
     directory = Path(directory)
     meta = _read_split(directory)
     ranges = {name: (int(a), int(b)) for name, (a, b) in meta["parts"].items()}
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
     return load_parts(Checkpoint(directory), ranges, parts, dtype, device, device_map, verbose, meta["family"])
 
 

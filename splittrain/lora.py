@@ -131,17 +131,16 @@ def export_adapter(out: str | Path, base_model: str, parts: Mapping[str, tuple[l
     if not parts:
         raise ValueError("no LoRA-trained part to export")
     settings = list(parts.values())
-    main_layers, main = max(settings, key=lambda s: len(s[0]))
-    all_layers = sorted({i for layers, _ in settings for i in layers})
     targets = sorted({t for _, s in settings for t in s.targets})
+    if any(set(s.targets) != set(targets) for _, s in settings):
+        raise ValueError("parties adapt different projection names: export needs the same targets everywhere")
+    _, main = max(settings, key=lambda s: len(s[0]))
+    all_layers = sorted({i for layers, _ in settings for i in layers})
     rank_pattern, alpha_pattern = {}, {}
     for layers, s in settings:
-        if (s.r, s.alpha) != (main.r, main.alpha) or sorted(s.targets) != sorted(main.targets):
+        if (s.r, s.alpha) != (main.r, main.alpha):
             key = rf"model\.layers\.({'|'.join(map(str, layers))})\..*"
             rank_pattern[key], alpha_pattern[key] = s.r, s.alpha
-    for layers, s in settings:
-        if set(s.targets) != set(targets):
-            raise ValueError("parties adapt different projection names: export needs the same targets everywhere")
     config = LoraConfig(r=main.r, lora_alpha=main.alpha, lora_dropout=main.dropout, bias="none",
                         target_modules=target_regex(all_layers, targets), rank_pattern=rank_pattern,
                         alpha_pattern=alpha_pattern, task_type="CAUSAL_LM", base_model_name_or_path=base_model)
