@@ -8,8 +8,9 @@ each through its end-of-turn token. :func:`render` prints which tokens are train
 From YAML (LightningCLI)::
 
     data:
-      class_path: splittrain.data.InstructionDataModule
-      init_args: {train: data/train.jsonl, tokenizer: Qwen/Qwen2-0.5B-Instruct, max_length: 512}
+      train: data/train.jsonl
+      tokenizer: Qwen/Qwen2-0.5B-Instruct
+      max_length: 512
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def resolve_chat_template(tokenizer: Any, fallback: str | None) -> str:
         return CHAT_TEMPLATES.get(fallback, fallback)
     raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template and no fallback was given: pass "
                      f"chat_template= one of {sorted(CHAT_TEMPLATES)} or a Jinja template string "
-                     "(in YAML: data.init_args.chat_template)")
+                     "(in YAML: data.chat_template)")
 
 
 def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]], max_length: int | None = None,

@@ -216,7 +216,6 @@ class ClientModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Global-norm clipping across both parties: the total norm includes the trunk's gradients."""
-        self._trunk_scale = None
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm not in (None, "norm"):
