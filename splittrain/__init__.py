@@ -24,7 +24,7 @@ from .segments import Activations, Segment
 SplitModel = Segment  # the seed library's name for one part
 
 # Training classes pull in Lightning and peft (seconds to import): loaded on first use only.
-_LAZY = {"ClientModule": "modules", "TrunkModule": "modules", "TrunkServer": "server"}
+_LAZY = {"ClientModule": "modules", "TrunkServer": "server", "load_trunk": "server"}
 
 
 def __getattr__(name: str):
@@ -47,9 +47,9 @@ __all__ = [
     "Segment",
     "SplitModel",
     "SplitParts",
-    "TrunkModule",
     "TrunkServer",
     "get_family",
+    "load_trunk",
     "load_segment",
     "load_segments",
     "save_segments",

@@ -3,13 +3,15 @@
 Client code reads like ordinary training::
 
     state = bottom(input_ids, attention_mask=mask)
-    state = cross(link, state, key)          # the trunk runs on the server
+    state = cross(link, state, key, step)    # the trunk runs on the server
     loss = top(state, labels=labels).loss
     loss.backward()                          # dL/dh goes to the server, its dL/dh_in comes back
 
 Forward sends the hidden states with the attention mask and position ids (each side rebuilds its own masks
 and rotary tables); backward sends dL/dh and returns the server's dL/dh_in, so autograd continues into the
-bottom as if the trunk were local.
+bottom as if the trunk were local. Hidden states and gradients cross in the link's wire dtype (float32 is
+exact; bfloat16/float16 halve the bytes) and each side casts back to its compute dtype; the mask crosses as
+bytes and the positions as int32, whatever the transport, so every transport computes the same numbers.
 """
 
 from __future__ import annotations
@@ -20,43 +22,61 @@ import torch
 
 from .segments import Activations
 from .transport import Transport
+from .transport.wire import DTYPES, FLOAT_DTYPES
 
 
 class TrunkLink:
     """The client's handle on the trunk server through a :class:`Transport`."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, wire_dtype: str = "float32") -> None:
+        if wire_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(FLOAT_DTYPES)}, got {wire_dtype!r}")
         self.transport = transport
-        self.wire_bytes = 0
+        self.wire_dtype = DTYPES[wire_dtype][0]
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes the transport sent and received so far."""
+        return self.transport.wire_bytes
 
     def _request(self, kind: str, header: dict[str, Any], tensors: dict[str, torch.Tensor]):
-        reply_header, reply = self.transport.request(kind, header, tensors)
-        self.wire_bytes += sum(t.nbytes for t in tensors.values()) + sum(t.nbytes for t in reply.values())
-        return reply_header, reply
+        return self.transport.request(kind, header, tensors)
 
-    def forward(self, state: Activations, key: Hashable, training: bool, need_input_grad: bool) -> torch.Tensor:
-        tensors = {"hidden_states": state.hidden_states.detach(), "position_ids": state.position_ids}
+    def forward(self, state: Activations, key: Hashable, training: bool, need_input_grad: bool,
+                step: int | None = None) -> torch.Tensor:
+        """Run the trunk on ``state``; in training the server keeps the graph under ``key`` for ``step``."""
+        tensors = {"hidden_states": state.hidden_states.detach().to(self.wire_dtype),
+                   "position_ids": state.position_ids.to(torch.int32)}
         if state.attention_mask is not None:
-            tensors["attention_mask"] = state.attention_mask
+            tensors["attention_mask"] = state.attention_mask.to(torch.uint8)
         header = {"key": list(key), "training": training, "need_input_grad": need_input_grad}
+        if training:
+            if step is None:
+                raise ValueError("a training forward pass needs the client's optimizer step")
+            header["step"] = int(step)
         return self._request("forward", header, tensors)[1]["hidden_states"]
 
     def backward(self, key: Hashable, grad: torch.Tensor) -> torch.Tensor | None:
-        return self._request("backward", {"key": list(key)}, {"grad": grad.contiguous()})[1].get("grad")
+        reply = self._request("backward", {"key": list(key)}, {"grad": grad.detach().to(self.wire_dtype)})[1]
+        return reply.get("grad")
 
     def grad_sq_norm(self) -> torch.Tensor:
         """Sum over trunk parameters of their squared gradient norms (for global-norm clipping)."""
         return self._request("grad_sq_norm", {}, {})[1]["sq_norm"]
 
-    def step(self, scale: float | None = None) -> dict[str, Any]:
-        """Step the trunk optimizer and scheduler, scaling its gradients by ``scale`` first (clipping)."""
-        return self._request("step", {"scale": scale}, {})[0]
+    def step(self, step: int, scale: float | None = None) -> dict[str, Any]:
+        """Make optimizer step number ``step`` on the trunk, scaling its gradients by ``scale`` (clipping)."""
+        return self._request("step", {"step": int(step), "scale": scale}, {})[0]
 
     def save(self, tag: str) -> None:
         self._request("save", {"tag": tag}, {})
 
     def load(self, tag: str) -> None:
         self._request("load", {"tag": tag}, {})
+
+    def close(self) -> None:
+        """End the session on the server (graphs freed) and release the connection."""
+        self.transport.close()
 
 
 class Cut(torch.autograd.Function):
@@ -68,10 +88,11 @@ class Cut(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, anchor: torch.Tensor | None, link: TrunkLink, key: Hashable,
-                attention_mask: torch.Tensor | None, position_ids: torch.Tensor, training: bool) -> torch.Tensor:
+                attention_mask: torch.Tensor | None, position_ids: torch.Tensor, training: bool,
+                step: int | None) -> torch.Tensor:
         ctx.link, ctx.key = link, key
         need_input_grad = ctx.needs_input_grad[0]
-        out = link.forward(Activations(hidden, attention_mask, position_ids), key, training, need_input_grad)
+        out = link.forward(Activations(hidden, attention_mask, position_ids), key, training, need_input_grad, step)
         return out.to(device=hidden.device, dtype=hidden.dtype)
 
     @staticmethod
@@ -79,17 +100,19 @@ class Cut(torch.autograd.Function):
         grad_in = ctx.link.backward(ctx.key, grad)
         if grad_in is not None:
             grad_in = grad_in.to(device=grad.device, dtype=grad.dtype)
-        return grad_in, None, None, None, None, None, None
+        return grad_in, None, None, None, None, None, None, None
 
 
-def cross(link: TrunkLink, state: Activations, key: Hashable) -> Activations:
+def cross(link: TrunkLink, state: Activations, key: Hashable, step: int | None = None) -> Activations:
     """Run the trunk on ``state`` through ``link``; differentiable when grad mode is on.
 
-    In grad mode the trunk's graph waits on the server under ``key`` until the backward pass arrives;
-    otherwise (validation, generation) the server keeps nothing.
+    In grad mode the trunk's graph waits on the server under ``key`` until the backward pass arrives, and
+    ``step`` (the client's optimizer steps so far) must match the server's; otherwise (validation,
+    generation) the server keeps nothing.
     """
     hidden = state.hidden_states
     training = torch.is_grad_enabled()
     anchor = torch.empty(0, requires_grad=True) if training and not hidden.requires_grad else None
-    out = Cut.apply(hidden, anchor, link, key, state.attention_mask, state.position_ids, training)
+    out = Cut.apply(hidden, anchor, link, key, state.attention_mask, state.position_ids, training, step)
     return Activations(out, state.attention_mask, state.position_ids)
+

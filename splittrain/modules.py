@@ -1,18 +1,20 @@
-"""LightningModules for the two sides of the cut.
+"""LightningModules for the client's side of the cut.
 
 ``ClientModule`` holds the bottom and top segments, the data-facing loss and metrics and the client
 optimizer; Lightning's automatic optimization, gradient accumulation, precision and checkpointing work as
-usual. The trunk lives in a ``TrunkModule`` behind a transport (in-process for ``transport="local"``): it
-steps whenever the client's optimizer steps, and global-norm clipping spans both sides by exchanging squared
-gradient norms, so split training gives the numbers monolithic training gives.
+usual. The trunk lives in a :class:`~splittrain.server.TrunkServer` behind a transport (in this process for
+``transport="local"``, another process or machine for ``tcp`` and ``dist``): it steps whenever the client's
+optimizer steps, and global-norm clipping spans both sides by exchanging squared gradient norms, so split
+training gives the numbers monolithic training gives.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,46 +26,13 @@ from .cut import TrunkLink, cross
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
 from .metrics import TokenMetrics
 from .segments import Activations, Segment
+from .server import OptimSettings, TrunkSettings, build_optimizer
 from .state import load_state, save_state
 
-
 RUN_FILE = "run.json"
+TOKEN_ENV = "SPLITTRAIN_TOKEN"
 
-
-@dataclass
-class OptimSettings:
-    """AdamW and its learning-rate schedule (transformers' ``get_scheduler`` names)."""
-
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    schedule: Literal["constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    warmup_steps: int = 0
-    total_steps: int | None = None
-    """Steps the schedule spans (linear/cosine); default: the trainer's max_steps."""
-
-
-@dataclass
-class TrunkSettings:
-    """How the server trains the trunk: LoRA on its projections, with its own AdamW."""
-
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    optim: OptimSettings = field(default_factory=OptimSettings)
-
-
-def build_optimizer(params: list[torch.nn.Parameter], settings: OptimSettings, total_steps: int | None):
-    """AdamW + a warm-up schedule, identical for both parties so split equals monolithic training."""
-    from transformers import get_scheduler
-
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
-                                  weight_decay=settings.weight_decay)
-    steps = settings.total_steps or total_steps
-    if settings.schedule != "constant_with_warmup" and not steps:
-        raise ValueError(f"the {settings.schedule!r} schedule needs total_steps (or trainer.max_steps)")
-    scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps,
-                              num_training_steps=steps)
-    return optimizer, scheduler
+__all__ = ["ClientModule", "OptimSettings", "SafetensorsCheckpointIO", "TrunkSettings", "build_optimizer"]
 
 
 def resolve_model(model: str) -> str:
@@ -75,27 +44,6 @@ def resolve_model(model: str) -> str:
     return model
 
 
-class TrunkModule(L.LightningModule):
-    """The server's side: the trunk segment with LoRA on its projections, and its optimizer settings."""
-
-    def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
-                 trunk: TrunkSettings | None = None, seed: int = 0, dtype: str | None = None,
-                 total_steps: int | None = None, device_map: dict[str, str] | str | None = None) -> None:
-        super().__init__()
-        from .loading import split_model
-
-        self.settings = trunk or TrunkSettings()
-        self.total_steps = total_steps
-        parts = split_model(resolve_model(model), cuts=tuple(cuts), parts=("trunk",), dtype=dtype,
-                            device_map=device_map)
-        self.trunk: Segment = prepare(parts["trunk"], "lora", self.settings.lora, seed)
-
-    def build_optimizer(self):
-        """The trunk's AdamW and schedule, stepped by the server on the client's boundaries."""
-        params = [p for p in self.trunk.parameters() if p.requires_grad]
-        return build_optimizer(params, self.settings.optim, self.total_steps)
-
-
 class ClientModule(L.LightningModule):
     """The client's side: bottom + top segments, loss on its own labels, metrics and the client optimizer.
 
@@ -105,8 +53,21 @@ class ClientModule(L.LightningModule):
         client: how the client's segments train: ``frozen``, ``lora`` or ``full``.
         client_lora: LoRA settings for the client's layers when ``client="lora"``.
         optim: the client's AdamW and schedule.
-        trunk: the trunk's LoRA and optimizer (used by the in-process server; a remote server has its own).
-        transport: ``local`` runs the trunk in this process.
+        trunk: the trunk's LoRA and optimizer (used by the in-process server and by ``serve``/rank 0 reading
+            the same config; a remote server trains with the settings it was started with).
+        transport: where the trunk runs: ``local`` (this process), ``tcp`` (a ``python -m splittrain serve``
+            at ``address``) or ``dist`` (rank 0 of a ``torchrun`` job).
+        address: ``HOST:PORT`` of the trunk server (``tcp``).
+        client_name: this client's name in the server's tokens file (``tcp``).
+        token_file: file holding this client's token (``tcp``); default: the ``SPLITTRAIN_TOKEN`` environment
+            variable. The token is never sent, printed or logged.
+        tls_ca: CA certificate file to verify the server's TLS certificate with (``tcp``); required off a
+            private network.
+        wire_dtype: dtype of hidden states and their gradients on the wire: ``float32`` (exact), ``bfloat16``
+            or ``float16`` (half the bytes); each side computes in its own dtype.
+        timeout: seconds to wait for a connection or a reply before treating the server as gone.
+        reconnect_timeout: seconds a ``tcp`` client keeps reconnecting (with backoff) to a server that went
+            away before it gives up; its session resumes where it stopped.
         seed: seeds the LoRA initialisation (the same seed gives the same adapters however the model is cut).
         dtype: weight dtype (default: the checkpoint's).
         sample_prompt: a user message answered greedily after fitting, to show what the model learnt.
@@ -117,17 +78,27 @@ class ClientModule(L.LightningModule):
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
                  client: TrainMode = "lora", client_lora: LoraSettings = LoraSettings(),
                  optim: OptimSettings = OptimSettings(), trunk: TrunkSettings = TrunkSettings(),
-                 transport: Literal["local"] = "local", seed: int = 0, dtype: str | None = None,
+                 transport: Literal["local", "tcp", "dist"] = "local", address: str | None = None,
+                 client_name: str = "client0", token_file: str | None = None, tls_ca: str | None = None,
+                 wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32", timeout: float = 600.0,
+                 reconnect_timeout: float = 300.0, seed: int = 0, dtype: str | None = None,
                  sample_prompt: str | None = None, device_map: dict[str, str] | str | None = None) -> None:
         super().__init__()
         if len(cuts) != 2:
             raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
         if client not in ("frozen", "lora", "full"):
             raise ValueError(f"client must be 'frozen', 'lora' or 'full', got {client!r}")
-        if transport != "local":
-            raise ValueError(f"unknown transport {transport!r}; available: local")
+        if transport not in ("local", "tcp", "dist"):
+            raise ValueError(f"unknown transport {transport!r}; available: local, tcp, dist")
+        if transport == "tcp" and not address:
+            raise ValueError("transport 'tcp' needs the server's address: --model.address HOST:PORT")
+        if wire_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"wire_dtype must be float32, bfloat16 or float16, got {wire_dtype!r}")
         self.model_name, self.cuts, self.client_mode = model, tuple(cuts), client
         self.client_lora, self.optim, self.trunk_settings = client_lora, optim, trunk
+        self.transport, self.address, self.client_name = transport, address, client_name
+        self.token_file, self.tls_ca, self.wire_dtype = token_file, tls_ca, wire_dtype
+        self.timeout, self.reconnect_timeout = timeout, reconnect_timeout
         self.seed, self.dtype_name = seed, dtype
         self.sample_prompt, self.device_map = sample_prompt, device_map
         self.strict_loading = False  # checkpoints hold only the trainable tensors
@@ -152,29 +123,52 @@ class ClientModule(L.LightningModule):
         self.train_metrics = TokenMetrics(self.top.config.vocab_size)
         self.val_metrics = TokenMetrics(self.top.config.vocab_size)
         if self.link is None:
-            self.connect(self._local_server(path))
+            self.link = TrunkLink(self._transport(path), self.wire_dtype)
 
-    def _local_server(self, path: str):
-        from .server import TrunkServer
+    def fingerprint(self) -> dict[str, Any]:
+        """What the trunk server must agree with: model, cuts, hidden size, compute dtype."""
+        from .transport import fingerprint
 
-        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
-        trunk = TrunkModule(path, self.cuts, self.trunk_settings, self.seed, self.dtype_name, total, self.device_map)
-        run_dir = self.run_dir if self._trainer is not None else None
-        return TrunkServer(trunk, run_dir=run_dir)
+        return fingerprint(self.top.config, self.top.family.name, self.cuts, self.bottom.dtype)
 
-    def connect(self, server) -> None:
-        """Use ``server`` (an in-process :class:`TrunkServer`) as the far side of the cut."""
+    def _transport(self, path: str):
+        if self.transport == "tcp":
+            from .transport.tcp import TcpTransport
+
+            return TcpTransport(self.address, self.client_name, self._token(), self.fingerprint(),
+                                tls_ca=self.tls_ca, timeout=self.timeout, reconnect_timeout=self.reconnect_timeout)
+        if self.transport == "dist":
+            from .transport.dist import DistTransport
+
+            return DistTransport(self.fingerprint(), timeout=self.timeout)
+        from .server import TrunkServer, load_trunk
         from .transport.local import LocalTransport
 
-        self.server = server
-        self.link = TrunkLink(LocalTransport(server))
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
+        trunk = load_trunk(path, self.cuts, self.trunk_settings.lora, self.seed, self.dtype_name, self.device_map)
+        run_dir = self.run_dir if self._trainer is not None else None
+        self.server = TrunkServer(trunk, self.trunk_settings.optim, total, run_dir=run_dir)
+        return LocalTransport(self.server)
+
+    def _token(self) -> str | None:
+        if self.token_file:
+            token = Path(self.token_file).expanduser().read_text().strip()
+            if not token:
+                raise ValueError(f"token file {self.token_file} is empty")
+            return token
+        return os.environ.get(TOKEN_ENV) or None
+
+    def close(self) -> None:
+        """End this client's session on the trunk server (it frees the client's graphs)."""
+        if self.link is not None:
+            self.link.close()
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, batch: dict[str, torch.Tensor], key: tuple = ("eval", 0)) -> Any:
         """bottom -> trunk (across the cut) -> top; returns the top's output (``logits``, ``loss``)."""
         state: Activations = self.bottom(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                          position_ids=batch.get("position_ids"))
-        state = cross(self.link, state, key)
+        state = cross(self.link, state, key, self.global_step)
         return self.top(state, labels=batch.get("labels"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -230,8 +224,9 @@ class ClientModule(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         self._trunk_scale = None
+        step = self.global_step + 1  # the step this call makes (Lightning counts it once the hook returns)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        self.link.step(self._trunk_scale)
+        self.link.step(step, self._trunk_scale)
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -271,7 +266,8 @@ class ClientModule(L.LightningModule):
             (self.run_dir / RUN_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
     def fit_summary(self) -> dict[str, Any]:
-        """Figures of the last fit: first/last train loss, steps, time, throughput, bytes over the cut."""
+        """Figures of the last fit: train losses (first, last, each micro-batch), steps, time, throughput, and the
+        bytes the transport moved (frames with headers for tcp/dist; tensor bytes in process)."""
         seconds = time.perf_counter() - self._stats["began"] if self._stats["began"] else 0.0
         losses = self._stats["losses"]
         return {
@@ -281,6 +277,7 @@ class ClientModule(L.LightningModule):
             "seconds": seconds,
             "tokens_per_second": self._stats["tokens"] / seconds if seconds else 0.0,
             "wire_bytes": self.link.wire_bytes if self.link is not None else 0,
+            "train_losses": losses,
         }
 
 

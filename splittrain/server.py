@@ -3,89 +3,402 @@
 On ``forward`` the server detaches the received hidden states, runs the trunk and keeps ``(x, y)`` under
 the key ``(client, step, micro)``; on ``backward`` it back-propagates the received dL/dy, returns dL/dx and
 drops the graph. ``step`` applies the client's clipping scale, then the optimizer and scheduler, so the trunk
-steps on exactly the client's boundaries (gradient accumulation included). Its checkpoints hold only what
-the server owns (trainable trunk tensors, optimizer and scheduler state) as safetensors.
+steps on exactly the client's boundaries (gradient accumulation included).
+
+The same class sits behind every transport. It takes a trunk :class:`~splittrain.segments.Segment` and never
+the client's code. Everything a client does lives in its session, named by the client's authenticated name:
+its graphs (bounded by count, bytes and age), the last reply (a request repeated after a reconnect is
+answered again, never re-applied), and its unapplied gradients, which are dropped with the session when a
+client dies mid-step. Each ``step`` carries the optimizer step number it makes, so a step is applied exactly
+once. Checkpoints hold only what the server owns (trainable trunk tensors, optimizer and scheduler state,
+step counter) as safetensors, written atomically.
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
+import re
+import threading
+import time
+import uuid
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
-from .segments import Activations
+from .lora import LoraSettings, prepare
+from .segments import Activations, Segment
 from .state import load_state, save_state
-from .transport import Header, Tensors
+from .transport import Header, Tensors, fingerprint
+from .transport.wire import FLOAT_DTYPES, ProtocolError, TensorSpec
 
-if TYPE_CHECKING:
-    from .modules import TrunkModule
+log = logging.getLogger("splittrain.server")
+
+LATEST = "latest"
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]{0,63}")
+
+
+@dataclass
+class OptimSettings:
+    """AdamW and its learning-rate schedule (transformers' ``get_scheduler`` names)."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    """Steps the schedule spans (linear/cosine); default: the trainer's max_steps."""
+
+
+@dataclass
+class TrunkSettings:
+    """How the server trains the trunk: LoRA on its projections, with its own AdamW."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+
+
+@dataclass
+class ServerLimits:
+    """What one client may hold on the server, and how long a silent client's session lives."""
+
+    max_graphs: int = 64
+    """Forward passes waiting for their backward pass, per client."""
+    max_graph_bytes: int = 8 * 2**30
+    """Bytes the waiting graphs may keep for backward, per client."""
+    max_graph_age: float = 3600.0
+    """Seconds a forward pass may wait for its backward pass."""
+    max_batch: int = 4096
+    """Rows per forward pass."""
+    max_seq: int | None = None
+    """Tokens per row (default: the model's ``max_position_embeddings``)."""
+    max_frame_bytes: int = 4 * 2**30
+    """Largest payload an authenticated client may send."""
+    session_timeout: float = 120.0
+    """Seconds a disconnected client's session (graphs, unapplied gradients) waits for it to reconnect."""
+
+
+def build_optimizer(params: list[torch.nn.Parameter], settings: OptimSettings, total_steps: int | None):
+    """AdamW + a warm-up schedule, identical for both parties so split equals monolithic training."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
+                                  weight_decay=settings.weight_decay)
+    steps = settings.total_steps or total_steps
+    if settings.schedule != "constant_with_warmup" and not steps:
+        raise ValueError(f"the {settings.schedule!r} schedule needs total_steps (or trainer.max_steps)")
+    scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps,
+                              num_training_steps=steps)
+    return optimizer, scheduler
+
+
+def load_trunk(model: str, cuts: tuple[int, int], lora: LoraSettings, seed: int = 0, dtype: str | None = None,
+               device_map: dict[str, str] | str | None = None) -> Segment:
+    """The trunk of ``model`` cut at ``cuts`` (only its tensors are read), with LoRA on its projections."""
+    from .loading import split_model
+
+    parts = split_model(model, cuts=tuple(cuts), parts=("trunk",), dtype=dtype, device_map=device_map)
+    return prepare(parts["trunk"], "lora", lora, seed)
+
+
+@dataclass
+class Graph:
+    """One forward pass waiting for its backward pass."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    need_input_grad: bool
+    nbytes: int
+    created: float
+
+
+@dataclass
+class Session:
+    """What one client holds on the server."""
+
+    client: str
+    id: str
+    graphs: OrderedDict = field(default_factory=OrderedDict)
+    last_seq: int = 0
+    last_reply: tuple[Header, Tensors] | None = None
+    connections: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+    pending: bool = False
+    """Gradients of this client wait in the trunk for a step."""
+
+    @property
+    def graph_bytes(self) -> int:
+        return sum(g.nbytes for g in self.graphs.values())
 
 
 class TrunkServer:
-    """Serves one trunk to any number of clients (graphs are kept per client and key)."""
+    """Serves one trunk to its clients; thread-safe (trunk compute and state changes are serialized).
 
-    def __init__(self, module: "TrunkModule", run_dir: str | Path | None = None, max_graphs: int = 64) -> None:
-        self.module = module
-        self.trunk = module.trunk
-        self.optimizer, self.scheduler = module.build_optimizer()
+    Args:
+        trunk: the trunk segment, its trainable parameters (LoRA) already marked.
+        optim: the trunk's AdamW and schedule.
+        total_steps: steps a linear/cosine schedule spans when ``optim.total_steps`` is unset.
+        run_dir: folder for ``trunk/<tag>.safetensors`` checkpoints and ``server_status.json``.
+        limits: per-client bounds and timeouts.
+        save_every: save ``trunk/latest.safetensors`` every this many steps (0: only when asked).
+    """
+
+    def __init__(self, trunk: Segment, optim: OptimSettings | None = None, total_steps: int | None = None,
+                 run_dir: str | Path | None = None, limits: ServerLimits | None = None, save_every: int = 0) -> None:
+        self.trunk = trunk
+        self.optimizer, self.scheduler = build_optimizer([p for _, p in self.trainable], optim or OptimSettings(),
+                                                         total_steps)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.max_graphs = max_graphs
-        self.graphs: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, bool]] = OrderedDict()
+        self.limits = limits or ServerLimits()
+        self.max_seq = self.limits.max_seq or int(getattr(trunk.config, "max_position_embeddings", 0) or 2**20)
+        self.save_every = save_every
+        self.fingerprint = fingerprint(trunk.config, trunk.family.name, (trunk.start, trunk.stop), trunk.dtype)
+        self.instance = uuid.uuid4().hex
         self.steps = 0
-        self._handlers: dict[str, Callable[[str, Header, Tensors], tuple[Header, Tensors]]] = {
+        self.saved_step: int | None = None
+        self.sessions: dict[str, Session] = {}
+        self.counters = {"forward": 0, "backward": 0, "steps_applied": 0, "steps_repeated": 0,
+                         "replies_repeated": 0, "handshakes": 0, "handshakes_refused": 0, "frames_refused": 0,
+                         "sessions_expired": 0, "graphs_dropped": 0}
+        self.lock = threading.RLock()
+        self._param_storages = {p.untyped_storage().data_ptr() for p in trunk.parameters()}
+        self._handlers: dict[str, Callable[[Session, Header, Tensors], tuple[Header, Tensors]]] = {
             "forward": self._forward, "backward": self._backward, "grad_sq_norm": self._grad_sq_norm,
             "step": self._step, "save": self._save, "load": self._load,
         }
 
     @property
+    def kinds(self) -> set[str]:
+        return set(self._handlers)
+
+    @property
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.trunk.named_parameters() if p.requires_grad]
 
+    # ------------------------------------------------------------------------------------------ sessions
+    def open_session(self, client: str, session_id: str) -> dict[str, Any]:
+        """Attach a connection of ``client`` to its session ``session_id``, replacing any older session.
+
+        Returns what the client needs to resume: whether the session was known (else the server restarted
+        or the client did), the trunk's step and its last durable step.
+        """
+        with self.lock:
+            session = self.sessions.get(client)
+            known = session is not None and session.id == session_id
+            if not known:
+                if session is not None:
+                    self._discard(session, "replaced by a new session")
+                session = self.sessions[client] = Session(client, session_id)
+            session.connections += 1
+            return {"known": known, "step": self.steps, "saved": self.saved_step, "instance": self.instance}
+
+    def detach(self, client: str, session_id: str) -> None:
+        """A connection of the session ended; the session waits ``session_timeout`` for a reconnect."""
+        with self.lock:
+            session = self.sessions.get(client)
+            if session is not None and session.id == session_id:
+                session.connections = max(0, session.connections - 1)
+                session.idle_since = time.monotonic()
+
+    def end_session(self, client: str, session_id: str | None = None) -> None:
+        """The client said goodbye: free everything it held."""
+        with self.lock:
+            session = self.sessions.get(client)
+            if session is not None and (session_id is None or session.id == session_id):
+                self._discard(session, "ended by the client")
+
+    def _discard(self, session: Session, why: str) -> None:
+        dropped = len(session.graphs)
+        session.graphs.clear()
+        if session.pending:
+            # Gradients of a step the client never finished must not leak into the next one.
+            self.optimizer.zero_grad(set_to_none=True)
+            session.pending = False
+        if self.sessions.get(session.client) is session:
+            del self.sessions[session.client]
+        log.info("session of client %r %s (%d graphs freed)", session.client, why, dropped)
+
+    def expire(self, now: float | None = None) -> None:
+        """Free sessions of clients silent for ``session_timeout`` and graphs older than ``max_graph_age``."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            for session in list(self.sessions.values()):
+                if session.connections == 0 and now - session.idle_since > self.limits.session_timeout:
+                    self.counters["sessions_expired"] += 1
+                    self._discard(session, f"expired after {self.limits.session_timeout:g} s without a connection")
+                    continue
+                for key, graph in list(session.graphs.items()):
+                    if now - graph.created > self.limits.max_graph_age:
+                        del session.graphs[key]
+                        self.counters["graphs_dropped"] += 1
+                        log.warning("dropped graph %s of client %r: no backward pass for %g s", key,
+                                    session.client, self.limits.max_graph_age)
+
+    def _session(self, client: str) -> Session:
+        session = self.sessions.get(client)
+        if session is None:  # in-process clients have no handshake
+            session = self.sessions[client] = Session(client, "local")
+        return session
+
+    # ------------------------------------------------------------------------------------------ messages
     def handle(self, client: str, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        """Answer one message from ``client``."""
+        """Answer one message from ``client``; a repeated ``seq`` gets the earlier reply again."""
         handler = self._handlers.get(kind)
         if handler is None:
-            raise ValueError(f"unknown message kind {kind!r}; expected one of {sorted(self._handlers)}")
-        return handler(client, header, tensors)
+            raise ProtocolError(f"unknown message kind {kind!r}; expected one of {sorted(self._handlers)}")
+        with self.lock:
+            session = self._session(client)
+            seq = header.get("seq")
+            if seq is not None:
+                if seq == session.last_seq and session.last_reply is not None:
+                    self.counters["replies_repeated"] += 1
+                    return session.last_reply
+                if seq <= session.last_seq:
+                    raise ProtocolError(f"request {seq} is older than the last one answered ({session.last_seq})")
+            reply = handler(session, header, tensors)
+            if seq is not None:
+                session.last_seq, session.last_reply = seq, reply
+            return reply
 
-    def _forward(self, client: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+    def check(self, client: str, header: Header, specs: list[TensorSpec]) -> None:
+        """Check a frame's header from an authenticated ``client`` before its payload is read.
+
+        Names, dtypes and shapes must be what the kind carries for this model; field types are checked too.
+        """
+        kind = header["kind"]
+        if kind not in self._handlers:
+            raise ProtocolError(f"unknown message kind {kind!r}; expected one of {sorted(self._handlers)}")
+        if type(header.get("seq")) is not int or header["seq"] < 1:
+            raise ProtocolError("every request needs a positive integer 'seq'")
+        spec = {s.name: s for s in specs}
+        hidden = int(self.trunk.config.hidden_size)
+        if kind == "forward":
+            names = set(spec)
+            if not {"hidden_states", "position_ids"} <= names <= {"hidden_states", "position_ids", "attention_mask"}:
+                raise ProtocolError(f"forward carries hidden_states, position_ids and optionally attention_mask, "
+                                    f"not {sorted(names)}")
+            h = spec["hidden_states"]
+            if h.dtype not in FLOAT_DTYPES or len(h.shape) != 3 or h.shape[2] != hidden:
+                raise ProtocolError(f"hidden_states must be (batch, seq, {hidden}) in one of {FLOAT_DTYPES}, "
+                                    f"got {list(h.shape)} {h.dtype}")
+            batch, seq = h.shape[:2]
+            if not (1 <= batch <= self.limits.max_batch and 1 <= seq <= self.max_seq):
+                raise ProtocolError(f"batch {batch} x sequence {seq} is outside 1..{self.limits.max_batch} x "
+                                    f"1..{self.max_seq}")
+            p = spec["position_ids"]
+            if p.dtype not in ("int32", "int64") or len(p.shape) != 2 or p.shape[0] not in (1, batch) \
+                    or p.shape[1] != seq:
+                raise ProtocolError(f"position_ids must be (1 or {batch}, {seq}) integers, got {list(p.shape)} {p.dtype}")
+            m = spec.get("attention_mask")
+            if m is not None and (m.dtype not in ("uint8", "bool", "int32", "int64") or list(m.shape) != [batch, seq]):
+                raise ProtocolError(f"attention_mask must be ({batch}, {seq}) integers, got {list(m.shape)} {m.dtype}")
+            _check_key(header.get("key"))
+            for flag in ("training", "need_input_grad"):
+                if type(header.get(flag, False)) is not bool:
+                    raise ProtocolError(f"'{flag}' must be true or false")
+            if header.get("training") and type(header.get("step")) is not int:
+                raise ProtocolError("a training forward pass carries the client's optimizer step ('step')")
+        elif kind == "backward":
+            _check_key(header.get("key"))
+            g = spec.get("grad")
+            if set(spec) != {"grad"} or g.dtype not in FLOAT_DTYPES:
+                raise ProtocolError(f"backward carries one gradient 'grad' in one of {FLOAT_DTYPES}")
+            with self.lock:
+                session = self.sessions.get(client)
+                graph = session.graphs.get(tuple(header["key"])) if session is not None else None
+            if graph is not None and list(g.shape) != list(graph.y.shape):
+                raise ProtocolError(f"gradient of shape {list(g.shape)} for an output of shape {list(graph.y.shape)}")
+            if graph is None and (len(g.shape) != 3 or g.shape[2] != hidden):
+                raise ProtocolError(f"gradient must be (batch, seq, {hidden}), got {list(g.shape)}")
+        else:
+            if spec:
+                raise ProtocolError(f"{kind} carries no tensors")
+            if kind == "step":
+                scale = header.get("scale")
+                if type(header.get("step")) is not int or not (
+                        scale is None or (isinstance(scale, (int, float)) and 0 <= scale <= 1)):
+                    raise ProtocolError("step carries an integer 'step' and a 'scale' in [0, 1] or null")
+            if kind in ("save", "load") and not (isinstance(header.get("tag"), str) and _TAG.fullmatch(header["tag"])):
+                raise ProtocolError(f"bad checkpoint tag {header.get('tag')!r}")
+
+    def _forward(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         device, dtype = self.trunk.device, self.trunk.dtype
-        x = tensors["hidden_states"].to(device=device, dtype=dtype)
+        received = tensors["hidden_states"]
+        _finite("hidden_states", received)
+        x = received.to(device=device, dtype=dtype)
         mask = tensors.get("attention_mask")
+        mask = mask.to(device=device, dtype=torch.long) if mask is not None else None
+        positions = tensors["position_ids"].to(device=device, dtype=torch.long)
         training = bool(header.get("training", False))
+        if training and header["step"] != self.steps:
+            raise RuntimeError(f"the client trains optimizer step {header['step'] + 1} but the trunk server has "
+                               f"made {self.steps} steps: resume the client from the server's step "
+                               f"(--ckpt_path) or the server from the client's (serve --resume)")
         self.trunk.train(training)
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            if t.untyped_storage().data_ptr() not in self._param_storages:
+                saved += t.numel() * t.element_size()
+            return t
+
         if training:
             x = x.detach().requires_grad_(bool(header.get("need_input_grad", True)))
-        with torch.set_grad_enabled(training):
-            y = self.trunk(Activations(x, mask, tensors["position_ids"])).hidden_states
-        if training:
-            key = (client, *header["key"])
-            self.graphs[key] = (x, y, x.requires_grad)
-            while len(self.graphs) > self.max_graphs:
-                dropped, _ = self.graphs.popitem(last=False)
-                warnings.warn(f"trunk server dropped the unfinished graph {dropped}: more than {self.max_graphs} "
-                              "forward passes are waiting for their backward pass", stacklevel=2)
-        return {}, {"hidden_states": y.detach()}
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = self.trunk(Activations(x, mask, positions)).hidden_states
+            self._keep(session, tuple(header["key"]), Graph(x, y, x.requires_grad, saved + x.nbytes, time.monotonic()))
+        else:
+            with torch.no_grad():
+                y = self.trunk(Activations(x, mask, positions)).hidden_states
+        self.counters["forward"] += 1
+        return {}, {"hidden_states": y.detach().to(received.dtype)}
 
-    def _backward(self, client: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        key = (client, *header["key"])
-        if key not in self.graphs:
-            raise KeyError(f"no forward pass is waiting for a backward pass under key {key}")
-        x, y, need_input_grad = self.graphs.pop(key)
-        torch.autograd.backward(y, tensors["grad"].to(device=y.device, dtype=y.dtype))
-        return {}, ({"grad": x.grad} if need_input_grad else {})
+    def _keep(self, session: Session, key: tuple, graph: Graph) -> None:
+        session.graphs.pop(key, None)  # a repeated forward pass replaces its graph
+        session.graphs[key] = graph
+        limits = self.limits
+        while len(session.graphs) > limits.max_graphs or (
+                len(session.graphs) > 1 and session.graph_bytes > limits.max_graph_bytes):
+            dropped, _ = session.graphs.popitem(last=False)
+            self.counters["graphs_dropped"] += 1
+            log.warning("client %r: dropped the unfinished graph %s (more than %d graphs or %d bytes waiting for "
+                        "their backward pass)", session.client, dropped, limits.max_graphs, limits.max_graph_bytes)
 
-    def _grad_sq_norm(self, client: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+    def _backward(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        key = tuple(header["key"])
+        graph = session.graphs.get(key)
+        if graph is None:
+            raise KeyError(f"no forward pass of client {session.client!r} is waiting for a backward pass under key "
+                           f"{list(key)}")
+        grad = tensors["grad"]
+        _finite("grad", grad)
+        if grad.shape != graph.y.shape:
+            raise ValueError(f"gradient of shape {list(grad.shape)} for an output of shape {list(graph.y.shape)}")
+        del session.graphs[key]
+        torch.autograd.backward(graph.y, grad.to(device=graph.y.device, dtype=graph.y.dtype))
+        session.pending = True
+        self.counters["backward"] += 1
+        return {}, ({"grad": graph.x.grad.to(grad.dtype)} if graph.need_input_grad else {})
+
+    def _grad_sq_norm(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         norms = [torch.linalg.vector_norm(p.grad) for _, p in self.trainable if p.grad is not None]
         sq = torch.stack(norms).pow(2).sum() if norms else torch.zeros(())
         return {}, {"sq_norm": sq.float().cpu()}
 
     @torch.no_grad()
-    def _step(self, client: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        scale = header.get("scale")
+    def _step(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        target, scale = header["step"], header.get("scale")
+        if target == self.steps:  # already applied; the reply was lost
+            self.counters["steps_repeated"] += 1
+            return self._step_reply(), {}
+        if target != self.steps + 1:
+            raise RuntimeError(f"the client asks for optimizer step {target} but the trunk server has made "
+                               f"{self.steps} steps")
         if scale is not None:
             for _, p in self.trainable:
                 if p.grad is not None:
@@ -94,13 +407,22 @@ class TrunkServer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for s in self.sessions.values():
+            s.pending = False
         self.steps += 1
-        return {"step": self.steps, "lr": self.optimizer.param_groups[0]["lr"]}, {}
+        self.counters["steps_applied"] += 1
+        if self.save_every and self.steps % self.save_every == 0:
+            self.save(LATEST)
+        return self._step_reply(), {}
 
+    def _step_reply(self) -> Header:
+        return {"step": self.steps, "saved": self.saved_step, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_path(self, tag: str) -> Path:
         if self.run_dir is None:
             raise RuntimeError("this trunk server has no run folder to keep checkpoints in")
-        if not tag or "/" in tag or tag.startswith("."):
+        if not _TAG.fullmatch(tag):
             raise ValueError(f"bad checkpoint tag {tag!r}")
         return self.run_dir / "trunk" / f"{tag}.safetensors"
 
@@ -110,25 +432,95 @@ class TrunkServer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "steps": self.steps,
+            "fingerprint": self.fingerprint,
         }
 
-    def _save(self, client: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        path = save_state(self.state(), self.checkpoint_path(header["tag"]))
-        return {"path": str(path)}, {}
+    def save(self, tag: str) -> Path:
+        """Write the trunk's state to ``trunk/<tag>.safetensors`` atomically (write, then rename)."""
+        with self.lock:
+            path = save_state(self.state(), self.checkpoint_path(tag))
+            if tag == LATEST or self.saved_step is None or self.steps >= self.saved_step:
+                self.saved_step = self.steps
+            return path
 
     @torch.no_grad()
-    def _load(self, client: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        path = self.checkpoint_path(header["tag"])
-        if not path.is_file():
-            raise FileNotFoundError(f"the trunk has no checkpoint {header['tag']!r} ({path})")
-        state = load_state(path)
-        params = dict(self.trainable)
-        if set(params) != set(state["trainable"]):
-            raise KeyError(f"trunk checkpoint {path} does not match the trunk's trainable tensors")
-        for name, tensor in state["trainable"].items():
-            params[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.steps = state["steps"]
-        return {"step": self.steps}, {}
+    def restore(self, path: Path) -> int:
+        """Load a checkpoint written by :meth:`save`; unapplied gradients and every graph are dropped."""
+        with self.lock:
+            state = load_state(path)
+            params = dict(self.trainable)
+            if set(params) != set(state["trainable"]):
+                raise KeyError(f"trunk checkpoint {path} does not match the trunk's trainable tensors")
+            saved_print = state.get("fingerprint")
+            if saved_print is not None and saved_print["config"] != self.fingerprint["config"]:
+                raise ValueError(f"trunk checkpoint {path} was written for another model")
+            for name, tensor in state["trainable"].items():
+                params[name].copy_(tensor)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state["scheduler"] is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.optimizer.zero_grad(set_to_none=True)
+            for session in self.sessions.values():
+                session.graphs.clear()
+                session.pending = False
+            self.steps = self.saved_step = int(state["steps"])
+            return self.steps
+
+    def resume(self) -> int | None:
+        """Restore the newest checkpoint in the run folder (``latest`` or the highest ``step-N``); its step."""
+        folder = self.checkpoint_path(LATEST).parent
+        candidates = [p for p in folder.glob("*.safetensors")] if folder.is_dir() else []
+        best: tuple[int, Path] | None = None
+        for path in candidates:
+            steps = int(load_state(path)["steps"])
+            if best is None or steps > best[0]:
+                best = (steps, path)
+        if best is None:
+            return None
+        self.restore(best[1])
+        log.info("resumed the trunk at step %d from %s", self.steps, best[1])
+        return self.steps
+
+    def _save(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        return {"path": str(self.save(header["tag"])), "step": self.steps}, {}
+
+    def _load(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        tag = header["tag"]
+        path = self.checkpoint_path(tag)
+        if path.is_file():
+            self.restore(path)
+            return {"step": self.steps}, {}
+        wanted = re.fullmatch(r"step-(\d+)", tag)
+        if wanted and int(wanted.group(1)) == self.steps:  # already there: only the partial step goes
+            self.optimizer.zero_grad(set_to_none=True)
+            session.graphs.clear()
+            session.pending = False
+            return {"step": self.steps}, {}
+        at = f"step {wanted.group(1)}" if wanted else f"checkpoint {tag!r}"
+        raise FileNotFoundError(f"the client resumes at {at} but the trunk server is at step {self.steps} and has "
+                                f"no checkpoint {tag!r} ({path})")
+
+    # ------------------------------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        """Counters and per-client holdings (no tensors, nothing private) for operators and tests."""
+        from .loading import rss_bytes
+
+        with self.lock:
+            return {
+                "instance": self.instance, "step": self.steps, "saved_step": self.saved_step,
+                "counters": dict(self.counters), "rss_bytes": rss_bytes(),
+                "sessions": {name: {"graphs": len(s.graphs), "graph_bytes": s.graph_bytes,
+                                    "connections": s.connections, "pending_gradients": s.pending}
+                             for name, s in self.sessions.items()},
+            }
+
+
+def _check_key(key: Any) -> None:
+    if (not isinstance(key, list) or not 1 <= len(key) <= 4
+            or not all((type(k) is int and abs(k) < 2**53) or (isinstance(k, str) and len(k) <= 64) for k in key)):
+        raise ProtocolError("'key' must be a list of 1 to 4 short strings or integers")
+
+
+def _finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} holds non-finite values (inf/nan): refused so they cannot reach the trunk's weights")

@@ -36,7 +36,7 @@ def test_fit_writes_summary_config_and_safetensors_checkpoints(tmp_path):
     cli = fit(run)
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) == {"train_loss_first", "train_loss_last", "val_loss", "val_perplexity",
-                            "val_token_accuracy", "steps", "seconds", "tokens_per_second", "wire_bytes"}
+                            "val_token_accuracy", "steps", "seconds", "tokens_per_second", "wire_bytes", "train_losses"}
     assert summary["steps"] == 6 and summary["wire_bytes"] > 0 and summary["tokens_per_second"] > 0
     assert summary["train_loss_first"] == pytest.approx(cli.model._stats["losses"][0])
     assert 0 < summary["val_token_accuracy"] <= 1 and summary["val_perplexity"] == pytest.approx(

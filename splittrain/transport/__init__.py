@@ -2,26 +2,70 @@
 
 A message is a kind (``forward``, ``backward``, ``grad_sq_norm``, ``step``, ``save``, ``load``), a small
 JSON-able header and a dict of tensors; the reply has the same shape. Transports differ only in how those
-bytes move: ``local`` hands them to an in-process :class:`~splittrain.server.TrunkServer` untouched.
+bytes move: ``local`` hands them to an in-process :class:`~splittrain.server.TrunkServer` untouched; ``tcp``
+and ``dist`` serialize them with :mod:`splittrain.transport.wire`.
+
+Before any message, a client and a server compare :func:`fingerprint` s, so a client never trains against a
+trunk cut from another model or at other layers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Protocol
 
 import torch
 
 Header = dict[str, Any]
 Tensors = dict[str, torch.Tensor]
+TRANSPORTS = ("local", "dist", "tcp")
+
+# Config keys that say nothing about the weights' shapes or the computation.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
+                         "use_cache", "output_attentions", "output_hidden_states", "return_dict", "_commit_hash",
+                         "attn_implementation", "_attn_implementation", "_attn_implementation_autoset",
+                         "_experts_implementation", "tokenizer_class"}
 
 
 class Transport(Protocol):
     """Client side of a connection to a trunk server."""
+
+    wire_bytes: int
+    """Bytes this transport has sent and received (frames, headers included; in process: tensor bytes)."""
 
     def request(self, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         """Send one message and return the server's reply."""
         ...
 
     def close(self) -> None:
-        """Release the connection."""
+        """End the session and release the connection."""
         ...
+
+
+class RemoteError(RuntimeError):
+    """The trunk server refused a request; the message is the server's."""
+
+
+def config_digest(config: Any) -> str:
+    """sha256 of the decoder config's architecture (what fixes the weights' names, shapes and computation)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    data = {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS and not k.endswith("_token_id")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(config: Any, family: str, cuts: tuple[int, int], dtype: torch.dtype | str) -> dict[str, Any]:
+    """What both sides of a cut must agree on before any tensor crosses."""
+    from .wire import VERSION
+
+    return {"protocol": VERSION, "family": family, "num_layers": int(config.num_hidden_layers),
+            "cuts": [int(c) for c in cuts], "hidden_size": int(config.hidden_size),
+            "dtype": str(dtype).removeprefix("torch."), "config": config_digest(config)}
+
+
+def fingerprint_mismatch(client: dict[str, Any], server: dict[str, Any]) -> str | None:
+    """A sentence naming every field where two fingerprints differ, or None when they agree."""
+    names = {"config": "base model config (sha256 prefix)"}
+    diffs = [f"{names.get(k, k)}: client {client.get(k)!r}, server {server.get(k)!r}"
+             for k in sorted(set(client) | set(server)) if client.get(k) != server.get(k)]
+    return "; ".join(diffs) if diffs else None

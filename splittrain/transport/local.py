@@ -11,13 +11,19 @@ if TYPE_CHECKING:
 
 
 class LocalTransport:
-    """Hands messages to a :class:`TrunkServer` living in the same process."""
+    """Hands messages to a :class:`TrunkServer` living in the same process.
+
+    ``wire_bytes`` counts the tensor bytes that would cross the cut (nothing is serialized).
+    """
 
     def __init__(self, server: "TrunkServer", client: str = "client0") -> None:
         self.server, self.client = server, client
+        self.wire_bytes = 0
 
     def request(self, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        return self.server.handle(self.client, kind, header, tensors)
+        reply_header, reply = self.server.handle(self.client, kind, header, tensors)
+        self.wire_bytes += sum(t.nbytes for t in tensors.values()) + sum(t.nbytes for t in reply.values())
+        return reply_header, reply
 
     def close(self) -> None:
-        pass
+        self.server.end_session(self.client)
