@@ -8,6 +8,15 @@ resolved config saved in the run folder)::
     python -m splittrain fit --config configs/quickstart.yaml --ckpt_path last      # resume both sides
     python -m splittrain validate --config configs/quickstart.yaml --ckpt_path last
 
+The trunk in another process or on another machine (``serve`` in one terminal, ``fit`` in another), or under
+torchrun (rank 0 serves the trunk)::
+
+    python -m splittrain token --tokens tokens.json --client client0 --out client0.token
+    python -m splittrain serve --config configs/quickstart.yaml --address 127.0.0.1:7000 --tokens tokens.json
+    python -m splittrain fit --config configs/quickstart.yaml --model.transport tcp \
+        --model.address 127.0.0.1:7000 --model.token_file client0.token
+    torchrun --standalone --nproc_per_node 2 -m splittrain fit --config configs/quickstart.yaml --model.transport dist
+
 Model owners and users of a finished run::
 
     python -m splittrain split --model Qwen/Qwen2-0.5B --cuts 6 18 --out parties/
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,7 +76,97 @@ def _tools_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="run folder of a fit (holds run.json and checkpoints/)")
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--ckpt", default=None, help="client checkpoint (default: RUN/checkpoints/last.ckpt)")
+    serve = commands.add_parser(
+        "serve", help="run the trunk server of a config for tcp clients",
+        epilog="--model.* overrides are applied to the config as for fit (e.g. --model.cuts '[2, 4]')")
+    serve.add_argument("--config", required=True, action="append", help="the run's config (its model section)")
+    serve.add_argument("--address", default="127.0.0.1:7000", help="HOST:PORT to listen on (port 0: any free)")
+    serve.add_argument("--tokens", required=True, help="tokens.json: client name -> token (see `token`)")
+    serve.add_argument("--tls_cert", default=None, help="TLS certificate (PEM); required off a private network")
+    serve.add_argument("--tls_key", default=None, help="TLS private key (PEM)")
+    serve.add_argument("--resume", action="store_true", help="restore the newest trunk checkpoint of the run folder")
+    serve.add_argument("--save_every", type=int, default=1,
+                       help="save trunk/latest.safetensors every N steps (a restarted server loses no step)")
+    serve.add_argument("--run_dir", default=None, help="checkpoints and server_status.json (default: the "
+                       "config's trainer.default_root_dir)")
+    serve.add_argument("--session_timeout", type=float, default=120.0,
+                       help="seconds a disconnected client's session waits for it to reconnect")
+    serve.add_argument("--max_connections", type=int, default=64, help="connections served at once")
+    token = commands.add_parser("token", help="add a client with a fresh random token to a tokens file")
+    token.add_argument("--tokens", required=True, help="tokens.json to create or extend (mode 600)")
+    token.add_argument("--client", required=True, help="the client's name")
+    token.add_argument("--out", required=True, help="file to write the client's token to (mode 600)")
     return parser
+
+
+def client_settings(configs: Sequence[str], overrides: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
+    """The ``model`` section of fit configs as a :class:`ClientModule` (nothing loaded) and the ``trainer`` dict."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from .modules import ClientModule
+
+    parser = ArgumentParser(prog="splittrain serve")
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(ClientModule, "model")
+    parser.add_argument("--trainer", type=dict, default={})
+    parser.add_argument("--data", type=dict, default={})
+    parser.add_argument("--seed_everything", type=bool | int, default=True)
+    parser.add_argument("--ckpt_path", type=str | None, default=None)
+    words = [w for config in configs for w in ("--config", config)] + list(overrides)
+    config = parser.parse_args(words)
+    return parser.instantiate_classes(config).model, dict(config.trainer)
+
+
+def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1:7000", tls_cert: str | None = None,
+                  tls_key: str | None = None, resume: bool = False, save_every: int = 1, run_dir: str | None = None,
+                  session_timeout: float = 120.0, max_connections: int = 64,
+                  overrides: Sequence[str] = ()) -> None:
+    """Serve the trunk that ``configs`` describe on ``address`` until SIGTERM/SIGINT (then save and stop)."""
+    import logging
+    import signal
+
+    from .server import LATEST, ServerLimits
+    from .transport.tcp import TcpServer, load_tokens, server_tls_context
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("TLS needs both --tls_cert and --tls_key")
+    known = load_tokens(tokens)
+    tls = server_tls_context(tls_cert, tls_key) if tls_cert else None
+    module, trainer = client_settings(configs, overrides)
+    run = Path(run_dir or trainer.get("default_root_dir") or "runs/server")
+    max_steps = trainer.get("max_steps") or -1
+    server = module.build_server(max_steps if max_steps > 0 else None, run, ServerLimits(session_timeout=session_timeout),
+                                 save_every=save_every)
+    if resume:
+        step = server.resume()
+        print(f"splittrain: resumed the trunk at step {step}" if step is not None else
+              f"splittrain: no trunk checkpoint in {run / 'trunk'}; starting at step 0", flush=True)
+    tcp = TcpServer(server, address, known, tls, max_connections=max_connections,
+                    status_file=run / "server_status.json")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: tcp.stop())
+    print(f"splittrain: trunk server (layers {server.trunk.start}-{server.trunk.stop - 1}) listening on {tcp.address}"
+          f"{' with TLS' if tls else ''} for {len(known)} client(s); checkpoints in {run / 'trunk'}", flush=True)
+    tcp.serve_forever()
+    path = server.save(LATEST)
+    print(f"splittrain: trunk server stopped at step {server.steps}; saved {path}", flush=True)
+
+
+def token_command(tokens: str | Path, client: str, out: str | Path) -> Path:
+    """Add ``client`` with a fresh token to ``tokens`` and write the token alone to ``out`` (both mode 600)."""
+    from .transport.tcp import make_token
+
+    tokens, out = Path(tokens), Path(out)
+    known = json.loads(tokens.read_text()) if tokens.exists() else {}
+    known[client] = token = make_token()
+    for path, text in ((tokens, json.dumps(known, indent=2) + "\n"), (out, token + "\n")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_text(text)
+    print(f"client {client!r} added to {tokens}; its token is in {out} (give it to the client only)")
+    return out
 
 
 def _lightning_cli(args: Sequence[str] | dict[str, Any]):
@@ -80,6 +180,20 @@ def _lightning_cli(args: Sequence[str] | dict[str, Any]):
 
         def after_fit(self) -> None:
             write_summary(self.trainer, self.model, self.datamodule)
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            """Under torchrun with ``transport: dist`` rank 0 serves the trunk; the client ends its session."""
+            if self.model.transport == "dist" and int(os.environ.get("RANK", "0")) == 0:
+                from .transport.dist import serve
+
+                max_steps = self.trainer.max_steps
+                serve(self.model.build_server(max_steps if max_steps > 0 else None,
+                                              Path(self.trainer.default_root_dir)), self.model.timeout)
+                return
+            try:
+                super()._run_subcommand(subcommand)
+            finally:
+                self.model.close()
 
         def _parse_ckpt_path(self) -> None:
             """LightningCLI would torch.load a checkpoint file to read hyper-parameters from it; ours are
@@ -109,7 +223,7 @@ def write_summary(trainer, model, datamodule) -> dict[str, Any]:
         path = model.run_dir / "summary.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
         print("\n".join(f"  {k:<20} {v:.4g}" if isinstance(v, float) else f"  {k:<20} {v}"
-                        for k, v in summary.items()))
+                        for k, v in summary.items() if not isinstance(v, list)))
         print(f"summary: {path}")
         if model.sample_prompt:
             from .generate import greedy_answer
@@ -127,10 +241,17 @@ def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
     command = next(iter(words)) if isinstance(words, dict) else (words[0] if words else None)
     if command in LIGHTNING_COMMANDS or isinstance(words, dict):
         return _lightning_cli(args)  # None: LightningCLI reads sys.argv itself
-    ns = _tools_parser().parse_args(list(words))
+    ns, overrides = _tools_parser().parse_known_args(list(words))
+    if overrides and (ns.command != "serve" or not all(w.startswith("--model.") for w in overrides[::2])):
+        _tools_parser().parse_args(list(words))  # reports the unknown arguments and exits
     if ns.command == "split":
         return split_command(ns.model, ns.cuts, ns.out, dtype=ns.dtype, family=ns.family, revision=ns.revision,
                              max_shard_size=ns.max_shard_size, verbose=not ns.quiet)
+    if ns.command == "serve":
+        return serve_command(ns.config, ns.tokens, ns.address, ns.tls_cert, ns.tls_key, ns.resume, ns.save_every,
+                             ns.run_dir, ns.session_timeout, ns.max_connections, overrides)
+    if ns.command == "token":
+        return token_command(ns.tokens, ns.client, ns.out)
     if ns.command == "export":
         from .lora import export_run
 

@@ -15,13 +15,16 @@ IGNORE = -100
 class TokenMetrics(nn.Module):
     """Perplexity and token accuracy over the trained (label != -100) tokens, accumulated across batches."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, sync: bool = True) -> None:
+        """``sync=False`` keeps torchmetrics from gathering over a process group this client does not own
+        (under torchrun the trunk server is rank 0 of the same group)."""
         super().__init__()
         from torchmetrics.classification import MulticlassAccuracy
         from torchmetrics.text import Perplexity
 
-        self.perplexity = Perplexity(ignore_index=IGNORE)
-        self.token_accuracy = MulticlassAccuracy(num_classes=vocab_size, ignore_index=IGNORE, average="micro")
+        self.perplexity = Perplexity(ignore_index=IGNORE, sync_on_compute=sync)
+        self.token_accuracy = MulticlassAccuracy(num_classes=vocab_size, ignore_index=IGNORE, average="micro",
+                                                 sync_on_compute=sync)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:

@@ -120,10 +120,11 @@ class ClientModule(L.LightningModule):
                                   device_map=self.device_map)
         self.bottom = prepare(bottom, self.client_mode, self.client_lora, self.seed)
         self.top = prepare(top, self.client_mode, self.client_lora, self.seed)
-        self.train_metrics = TokenMetrics(self.top.config.vocab_size)
-        self.val_metrics = TokenMetrics(self.top.config.vocab_size)
+        sync = self.transport != "dist"  # rank 0 (the trunk server) takes no part in the client's metrics
+        self.train_metrics = TokenMetrics(self.top.config.vocab_size, sync)
+        self.val_metrics = TokenMetrics(self.top.config.vocab_size, sync)
         if self.link is None:
-            self.link = TrunkLink(self._transport(path), self.wire_dtype)
+            self.link = TrunkLink(self._transport(), self.wire_dtype)
 
     def fingerprint(self) -> dict[str, Any]:
         """What the trunk server must agree with: model, cuts, hidden size, compute dtype."""
@@ -131,7 +132,7 @@ class ClientModule(L.LightningModule):
 
         return fingerprint(self.top.config, self.top.family.name, self.cuts, self.bottom.dtype)
 
-    def _transport(self, path: str):
+    def _transport(self):
         if self.transport == "tcp":
             from .transport.tcp import TcpTransport
 
@@ -141,14 +142,22 @@ class ClientModule(L.LightningModule):
             from .transport.dist import DistTransport
 
             return DistTransport(self.fingerprint(), timeout=self.timeout)
-        from .server import TrunkServer, load_trunk
         from .transport.local import LocalTransport
 
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
-        trunk = load_trunk(path, self.cuts, self.trunk_settings.lora, self.seed, self.dtype_name, self.device_map)
-        run_dir = self.run_dir if self._trainer is not None else None
-        self.server = TrunkServer(trunk, self.trunk_settings.optim, total, run_dir=run_dir)
+        self.server = self.build_server(total, self.run_dir if self._trainer is not None else None)
         return LocalTransport(self.server)
+
+    def build_server(self, total_steps: int | None, run_dir: str | Path | None, limits: Any = None,
+                     save_every: int = 0):
+        """The :class:`~splittrain.server.TrunkServer` these settings describe (model, cuts, trunk LoRA, optimizer);
+        ``serve`` and rank 0 under torchrun build theirs from the same config with this."""
+        from .server import TrunkServer, load_trunk
+
+        trunk = load_trunk(resolve_model(self.model_name), self.cuts, self.trunk_settings.lora, self.seed,
+                           self.dtype_name, self.device_map)
+        return TrunkServer(trunk, self.trunk_settings.optim, total_steps, run_dir=run_dir, limits=limits,
+                           save_every=save_every)
 
     def _token(self) -> str | None:
         if self.token_file:

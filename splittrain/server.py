@@ -165,15 +165,17 @@ class TrunkServer:
                          "replies_repeated": 0, "handshakes": 0, "handshakes_refused": 0, "frames_refused": 0,
                          "sessions_expired": 0, "graphs_dropped": 0}
         self.lock = threading.RLock()
+        self._count_lock = threading.Lock()
         self._param_storages = {p.untyped_storage().data_ptr() for p in trunk.parameters()}
         self._handlers: dict[str, Callable[[Session, Header, Tensors], tuple[Header, Tensors]]] = {
             "forward": self._forward, "backward": self._backward, "grad_sq_norm": self._grad_sq_norm,
             "step": self._step, "save": self._save, "load": self._load,
         }
 
-    @property
-    def kinds(self) -> set[str]:
-        return set(self._handlers)
+    def count(self, counter: str) -> None:
+        """Add one to a status counter (safe from any thread)."""
+        with self._count_lock:
+            self.counters[counter] += 1
 
     @property
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -228,13 +230,13 @@ class TrunkServer:
         with self.lock:
             for session in list(self.sessions.values()):
                 if session.connections == 0 and now - session.idle_since > self.limits.session_timeout:
-                    self.counters["sessions_expired"] += 1
+                    self.count("sessions_expired")
                     self._discard(session, f"expired after {self.limits.session_timeout:g} s without a connection")
                     continue
                 for key, graph in list(session.graphs.items()):
                     if now - graph.created > self.limits.max_graph_age:
                         del session.graphs[key]
-                        self.counters["graphs_dropped"] += 1
+                        self.count("graphs_dropped")
                         log.warning("dropped graph %s of client %r: no backward pass for %g s", key,
                                     session.client, self.limits.max_graph_age)
 
@@ -255,7 +257,7 @@ class TrunkServer:
             seq = header.get("seq")
             if seq is not None:
                 if seq == session.last_seq and session.last_reply is not None:
-                    self.counters["replies_repeated"] += 1
+                    self.count("replies_repeated")
                     return session.last_reply
                 if seq <= session.last_seq:
                     raise ProtocolError(f"request {seq} is older than the last one answered ({session.last_seq})")
@@ -355,7 +357,7 @@ class TrunkServer:
         else:
             with torch.no_grad():
                 y = self.trunk(Activations(x, mask, positions)).hidden_states
-        self.counters["forward"] += 1
+        self.count("forward")
         return {}, {"hidden_states": y.detach().to(received.dtype)}
 
     def _keep(self, session: Session, key: tuple, graph: Graph) -> None:
@@ -365,7 +367,7 @@ class TrunkServer:
         while len(session.graphs) > limits.max_graphs or (
                 len(session.graphs) > 1 and session.graph_bytes > limits.max_graph_bytes):
             dropped, _ = session.graphs.popitem(last=False)
-            self.counters["graphs_dropped"] += 1
+            self.count("graphs_dropped")
             log.warning("client %r: dropped the unfinished graph %s (more than %d graphs or %d bytes waiting for "
                         "their backward pass)", session.client, dropped, limits.max_graphs, limits.max_graph_bytes)
 
@@ -382,7 +384,7 @@ class TrunkServer:
         del session.graphs[key]
         torch.autograd.backward(graph.y, grad.to(device=graph.y.device, dtype=graph.y.dtype))
         session.pending = True
-        self.counters["backward"] += 1
+        self.count("backward")
         return {}, ({"grad": graph.x.grad.to(grad.dtype)} if graph.need_input_grad else {})
 
     def _grad_sq_norm(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
@@ -394,7 +396,7 @@ class TrunkServer:
     def _step(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         target, scale = header["step"], header.get("scale")
         if target == self.steps:  # already applied; the reply was lost
-            self.counters["steps_repeated"] += 1
+            self.count("steps_repeated")
             return self._step_reply(), {}
         if target != self.steps + 1:
             raise RuntimeError(f"the client asks for optimizer step {target} but the trunk server has made "
@@ -410,7 +412,7 @@ class TrunkServer:
         for s in self.sessions.values():
             s.pending = False
         self.steps += 1
-        self.counters["steps_applied"] += 1
+        self.count("steps_applied")
         if self.save_every and self.steps % self.save_every == 0:
             self.save(LATEST)
         return self._step_reply(), {}
@@ -501,6 +503,10 @@ class TrunkServer:
                                 f"no checkpoint {tag!r} ({path})")
 
     # ------------------------------------------------------------------------------------------ status
+    def _counters(self) -> dict[str, int]:
+        with self._count_lock:
+            return dict(self.counters)
+
     def status(self) -> dict[str, Any]:
         """Counters and per-client holdings (no tensors, nothing private) for operators and tests."""
         from .loading import rss_bytes
@@ -508,7 +514,7 @@ class TrunkServer:
         with self.lock:
             return {
                 "instance": self.instance, "step": self.steps, "saved_step": self.saved_step,
-                "counters": dict(self.counters), "rss_bytes": rss_bytes(),
+                "counters": self._counters(), "rss_bytes": rss_bytes(),
                 "sessions": {name: {"graphs": len(s.graphs), "graph_bytes": s.graph_bytes,
                                     "connections": s.connections, "pending_gradients": s.pending}
                              for name, s in self.sessions.items()},

@@ -1,0 +1,176 @@
+"""torch.distributed transport: the trunk server is rank 0 of a ``torchrun`` job, the client rank 1.
+
+One node::
+
+    torchrun --standalone --nproc_per_node 2 -m splittrain fit --config C --model.transport dist
+
+Two nodes (the server's node is rank 0; run the same line on each with its ``--node_rank``)::
+
+    torchrun --nnodes 2 --nproc_per_node 1 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:PORT \\
+        -m splittrain fit --config C --model.transport dist
+
+Frames are :mod:`~splittrain.transport.wire` frames sent as three uint8 tensors over point-to-point
+``send``/``recv`` (preamble, header, payload), so the receiver checks lengths and the header before it
+allocates the payload, exactly as over TCP. gloo on CPU, nccl with CUDA. The processes of one job trust each
+other (torchrun's rendezvous admits them), so there is no token; the fingerprints are still compared.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from . import Header, RemoteError, Tensors, fingerprint_mismatch
+from .wire import ST_HEADER_LIMIT, Frame, ProtocolError, TensorSpec, encode, frame_bytes, read_frame
+
+log = logging.getLogger("splittrain.dist")
+SERVER_RANK = 0
+
+
+def ensure_process_group(timeout: float) -> tuple[int, int]:
+    """Join torchrun's process group (gloo on CPU, nccl with CUDA); returns (rank, world size)."""
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise RuntimeError("transport 'dist' runs under torchrun: torchrun --standalone --nproc_per_node 2 "
+                               "-m splittrain fit --config C --model.transport dist")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+class DistReader:
+    """Exact reads of one frame's parts from a peer (the first read may come from any rank)."""
+
+    def __init__(self, src: int | None) -> None:
+        self.src, self.received = src, 0
+
+    def read(self, n: int) -> bytearray:
+        buffer = torch.empty(n, dtype=torch.uint8, device=_device())
+        sender = dist.recv(buffer, src=self.src)
+        self.src = sender if self.src is None else self.src
+        self.received += n
+        return bytearray(buffer.cpu().numpy().tobytes()) if buffer.is_cuda else bytearray(buffer.numpy())
+
+
+def send_frame(buffers: list, dst: int) -> int:
+    """Send an encoded frame as its three parts (preamble, header, payload)."""
+    device = _device()
+    parts = [b"".join(buffers[:1]), b"".join(buffers[1:2]), b"".join(buffers[2:])]
+    for part in parts:
+        if part:
+            dist.send(torch.frombuffer(bytearray(part), dtype=torch.uint8).to(device), dst=dst)
+    return frame_bytes(buffers)
+
+
+# ================================================================================================ server
+def serve(server: Any, timeout: float = 600.0) -> None:
+    """Rank 0: answer the client ranks until every one of them has said goodbye."""
+    rank, world = ensure_process_group(timeout)
+    if rank != SERVER_RANK:
+        raise RuntimeError(f"the trunk server runs on rank {SERVER_RANK}, not {rank}")
+    if world < 2:
+        raise RuntimeError("transport 'dist' needs at least 2 processes (--nproc_per_node 2): rank 0 serves the "
+                           "trunk, the others are clients")
+    remaining = set(range(1, world))
+    log.info("trunk server on rank 0 serving ranks %s", sorted(remaining))
+    while remaining:
+        reader = DistReader(None)
+
+        def check(header: Header, specs: list[TensorSpec]) -> None:
+            if header["kind"] in ("hello", "bye"):
+                if specs:
+                    raise ProtocolError(f"{header['kind']} carries no tensors")
+                return
+            server.check(f"rank{reader.src}", header, specs)
+
+        frame = read_frame(reader, server.limits.max_frame_bytes, check)
+        client, seq = f"rank{reader.src}", frame.header.get("seq")
+        if frame.kind == "hello":
+            mismatch = fingerprint_mismatch(frame.header.get("fingerprint") or {}, server.fingerprint)
+            if mismatch:
+                send_frame(encode("error", {"error": f"the trunk server serves another split: {mismatch}",
+                                            "fatal": True}), reader.src)
+                raise RuntimeError(f"rank {reader.src} has another split than the trunk server: {mismatch}")
+            resume = server.open_session(client, frame.header.get("session", client))
+            send_frame(encode("welcome", {"fingerprint": server.fingerprint, **resume}), reader.src)
+            continue
+        if frame.kind == "bye":
+            server.end_session(client)
+            remaining.discard(reader.src)
+            send_frame(encode("reply", {"seq": seq}), reader.src)
+            continue
+        fields = {k: v for k, v in frame.header.items() if k not in ("kind", "tensors")}
+        try:
+            header, tensors = server.handle(client, frame.kind, fields, frame.tensors)
+        except (KeyError, ValueError, RuntimeError, FileNotFoundError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            send_frame(encode("error", {"error": str(message), "seq": seq, "fatal": False}), reader.src)
+            continue
+        send_frame(encode("reply", {**header, "seq": seq}, tensors), reader.src)
+    log.info("every client said goodbye; the trunk server on rank 0 stops")
+
+
+# ================================================================================================ client
+class DistTransport:
+    """Client side: this rank talks to the trunk server on rank 0 of the same torchrun job."""
+
+    def __init__(self, fingerprint: dict[str, Any], timeout: float = 600.0) -> None:
+        self.rank, self.world = ensure_process_group(timeout)
+        if self.rank == SERVER_RANK:
+            raise RuntimeError(f"rank {SERVER_RANK} runs the trunk server, not a client")
+        self.wire_bytes = 0
+        self.seq = 0
+        self.closed = False
+        reply = self._exchange(encode("hello", {"client": f"rank{self.rank}", "session": secrets.token_hex(16),
+                                               "fingerprint": fingerprint}), lambda h, s: None)
+        if reply.kind == "error":
+            raise RemoteError(f"the trunk server on rank {SERVER_RANK} refused rank {self.rank}: "
+                              f"{reply.header.get('error')}")
+
+    def _exchange(self, buffers: list, check: Callable, limit: int = 0) -> Frame:
+        self.wire_bytes += send_frame(buffers, SERVER_RANK)
+        reader = DistReader(SERVER_RANK)
+        frame = read_frame(reader, limit, check)
+        self.wire_bytes += frame.nbytes
+        return frame
+
+    def request(self, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        self.seq += 1
+        expected = {name: tuple(t.shape) for name, t in tensors.items() if name in ("hidden_states", "grad")}
+        expected.setdefault("sq_norm", ())
+
+        def check(reply: Header, specs: list[TensorSpec]) -> None:
+            if reply["kind"] not in ("reply", "error") or any(
+                    s.name not in expected or s.shape != expected[s.name] for s in specs):
+                raise ProtocolError(f"unexpected reply to {kind} from the trunk server")
+
+        limit = sum(t.nbytes for t in tensors.values()) + 1024 + ST_HEADER_LIMIT
+        frame = self._exchange(encode(kind, {**header, "seq": self.seq}, tensors), check, limit)
+        if frame.kind == "error":
+            raise RemoteError(f"trunk server: {frame.header.get('error')}")
+        if frame.header.get("seq") != self.seq:
+            raise ProtocolError(f"reply to request {frame.header.get('seq')} while waiting for {self.seq}")
+        return {k: v for k, v in frame.header.items() if k not in ("kind", "tensors", "seq")}, frame.tensors
+
+    def close(self) -> None:
+        """Say goodbye: the server stops once every client rank has."""
+        if self.closed:
+            return
+        self.closed = True
+        self.seq += 1
+        self._exchange(encode("bye", {"seq": self.seq}), lambda h, s: None)
+

@@ -1,0 +1,609 @@
+"""TCP transport: a trunk server that organisations which do not trust each other can reach over a socket.
+
+Server (``python -m splittrain serve``)::
+
+    python -m splittrain serve --config C --address 127.0.0.1:7000 --tokens tokens.json [--tls_cert F --tls_key F]
+
+Client (``python -m splittrain fit --config C --model.transport tcp --model.address HOST:PORT``).
+
+Every connection starts with a mutual HMAC-SHA256 challenge-response: the client sends its name and a fresh
+nonce, the server answers with its own fresh nonce, the client proves it holds its token by an HMAC over both
+nonces and its name, and only then does the server prove the same and compare the two sides' fingerprints.
+The token never crosses the wire and a replayed handshake fails on the other side's new nonce. Then frames
+(:mod:`~splittrain.transport.wire`) go back and forth; the server checks each header against the session's
+model before it reads the payload, answers a bad frame with an error and closes that connection.
+
+A client whose server goes away reconnects with backoff and resumes its session: a request repeated on the new
+connection is answered from the server's reply cache, never applied twice. If the server itself restarted
+(``serve --resume``, from a checkpoint it writes every ``--save_every`` steps), the client replays the
+micro-batches of the steps the server had not yet saved, so no step is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import ssl
+import sys
+import threading
+import time
+from hashlib import sha256
+from pathlib import Path
+from typing import Any, Callable
+
+from . import Header, RemoteError, Tensors, fingerprint_mismatch
+from .wire import (
+    ST_HEADER_LIMIT,
+    Frame,
+    PeerClosed,
+    ProtocolError,
+    TensorSpec,
+    encode,
+    frame_bytes,
+    read_frame,
+)
+
+log = logging.getLogger("splittrain.tcp")
+
+NONCE_BYTES = 32
+HANDSHAKE_TIMEOUT = 10.0
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-@")
+_LOGGED_KINDS = ("forward", "backward", "step")  # what a restarted server must see again
+
+
+class HandshakeError(RemoteError):
+    """Authentication or fingerprint check failed; retrying cannot help."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise ValueError(f"address must be HOST:PORT (e.g. 127.0.0.1:7000), got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_tokens(path: str | Path) -> dict[str, str]:
+    """``tokens.json``: ``{"client name": "token", ...}``; warns when others may read it."""
+    import json
+
+    path = Path(path)
+    tokens = json.loads(path.read_text())
+    if not isinstance(tokens, dict) or not tokens or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in tokens.items()):
+        raise ValueError(f"{path} must map client names to tokens: {{\"client0\": \"<token>\"}}")
+    for name, token in tokens.items():
+        _check_name(name)
+        if len(token) < 16:
+            raise ValueError(f"the token of client {name!r} in {path} is shorter than 16 characters; make one with "
+                             "`python -m splittrain token`")
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        log.warning("%s can be read by other users of this machine: chmod 600 it", path)
+    return tokens
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not 0 < len(name) <= 64 or not set(name) <= _NAME_CHARS:
+        raise ProtocolError("client names are 1-64 characters of letters, digits and _.-@")
+    return name
+
+
+def _proof(token: str, role: bytes, client_nonce: bytes, server_nonce: bytes, name: str) -> str:
+    message = b"\0".join([b"splittrain-v1", role, client_nonce, server_nonce, name.encode()])
+    return hmac.new(token.encode(), message, sha256).hexdigest()
+
+
+def _nonce(value: Any) -> bytes:
+    if not isinstance(value, str) or len(value) != 2 * NONCE_BYTES:
+        raise ProtocolError("a nonce is 64 hexadecimal characters")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise ProtocolError("a nonce is 64 hexadecimal characters") from None
+
+
+class SocketReader:
+    """Exact reads from a socket (into a fresh buffer); counts the bytes it received."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.received = sock, 0
+
+    def read(self, n: int) -> bytearray:
+        buffer = bytearray(n)
+        view, got = memoryview(buffer), 0
+        while got < n:
+            count = self.sock.recv_into(view[got:], min(n - got, 1 << 22))
+            if count == 0:
+                raise PeerClosed(f"connection closed after {got} of {n} bytes" if got else "connection closed")
+            got += count
+        self.received += n
+        return buffer
+
+
+def send_frame(sock: socket.socket, buffers: list) -> int:
+    """Send an encoded frame: small frames in one write, large ones without joining their tensors."""
+    total = frame_bytes(buffers)
+    if total <= 1 << 20:
+        sock.sendall(b"".join(buffers))
+    else:
+        sock.sendall(b"".join(buffers[:4]))  # preamble, header, safetensors length and header
+        for buffer in buffers[4:]:
+            sock.sendall(buffer)
+    return total
+
+
+def _read_small(reader: SocketReader, kinds: tuple[str, ...]) -> Frame:
+    """A handshake frame: no payload, one of ``kinds`` (or the peer's error)."""
+
+    def check(header: Header, specs: list[TensorSpec]) -> None:
+        if header["kind"] not in kinds + ("error",) or specs:
+            raise ProtocolError(f"expected a {' or '.join(kinds)} frame, got {header['kind']!r}")
+
+    return read_frame(reader, 0, check)
+
+
+# ================================================================================================ server
+class TcpServer:
+    """Serves a :class:`~splittrain.server.TrunkServer` on a TCP socket, one thread per connection.
+
+    Args:
+        server: the trunk server (its lock serializes trunk compute; sockets are served concurrently).
+        address: ``HOST:PORT`` to bind (port 0 picks a free one; see :attr:`address`).
+        tokens: client name -> token.
+        tls: a server-side ``ssl.SSLContext``, or None for plain TCP (warned about off loopback).
+        max_connections: connections served at once; more are answered "busy" and closed.
+        idle_timeout: seconds an authenticated connection may stay silent.
+        status_file: where to write the server's status (counters, sessions) every ``status_every`` s.
+    """
+
+    def __init__(self, server: Any, address: str, tokens: dict[str, str], tls: ssl.SSLContext | None = None,
+                 max_connections: int = 64, idle_timeout: float = 3600.0, status_file: str | Path | None = None,
+                 status_every: float = 0.5) -> None:
+        self.server, self.tokens, self.tls = server, dict(tokens), tls
+        self.idle_timeout, self.status_every = idle_timeout, status_every
+        self.status_file = Path(status_file) if status_file is not None else None
+        host, port = parse_address(address)
+        if not is_loopback(host) and tls is None:
+            banner = "!" * 100
+            message = (f"{banner}\nsplittrain: serving on {host}:{port} WITHOUT TLS: activations, gradients and "
+                       "tensors cross the network in clear. Use --tls_cert/--tls_key off a private network.\n"
+                       f"{banner}")
+            print(message, file=sys.stderr, flush=True)
+            log.warning("serving on %s:%d without TLS", host, port)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, port))
+        self.listener.listen(128)
+        self.listener.settimeout(0.25)
+        self.address = f"{host}:{self.listener.getsockname()[1]}" if family == socket.AF_INET else \
+            f"[{host}]:{self.listener.getsockname()[1]}"
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.stopping = threading.Event()
+        self.threads: set[threading.Thread] = set()
+        self._dummy_key = secrets.token_hex(32)  # unknown names cost the same HMAC as known ones
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def serve_forever(self) -> None:
+        """Accept connections until :meth:`stop`; a housekeeping thread expires sessions and writes status."""
+        housekeeping = threading.Thread(target=self._housekeeping, name="splittrain-housekeeping", daemon=True)
+        housekeeping.start()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    sock, peer = self.listener.accept()
+                except (socket.timeout, BlockingIOError):
+                    continue
+                except OSError:
+                    if self.stopping.is_set():
+                        break
+                    raise
+                if not self.slots.acquire(blocking=False):
+                    self._refuse_busy(sock)
+                    continue
+                thread = threading.Thread(target=self._connection, args=(sock, peer), daemon=True,
+                                          name=f"splittrain-conn-{peer[1]}")
+                self.threads.add(thread)
+                thread.start()
+        finally:
+            self.listener.close()
+            housekeeping.join(timeout=2)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _refuse_busy(self, sock: socket.socket) -> None:
+        try:
+            sock.settimeout(1.0)
+            send_frame(sock, encode("error", {"error": "the trunk server is at its connection limit; retry later",
+                                              "fatal": True}))
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def _housekeeping(self) -> None:
+        while not self.stopping.wait(self.status_every):
+            try:
+                self.server.expire()
+                self.write_status()
+            except Exception:  # never let housekeeping kill the server
+                log.exception("housekeeping failed")
+        self.write_status()
+
+    def write_status(self) -> None:
+        if self.status_file is None:
+            return
+        import json
+
+        status = {**self.server.status(), "address": self.address, "connections": len(self.threads)}
+        tmp = self.status_file.with_name(self.status_file.name + ".tmp")
+        self.status_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(status, indent=1) + "\n")
+        tmp.replace(self.status_file)
+
+    # ------------------------------------------------------------------------------------------ one connection
+    def _connection(self, sock: socket.socket, peer: tuple) -> None:
+        where = f"{peer[0]}:{peer[1]}"
+        client = session_id = None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            reader = SocketReader(sock)
+            client, session_id = self._handshake(sock, reader, where)
+            if client is None:
+                return
+            sock.settimeout(self.idle_timeout)
+            self._serve(sock, reader, client, session_id, where)
+        except (OSError, PeerClosed, ssl.SSLError) as exc:
+            log.info("connection from %s ended: %s", where, exc)
+        except ProtocolError as exc:
+            self.server.count("frames_refused")
+            log.warning("refused a frame from %s (%s): %s", where, client or "unauthenticated", exc)
+            self._send_error(sock, f"bad frame: {exc}")
+        except Exception:
+            log.exception("connection from %s failed", where)
+            self._send_error(sock, "internal server error")
+        finally:
+            if client is not None:
+                self.server.detach(client, session_id)
+            try:
+                sock.close()
+            except OSError:
+                pass
+            self.threads.discard(threading.current_thread())
+            self.slots.release()
+
+    def _send_error(self, sock: socket.socket, message: str, seq: int | None = None, fatal: bool = True) -> None:
+        try:
+            send_frame(sock, encode("error", {"error": message, "seq": seq, "fatal": fatal}))
+        except (OSError, ProtocolError):
+            pass
+
+    def _refuse(self, sock: socket.socket, where: str, name: Any, why: str, tell: str) -> tuple[None, None]:
+        self.server.count("handshakes_refused")
+        log.warning("refused client %r from %s: %s", name, where, why)
+        self._send_error(sock, tell)
+        return None, None
+
+    def _handshake(self, sock: socket.socket, reader: SocketReader, where: str) -> tuple[str | None, str | None]:
+        hello = _read_small(reader, ("hello",)).header
+        name = _check_name(hello.get("client"))
+        client_nonce = _nonce(hello.get("nonce"))
+        session_id = hello.get("session")
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= 64:
+            raise ProtocolError("hello needs a session id")
+        server_nonce = secrets.token_bytes(NONCE_BYTES)
+        send_frame(sock, encode("challenge", {"nonce": server_nonce.hex()}))
+        auth = _read_small(reader, ("auth",)).header
+        proof = auth.get("proof")
+        token = self.tokens.get(name)
+        expected = _proof(token or self._dummy_key, b"client", client_nonce, server_nonce, name)
+        if proof is None:
+            return self._refuse(sock, where, name, "it presented no token",
+                                f"authentication failed: client {name!r} presented no token (set SPLITTRAIN_TOKEN or "
+                                "--model.token_file)")
+        if not isinstance(proof, str) or not hmac.compare_digest(proof, expected) or token is None:
+            return self._refuse(sock, where, name, "wrong token or unknown client name",
+                                f"authentication failed for client {name!r}: wrong token or a name the server "
+                                "does not know")
+        mismatch = fingerprint_mismatch(hello.get("fingerprint") or {}, self.server.fingerprint)
+        if mismatch:
+            return self._refuse(sock, where, name, f"fingerprint mismatch: {mismatch}",
+                                f"the trunk server serves another split: {mismatch}")
+        self.server.count("handshakes")
+        resume = self.server.open_session(name, session_id)
+        send_frame(sock, encode("welcome", {
+            "proof": _proof(token, b"server", client_nonce, server_nonce, name),
+            "fingerprint": self.server.fingerprint, **resume}))
+        log.info("client %r connected from %s (session %s, %s)", name, where, session_id[:8],
+                 "resumed" if resume["known"] else "new")
+        return name, session_id
+
+    def _serve(self, sock: socket.socket, reader: SocketReader, client: str, session_id: str, where: str) -> None:
+        limit = self.server.limits.max_frame_bytes
+
+        def check(header: Header, specs: list[TensorSpec]) -> None:
+            if header["kind"] == "bye":
+                if specs:
+                    raise ProtocolError("bye carries no tensors")
+                return
+            self.server.check(client, header, specs)
+
+        while True:
+            try:
+                frame = read_frame(reader, limit, check)
+            except PeerClosed:
+                return
+            seq = frame.header.get("seq")
+            if frame.kind == "bye":
+                self.server.end_session(client, session_id)
+                send_frame(sock, encode("reply", {"seq": seq}))
+                return
+            fields = {k: v for k, v in frame.header.items() if k not in ("kind", "tensors")}
+            try:
+                header, tensors = self.server.handle(client, frame.kind, fields, frame.tensors)
+            except ProtocolError:
+                raise
+            except (KeyError, ValueError, RuntimeError, FileNotFoundError) as exc:
+                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                log.warning("client %r: %s refused: %s", client, frame.kind, message)
+                send_frame(sock, encode("error", {"error": str(message), "seq": seq, "fatal": False}))
+                continue
+            send_frame(sock, encode("reply", {**header, "seq": seq}, tensors))
+
+
+# ================================================================================================ client
+class TcpTransport:
+    """Client side of the TCP transport: authenticated, optionally TLS, reconnecting with backoff.
+
+    Args:
+        address: ``HOST:PORT`` of the server.
+        client_name: this client's name in the server's tokens file.
+        token: this client's token (None: the server refuses us with a clear message).
+        fingerprint: this client's :func:`~splittrain.transport.fingerprint`.
+        tls_ca: CA file that signed the server's certificate; enables TLS.
+        timeout: seconds to wait for a connection or a reply.
+        reconnect_timeout: seconds to keep reconnecting before giving up.
+    """
+
+    def __init__(self, address: str, client_name: str, token: str | None, fingerprint: dict[str, Any],
+                 tls_ca: str | None = None, timeout: float = 600.0, reconnect_timeout: float = 300.0) -> None:
+        self.host, self.port = parse_address(address)
+        self.address = address
+        self.client_name = _check_name(client_name)
+        self._token = token
+        self.fingerprint = fingerprint
+        self.timeout, self.reconnect_timeout = timeout, reconnect_timeout
+        self.tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
+        self.session = secrets.token_hex(16)
+        self.wire_bytes = 0
+        self.seq = 0
+        self.sock: socket.socket | None = None
+        self.reader: SocketReader | None = None
+        self.server_step = 0
+        self.replay_from = 0
+        """The replay log covers every step after this one (the server's last durable step)."""
+        self.replay: list[tuple[int, str, Header, Tensors]] = []
+        self._connect_with_retry(None)
+
+    def __repr__(self) -> str:  # the token stays out of reprs and logs
+        return f"TcpTransport({self.address!r}, client_name={self.client_name!r})"
+
+    # ------------------------------------------------------------------------------------------ connection
+    def _open(self) -> dict[str, Any]:
+        sock = socket.create_connection((self.host, self.port), timeout=min(self.timeout, 30.0))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+            sock.settimeout(self.timeout)
+            reader = SocketReader(sock)
+            client_nonce = secrets.token_bytes(NONCE_BYTES)
+            sent = send_frame(sock, encode("hello", {"client": self.client_name, "nonce": client_nonce.hex(),
+                                                     "session": self.session, "fingerprint": self.fingerprint}))
+            challenge = _read_small(reader, ("challenge",))
+            self._raise_refusal(challenge)
+            server_nonce = _nonce(challenge.header.get("nonce"))
+            proof = None if self._token is None else _proof(self._token, b"client", client_nonce, server_nonce,
+                                                            self.client_name)
+            sent += send_frame(sock, encode("auth", {"proof": proof}))
+            welcome = _read_small(reader, ("welcome",))
+            self._raise_refusal(welcome)
+            expected = _proof(self._token, b"server", client_nonce, server_nonce, self.client_name)
+            if not hmac.compare_digest(str(welcome.header.get("proof")), expected):
+                raise HandshakeError(f"the server at {self.address} could not prove it knows client "
+                                     f"{self.client_name!r}'s token: not our server, or a tampered connection")
+            self.wire_bytes += sent + reader.received
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.reader = sock, reader
+        return welcome.header
+
+    def _raise_refusal(self, frame: Frame) -> None:
+        if frame.kind == "error":
+            raise HandshakeError(f"the trunk server at {self.address} refused client {self.client_name!r}: "
+                                 f"{frame.header.get('error')}")
+
+    def _connect_with_retry(self, cause: BaseException | None) -> dict[str, Any]:
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay, announced = 0.25, False
+        while True:
+            try:
+                welcome = self._open()
+                break
+            except (OSError, PeerClosed, ProtocolError) as exc:
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    raise HandshakeError(f"TLS: the server at {self.address} has a certificate the CA file does not "
+                                         f"verify: {exc.verify_message}") from exc
+                if time.monotonic() + delay > deadline:
+                    what = "lost the trunk server" if cause is not None else "cannot reach the trunk server"
+                    raise ConnectionError(f"{what} at {self.address} and could not connect for "
+                                          f"{self.reconnect_timeout:g} s (last error: {exc})") from (cause or exc)
+                if not announced:
+                    what = f"lost the trunk server ({cause})" if cause is not None else "waiting for the trunk server"
+                    print(f"splittrain: {what} at {self.address}; retrying for up to {self.reconnect_timeout:g} s",
+                          file=sys.stderr, flush=True)
+                    announced = True
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if cause is None:  # first connection: the server's step is where this client starts
+            self.server_step = self.replay_from = int(welcome["step"])
+        elif announced:
+            print(f"splittrain: reconnected to the trunk server at {self.address}", file=sys.stderr, flush=True)
+        return welcome
+
+    def _drop(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = self.reader = None
+
+    # ------------------------------------------------------------------------------------------ requests
+    def request(self, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        self.seq += 1
+        header = {**header, "seq": self.seq}
+        entry = None
+        if kind in _LOGGED_KINDS and (kind != "forward" or header.get("training")):
+            entry = (self.server_step, kind, header, tensors)
+            self.replay.append(entry)
+        while True:
+            try:
+                frame = self._exchange(kind, header, tensors)
+                break
+            except (OSError, PeerClosed) as exc:
+                self._drop()
+                welcome = self._connect_with_retry(exc)
+                if not welcome["known"]:
+                    done = self._resume_restarted(welcome, entry)
+                    if done is not None:
+                        frame = done
+                        break
+                    if entry is None:  # not part of the replay: send it again on the new session
+                        self.seq += 1
+                        header = {**header, "seq": self.seq}
+        return self._result(kind, frame)
+
+    def _result(self, kind: str, frame: Frame) -> tuple[Header, Tensors]:
+        if frame.kind == "error":
+            raise RemoteError(f"trunk server: {frame.header.get('error')}")
+        reply = {k: v for k, v in frame.header.items() if k not in ("kind", "tensors", "seq")}
+        if kind in ("step", "load"):
+            self.server_step = int(reply["step"])
+            durable = self.server_step if kind == "load" else reply.get("saved")
+            self.replay_from = max(self.replay_from, durable if durable is not None else self.server_step)
+            self.replay = [e for e in self.replay if e[0] >= self.replay_from]
+        return reply, frame.tensors
+
+    def _exchange(self, kind: str, header: Header, tensors: Tensors) -> Frame:
+        if self.sock is None:
+            raise ConnectionError("not connected")
+        self.wire_bytes += send_frame(self.sock, encode(kind, header, tensors))
+        limit = sum(t.nbytes for t in tensors.values()) + 1024 + ST_HEADER_LIMIT
+        frame = read_frame(self.reader, limit, self._reply_check(kind, header, tensors))
+        self.wire_bytes += frame.nbytes
+        if frame.header.get("seq") not in (header["seq"], None):
+            raise ProtocolError(f"reply to request {frame.header.get('seq')} while waiting for {header['seq']}")
+        if frame.kind == "error" and frame.header.get("seq") is None:
+            raise RemoteError(f"trunk server: {frame.header.get('error')}")
+        return frame
+
+    def _reply_check(self, kind: str, header: Header, tensors: Tensors) -> Callable:
+        """Replies are checked like requests: a server cannot make this client allocate or trust junk."""
+        expected: dict[str, tuple[int, ...]] = {}
+        if kind == "forward":
+            expected = {"hidden_states": tuple(tensors["hidden_states"].shape)}
+        elif kind == "backward":
+            expected = {"grad": tuple(tensors["grad"].shape)}
+        elif kind == "grad_sq_norm":
+            expected = {"sq_norm": ()}
+
+        def check(reply: Header, specs: list[TensorSpec]) -> None:
+            if reply["kind"] not in ("reply", "error"):
+                raise ProtocolError(f"unexpected {reply['kind']!r} frame from the server")
+            shapes = {s.name: s.shape for s in specs}
+            if reply["kind"] == "reply" and any(shapes[n] != expected.get(n, shapes[n]) for n in shapes) or \
+                    not set(shapes) <= set(expected):
+                raise ProtocolError(f"the server replied to {kind} with tensors {shapes}, expected {expected}")
+
+        return check
+
+    def _resume_restarted(self, welcome: Header, pending: tuple | None) -> Frame | None:
+        """The server lost this session (it restarted): replay the steps it had not saved.
+
+        Returns the reply to the pending request when the replay covered it, else None.
+        """
+        restarted_at = int(welcome["step"])
+        if restarted_at < self.replay_from or restarted_at > self.server_step + (pending is not None and
+                                                                                 pending[1] == "step"):
+            raise RuntimeError(
+                f"the trunk server at {self.address} came back at step {restarted_at} but this client is at step "
+                f"{self.server_step} and can replay only the steps after {self.replay_from}: restart the server "
+                f"from a checkpoint at step >= {self.replay_from} (serve --resume) or resume this client from the "
+                f"server's step (--ckpt_path)")
+        print(f"splittrain: the trunk server restarted at step {restarted_at}; replaying "
+              f"{sum(1 for e in self.replay if e[0] >= restarted_at)} requests of the steps it had not saved",
+              file=sys.stderr, flush=True)
+        reply = None
+        for entry in list(self.replay):
+            tag, kind, header, tensors = entry
+            if tag < restarted_at:
+                continue
+            self.seq += 1
+            frame = self._exchange(kind, {**header, "seq": self.seq}, tensors)
+            if frame.kind == "error":
+                raise RemoteError(f"trunk server (replaying {kind} of step {tag + 1}): {frame.header.get('error')}")
+            if entry is pending:
+                reply = frame
+        self.server_step = restarted_at if self.server_step < restarted_at else self.server_step
+        if pending is not None and reply is None:
+            if pending[1] == "step" and pending[0] < restarted_at:  # applied and saved before the server died
+                return Frame({"kind": "reply", "step": restarted_at, "saved": restarted_at}, {}, 0)
+            raise RuntimeError("lost a request while the trunk server restarted")  # pending always replays
+        return reply
+
+    def close(self) -> None:
+        """Say goodbye (the server frees this client's session) and close the socket."""
+        if self.sock is None:
+            return
+        try:
+            self.seq += 1
+            self._exchange("bye", {"seq": self.seq}, {})
+        except (OSError, PeerClosed, ProtocolError, RemoteError):
+            pass
+        finally:
+            self._drop()
+
+    def __del__(self) -> None:
+        self._drop()
+
+
+def make_token() -> str:
+    """A fresh random token (256 bits, hexadecimal)."""
+    return secrets.token_hex(32)
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
