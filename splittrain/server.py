@@ -515,6 +515,7 @@ class TrunkServer:
             return {
                 "instance": self.instance, "step": self.steps, "saved_step": self.saved_step,
                 "counters": self._counters(), "rss_bytes": rss_bytes(),
+                "gradients_waiting": any(p.grad is not None for _, p in self.trainable),
                 "sessions": {name: {"graphs": len(s.graphs), "graph_bytes": s.graph_bytes,
                                     "connections": s.connections, "pending_gradients": s.pending}
                              for name, s in self.sessions.items()},

@@ -86,3 +86,23 @@ def batch(padding: str | None, batch_size: int = 3, length: int = 11, seed: int 
                 else:
                     mask[row, length - pad:] = 0
     return ids, mask
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """Start background processes for a test; all of them are killed by pid when it ends, also on failure."""
+    from processes import Processes
+
+    processes = Processes(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def quickstart_model(tmp_path_factory):
+    """One quickstart model for the whole session, built before any test starts processes that need it."""
+    cache = tmp_path_factory.getbasetemp() / "splittrain-cache"
+    os.environ["SPLITTRAIN_CACHE"] = str(cache)
+    return cache

@@ -454,8 +454,12 @@ class TcpTransport:
                                          f"verify: {exc.verify_message}") from exc
                 if time.monotonic() + delay > deadline:
                     what = "lost the trunk server" if cause is not None else "cannot reach the trunk server"
+                    hint = ""
+                    if isinstance(exc, (PeerClosed, ssl.SSLError, ConnectionResetError)):
+                        hint = (" A server that wants TLS closes plain connections (give --model.tls_ca) and a plain "
+                                "server cannot answer TLS.")
                     raise ConnectionError(f"{what} at {self.address} and could not connect for "
-                                          f"{self.reconnect_timeout:g} s (last error: {exc})") from (cause or exc)
+                                          f"{self.reconnect_timeout:g} s (last error: {exc}).{hint}") from (cause or exc)
                 if not announced:
                     what = f"lost the trunk server ({cause})" if cause is not None else "waiting for the trunk server"
                     print(f"splittrain: {what} at {self.address}; retrying for up to {self.reconnect_timeout:g} s",

@@ -1,0 +1,171 @@
+"""Real processes for transport tests: servers on free loopback ports, ended by pid whatever happens.
+
+Every process is started in a session of its own and killed by its process-group id (= its pid) at the end of
+the test, so a torchrun and its workers go too. Waits are bounded; a process that exits early fails the test
+with its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: offline, loopback-only gloo, the test's cache folder."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("SPLITTRAIN_TOKEN", None)
+    env.update(extra)
+    return env
+
+
+def write_config(path: Path, run_dir: Path, **trainer_and_model: Any) -> Path:
+    """The quickstart config, made small: few steps, small batches, checkpoints every ``every`` steps.
+
+    Keyword arguments ``steps``, ``every``, ``accumulate``, ``clip``, ``batch_size``, ``limit`` and ``model``
+    (a dict merged into the model section).
+    """
+    config = yaml.safe_load(QUICKSTART.read_text())
+    steps = trainer_and_model.get("steps", 20)
+    every = trainer_and_model.get("every", 10)
+    config["trainer"].update({
+        "max_steps": steps, "default_root_dir": str(run_dir), "val_check_interval": every,
+        "limit_val_batches": 2, "enable_progress_bar": False, "enable_model_summary": False,
+        "accumulate_grad_batches": trainer_and_model.get("accumulate", 1),
+        "gradient_clip_val": trainer_and_model.get("clip"), "num_sanity_val_steps": 0,
+    })
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
+    config["model"]["sample_prompt"] = None
+    config["model"].update(trainer_and_model.get("model", {}))
+    config["data"].update({"batch_size": trainer_and_model.get("batch_size", 8),
+                           "limit": trainer_and_model.get("limit", 400)})
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen | None = None,
+             log: Path | None = None, every: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s or if ``proc`` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}:\n{tail(log)}")
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{tail(log)}")
+
+
+def tail(log: Path | None, lines: int = 60) -> str:
+    if log is None or not log.exists():
+        return ""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "server_status.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+class Processes:
+    """Starts processes for one test and ends every one of them, by pid, when the test ends."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env or child_env(),
+                                    cwd=self.folder, start_new_session=True)
+        proc.log = log  # type: ignore[attr-defined]
+        self.started.append(proc)
+        return proc
+
+    def serve(self, config: Path, tokens: Path, run_dir: Path, *extra: str, address: str = "127.0.0.1:0",
+              log_name: str = "server.log", wait: bool = True) -> tuple[subprocess.Popen, str | None]:
+        """``python -m splittrain serve`` in the background; returns it and (``wait``) the address it listens on."""
+        log = self.folder / log_name
+        start = log.stat().st_size if log.exists() else 0
+        proc = self.start([sys.executable, "-m", "splittrain", "serve", "--config", str(config), "--address", address,
+                           "--tokens", str(tokens), "--run_dir", str(run_dir), *extra], log)
+        proc.log_start = start  # type: ignore[attr-defined]
+        return proc, (self.address_of(proc) if wait else None)
+
+    @staticmethod
+    def address_of(proc: subprocess.Popen, timeout: float = 180.0) -> str:
+        """Wait until a ``serve`` process says where it listens."""
+
+        def listening() -> str | None:
+            with open(proc.log, "rb") as f:  # type: ignore[attr-defined]
+                f.seek(proc.log_start)  # type: ignore[attr-defined]
+                found = re.findall(r"listening on (\S+)", f.read().decode(errors="replace"))
+            return found[-1] if found else None
+
+        return wait_for(listening, timeout, "the trunk server to listen", proc, proc.log)  # type: ignore[attr-defined]
+
+    def fit(self, config: Path, *extra: str, token: str | None = None, log_name: str = "client.log",
+            env: dict[str, str] | None = None) -> subprocess.Popen:
+        """``python -m splittrain fit`` in the background."""
+        env = env or child_env(**({"SPLITTRAIN_TOKEN": token} if token else {}))
+        return self.start([sys.executable, "-m", "splittrain", "fit", "--config", str(config), *extra],
+                          self.folder / log_name, env)
+
+    @staticmethod
+    def signal(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 60.0) -> int:
+        """Send ``sig`` to the process's group (its pid) and wait for it to end."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        return proc.wait(timeout=timeout)
+
+    @staticmethod
+    def finish(proc: subprocess.Popen, timeout: float) -> None:
+        """Wait for ``proc`` to exit 0 (bounded), failing with its log otherwise."""
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"process still running after {timeout} s:\n{tail(proc.log)}") from None
+        assert code == 0, f"process exited {code}:\n{tail(proc.log)}"
+
+    def close(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                self.signal(proc, signal.SIGKILL, timeout=30)
+
+
+def make_tokens(folder: Path, *names: str) -> tuple[Path, dict[str, str]]:
+    """tokens.json for ``names`` with fresh tokens (mode 600)."""
+    from splittrain.transport.tcp import make_token
+
+    tokens = {name: make_token() for name in names}
+    path = folder / "tokens.json"
+    path.write_text(json.dumps(tokens))
+    path.chmod(0o600)
+    return path, tokens
