@@ -106,3 +106,19 @@ def quickstart_model(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "splittrain-cache"
     os.environ["SPLITTRAIN_CACHE"] = str(cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """``(config, run folder)`` of the in-process run every transport must reproduce: 20 steps of the quickstart
+    (batch 8), gradient accumulation 2 and clipping on, checkpoints every 5 steps."""
+    from processes import STEPS, write_config
+    from splittrain.cli import main
+    from splittrain.quickstart import model_dir
+
+    model_dir()  # built once, before processes race to build it
+    folder = tmp_path_factory.mktemp("reference")
+    config = write_config(folder / "config.yaml", folder / "run", steps=STEPS, every=5, accumulate=2, clip=0.5)
+    cli = main(["fit", "--config", str(config)])
+    assert len(cli.model._stats["losses"]) == 2 * STEPS
+    return config, folder / "run"

@@ -18,9 +18,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 
+from splittrain.state import load_state
+
 ROOT = Path(__file__).resolve().parents[1]
+STEPS = 20
+"""Optimizer steps of the reference run every transport must reproduce."""
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
@@ -169,3 +174,30 @@ def make_tokens(folder: Path, *names: str) -> tuple[Path, dict[str, str]]:
     path.write_text(json.dumps(tokens))
     path.chmod(0o600)
     return path, tokens
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def final_weights(client_run: Path, server_run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    """The client's trainable tensors (its last checkpoint) and the trunk's (the server's checkpoint)."""
+    client = load_state(client_run / "checkpoints" / "last.ckpt")["state_dict"]
+    trunk = load_state(server_run / "trunk" / f"step-{step}.safetensors")["trainable"]
+    return {**{f"client.{k}": v for k, v in client.items()}, **{f"trunk.{k}": v for k, v in trunk.items()}}
+
+
+def assert_same_run(client_run: Path, server_run: Path, reference: Path, tolerance: float = 1e-6,
+                    losses_too: bool = True) -> None:
+    """Per-micro-batch losses (``losses_too``) and final trainable weights of both sides match ``reference``."""
+    if losses_too:
+        got, want = summary(client_run)["train_losses"], summary(reference)["train_losses"]
+        assert len(got) == len(want) == 2 * STEPS  # accumulation 2: two micro-batches per step
+        worst = max(abs(a - b) for a, b in zip(got, want))
+        assert worst <= tolerance, f"largest per-micro-batch loss difference {worst}"
+    a, b = final_weights(client_run, server_run), final_weights(reference, reference)
+    assert a.keys() == b.keys() and any(k.startswith("trunk.") for k in a)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= tolerance, f"largest trainable-weight difference {diff}"
+
+

@@ -3,7 +3,6 @@ in-process run's numbers; the wire dtype halves the bytes; authentication, repla
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
@@ -14,18 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from processes import Processes, make_tokens, read_status, wait_for, write_config
+from processes import Processes, assert_same_run, make_tokens, read_status, summary, wait_for, write_config
 from splittrain.cli import main
 from splittrain.cut import TrunkLink
 from splittrain.segments import Activations
-from splittrain.state import load_state
 from splittrain.transport import RemoteError, fingerprint
 from splittrain.transport.tcp import HandshakeError, SocketReader, TcpTransport, _proof, parse_address, send_frame
 from splittrain.transport.wire import encode, read_frame
 
 pytestmark = pytest.mark.slow
 
-STEPS = 20
 
 
 def quickstart_fingerprint(cuts: tuple[int, int] = (2, 4)) -> dict:
@@ -36,43 +33,8 @@ def quickstart_fingerprint(cuts: tuple[int, int] = (2, 4)) -> dict:
     return fingerprint(AutoConfig.from_pretrained(model_dir()), "qwen2", cuts, torch.float32)
 
 
-def summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
-
-
-def final_weights(client_run: Path, server_run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
-    """The client's trainable tensors (its last checkpoint) and the trunk's (the server's checkpoint)."""
-    client = load_state(client_run / "checkpoints" / "last.ckpt")["state_dict"]
-    trunk = load_state(server_run / "trunk" / f"step-{step}.safetensors")["trainable"]
-    return {**{f"client.{k}": v for k, v in client.items()}, **{f"trunk.{k}": v for k, v in trunk.items()}}
-
-
-def assert_same_run(client_run: Path, server_run: Path, reference: Path, tolerance: float = 1e-6) -> None:
-    got, want = summary(client_run)["train_losses"], summary(reference)["train_losses"]
-    assert len(got) == len(want) == 2 * STEPS  # accumulation 2: two micro-batches per step
-    worst = max(abs(a - b) for a, b in zip(got, want))
-    assert worst <= tolerance, f"largest per-micro-batch loss difference {worst}"
-    a, b = final_weights(client_run, server_run), final_weights(reference, reference)
-    assert a.keys() == b.keys() and any(k.startswith("trunk.") for k in a)
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff <= tolerance, f"largest trainable-weight difference {diff}"
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, Path]:
-    """The in-process run that every transport must reproduce: 20 steps, accumulation 2, clipping on."""
-    from splittrain.quickstart import model_dir
-
-    model_dir()  # built once, before processes race to build it
-    folder = tmp_path_factory.mktemp("reference")
-    config = write_config(folder / "config.yaml", folder / "run", steps=STEPS, every=10, accumulate=2, clip=0.5)
-    cli = main(["fit", "--config", str(config)])
-    assert len(cli.model._stats["losses"]) == 2 * STEPS
-    return config, folder / "run"
-
-
-def test_tcp_fit_equals_in_process(reference, procs, tmp_path):
-    config, ref = reference
+def test_tcp_fit_equals_in_process(reference_run, procs, tmp_path):
+    config, ref = reference_run
     tokens, known = make_tokens(tmp_path, "client0")
     server_run, client_run = tmp_path / "server", tmp_path / "client"
     server, address = procs.serve(config, tokens, server_run)
@@ -89,8 +51,8 @@ def test_tcp_fit_equals_in_process(reference, procs, tmp_path):
     assert known["client0"] not in (tmp_path / "client.log").read_text() + (tmp_path / "server.log").read_text()
 
 
-def test_torchrun_fit_equals_in_process(reference, procs, tmp_path):
-    config, ref = reference
+def test_torchrun_fit_equals_in_process(reference_run, procs, tmp_path):
+    config, ref = reference_run
     run = tmp_path / "dist"
     proc = procs.start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "splittrain", "fit", "--config", str(config), "--model.transport", "dist",
