@@ -20,6 +20,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,25 +78,20 @@ def spec(name: str, dtype: Any, shape: Any) -> dict[str, Any]:
 def declared(kind: str, fields: dict[str, Any], specs: list[dict[str, Any]], payload_len: int | None = None) -> bytes:
     """A frame declaring ``specs`` whose header the server refuses; a little of its payload follows (never read)."""
     if payload_len is None:
-        payload_len = min(nbytes(specs) + 8 + 160, 2**63)
+        payload_len = min(nbytes(specs) + 8 + 160, AUTH_PAYLOAD_LIMIT) if specs else 0
     return frame({**fields, "kind": kind, "tensors": specs}, b"\0" * min(payload_len, 256), payload_len=payload_len)
 
 
 def nbytes(specs: list[dict[str, Any]]) -> int:
+    """The data bytes ``specs`` would need (junk dimensions count as 1, unknown dtypes as 8 bytes)."""
     sizes = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
     total = 0
     for s in specs:
         count = 1
         for d in s["shape"] if isinstance(s["shape"], list) else []:
-            count *= d if isinstance(d, int) else 1
-        total += abs(count) * sizes.get(s["dtype"], 8) if isinstance(s["dtype"], str) else 0
+            count *= d if type(d) is int and d > 0 else 1
+        total += count * sizes.get(s["dtype"], 8) if isinstance(s["dtype"], str) else 0
     return total
-
-
-def hello_fields(nonce: bytes, fp: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    fields = {"client": "fuzzer", "nonce": nonce.hex(), "session": secrets.token_hex(16), "fingerprint": fp}
-    fields.update(overrides)
-    return {k: v for k, v in fields.items() if v is not MISSING}
 
 
 class _Missing:
@@ -107,8 +103,16 @@ MISSING: Any = _Missing()
 """A field value that means: leave the field out."""
 
 
+def hello_fields(nonce: bytes, fp: Any, /, **overrides: Any) -> dict[str, Any]:
+    """A hello from "fuzzer" (fields overridden, or left out with MISSING)."""
+    fields = {"client": "fuzzer", "nonce": nonce.hex(), "session": secrets.token_hex(16), "fingerprint": fp}
+    fields.update(overrides)
+    return {k: v for k, v in fields.items() if v is not MISSING}
+
+
 def forward_tensors(batch: int, seq: int, mask: bool = True) -> dict[str, torch.Tensor]:
-    tensors = {"hidden_states": torch.randn(batch, seq, HIDDEN),
+    """What a client's forward pass carries (fixed values: they do not matter here)."""
+    tensors = {"hidden_states": torch.randn(batch, seq, HIDDEN, generator=torch.Generator().manual_seed(0)),
                "position_ids": torch.arange(seq, dtype=torch.int32)[None]}
     if mask:
         tensors["attention_mask"] = torch.ones(batch, seq, dtype=torch.uint8)
@@ -233,7 +237,8 @@ def hello_with_tensors(draw: st.DrawFn) -> Case:
                    frame({**hello_fields(b"\3" * 32, PLACEHOLDER_FP), "kind": "hello", "tensors": specs}))
 
 
-NON_STRINGS = st.one_of(st.none(), ints(), st.booleans(), st.lists(ints(), max_size=2), st.floats(allow_nan=False))
+NON_STRINGS = st.one_of(st.none(), ints(), st.booleans(), st.lists(ints(), max_size=2),
+                        st.floats(allow_nan=False, allow_infinity=False))
 
 
 @st.composite
@@ -364,7 +369,7 @@ def forward_bad_inputs(draw: st.DrawFn) -> Case:
     elif how == "mask dtype":
         mask["dtype"] = draw(st.sampled_from(["float32", "float16", "bfloat16"]))
     elif how == "mask shape":
-        mask["shape"] = draw(st.sampled_from([[b], [1, s], [b, s + 1], [b - 1, s], [b, s, 1], [s, b]]))
+        mask["shape"] = draw(st.sampled_from([[b], [1, s], [b, s + 1], [b - 1, s], [b, s, 1], [b * s]]))
     specs = [hidden, positions, mask]
     if how == "no positions":
         specs = [hidden, mask]
@@ -536,11 +541,7 @@ def lying_offsets(draw: st.DrawFn) -> Case:
     st_header = json.dumps(entries).encode() if how != "not JSON" else draw(st.binary(min_size=1, max_size=200))
     st_header += b" " * (-len(st_header) % 8)
     payload = struct.pack("<Q", max(0, len(st_header) + st_len_change)) + st_header + data
-    raw = frame(header, payload)
-    if not refused_by_wire(raw):  # e.g. swapping two tensors of the same size tells no lie
-        raw = frame(header, struct.pack("<Q", len(st_header)) + st_header + data[:-1] + b"\0" * 0)
-        raw = raw[:PREAMBLE.size - 8] + struct.pack("<Q", len(raw) - PREAMBLE.size - len(header)) + raw[PREAMBLE.size:]
-    return auth_case(f"safetensors header lies ({how})", raw)
+    return auth_case(f"safetensors header lies ({how})", frame(header, payload))
 
 
 @st.composite
@@ -575,7 +576,8 @@ CASES = st.one_of(
     truncated("hello", frame({"kind": "auth", "proof": "00" * 32, "tensors": []})),
     raw_bytes("auth"), bad_header("auth"), unknown_kind(), bad_seq(), forward_bad_hidden(), forward_bad_inputs(),
     forward_bad_fields(), backward_bad(), backward_without_graph(), non_finite(), control_bad(), pickle_payload(),
-    lying_offsets(), payload_size_lies(), truncated_request(),
+    # swapping the offsets of two tensors of the same size tells no lie: such frames are left out
+    lying_offsets().filter(lambda case: refused_by_wire(case.data)), payload_size_lies(), truncated_request(),
 )
 
 
@@ -588,6 +590,8 @@ class Target:
     port: int
     token: str
     fingerprint: dict[str, Any]
+    handshakes: int = 0
+    """Handshakes completed so far."""
 
 
 def read_reply(reader: SocketReader) -> Frame | None:
@@ -624,6 +628,7 @@ def handshake(sock: socket.socket, reader: SocketReader, target: Target) -> dict
     welcome = read_reply(reader)
     assert welcome is not None and welcome.kind == "welcome", f"handshake refused: {welcome}"
     assert welcome.header["proof"] == _proof(target.token, b"server", client_nonce, server_nonce, name)
+    target.handshakes += 1
     return welcome.header
 
 
@@ -702,9 +707,9 @@ class RssSampler:
 
 
 # ================================================================================================ probes
-def probe(target: Target, stage: str, data: bytes, **hello_overrides: Any) -> list[Frame]:
+def probe(target: Target, stage: str, data: bytes) -> list[Frame]:
     """One hand-made connection (for inputs the random mix leaves out); the frames the server sent."""
-    return exchange(target, Case("probe", data, stage, "closed", None, tuple(hello_overrides.items())))
+    return exchange(target, Case("probe", data, stage, "closed", None))
 
 
 def known_gap_probes(target: Target) -> dict[str, str]:
@@ -714,14 +719,14 @@ def known_gap_probes(target: Target) -> dict[str, str]:
     huge_int = b'{"kind": "hello", "seq": ' + b"9" * 5000 + b"}"
     unhashable = frame({"kind": "forward", "seq": 1, "tensors": [spec("hidden_states", ["float32"], [1, 1, HIDDEN])]})
     cases = {
-        "pre-auth header with a 5000-digit integer": ("raw", frame(huge_int), {}),
-        "post-auth tensor dtype that is a list": ("auth", unhashable, {}),
-        "non-ASCII proof": ("hello", frame({"kind": "auth", "proof": "é" * 64, "tensors": []}), {}),
+        "pre-auth header with a 5000-digit integer": ("raw", frame(huge_int)),
+        "post-auth tensor dtype that is a list": ("auth", unhashable),
+        "non-ASCII proof": ("hello", frame({"kind": "auth", "proof": "é" * 64, "tensors": []})),
         "error frame instead of hello": ("raw", frame({**hello_fields(b"\5" * 32, PLACEHOLDER_FP), "kind": "error",
-                                                      "tensors": []}), {}),
+                                                      "tensors": []})),
     }
-    for name, (stage, data, overrides) in cases.items():
-        replies = probe(target, stage, data, **overrides)
+    for name, (stage, data) in cases.items():
+        replies = probe(target, stage, data)
         assert all(r.kind in ("error", "challenge") for r in replies), (name, [r.header for r in replies])
         results[name] = "; ".join(f"{r.kind}: {r.header.get('error', '')}" for r in replies) or "closed, no frame"
     sock, reader = connect(target)  # a fingerprint that is not an object, after a valid proof
@@ -771,14 +776,11 @@ def test_live_server_survives_malformed_frames_while_a_client_trains(tmp_path, p
     config = write_config(tmp_path / "config.yaml", client_dir, steps=30, every=10, batch_size=8)
 
     # The server starts (seconds of imports) while the undisturbed reference trains in this process.
-    server, address = None, None
-    starter = threading.Thread(target=lambda: globals().__setitem__("_started", procs.serve(
-        config, tokens_file, server_dir, "--session_timeout", "5")), daemon=True)
-    starter.start()
-    main(["fit", "--config", str(config), "--trainer.default_root_dir", str(reference_dir)])
+    with ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(procs.serve, config, tokens_file, server_dir, "--session_timeout", "5")
+        main(["fit", "--config", str(config), "--trainer.default_root_dir", str(reference_dir)])
+        server, address = starting.result(timeout=180)
     reference = json.loads((reference_dir / "summary.json").read_text())["train_losses"]
-    starter.join(timeout=180)
-    server, address = globals().pop("_started")
     host, port = address.rsplit(":", 1)
     target = Target(host, int(port), tokens["fuzzer"],
                     fingerprint(AutoConfig.from_pretrained(model), "qwen2", (2, 4), torch.float32))
@@ -833,8 +835,9 @@ def test_live_server_survives_malformed_frames_while_a_client_trains(tmp_path, p
         send(sock, join(encode("grad_sq_norm", {"seq": 1})))
         reply = read_reply(reader)
         assert reply is not None and reply.kind == "reply" and reply.header["seq"] == 1, reply
-        assert reply.tensors["sq_norm"].shape == () and torch.isfinite(reply.tensors["sq_norm"])
-    handshakes = counters_before["handshakes"] + sent_auth_handshakes(sent) + 1
+        # The last step cleared the trunk's gradients and no fuzz frame left any behind.
+        assert reply.tensors["sq_norm"].shape == () and reply.tensors["sq_norm"].item() == 0.0
+    handshakes = counters_before["handshakes"] + target.handshakes
     status = wait_for(lambda: (s := read_status(server_dir)) and s["counters"]["handshakes"] >= handshakes and s,
                       10, "the status to show the last handshake")
     counters = status["counters"]
@@ -861,8 +864,3 @@ def test_live_server_survives_malformed_frames_while_a_client_trains(tmp_path, p
     assert sampler.peak - rss_start < RSS_GROWTH_LIMIT, "the server's memory grew while fuzzed"
     assert rss_end - rss_start < RSS_GROWTH_LIMIT, "the server's memory grew"
     assert status["sessions"].get("fuzzer", {}).get("graphs", 0) == 0
-
-
-def sent_auth_handshakes(sent: Counter[str]) -> int:
-    """Completed handshakes of the fuzz (every "auth:" case) and the probes (two of them)."""
-    return sum(count for category, count in sent.items() if category.startswith("auth:")) + 2
