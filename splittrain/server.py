@@ -247,13 +247,17 @@ class TrunkServer:
         return session
 
     # ------------------------------------------------------------------------------------------ messages
-    def handle(self, client: str, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        """Answer one message from ``client``; a repeated ``seq`` gets the earlier reply again."""
+    def handle(self, client: str, kind: str, header: Header, tensors: Tensors,
+               session_id: str | None = None) -> tuple[Header, Tensors]:
+        """Answer one message from ``client`` (in its session ``session_id`` when it has one); a repeated
+        ``seq`` gets the earlier reply again."""
         handler = self._handlers.get(kind)
         if handler is None:
             raise ProtocolError(f"unknown message kind {kind!r}; expected one of {sorted(self._handlers)}")
         with self.lock:
             session = self._session(client)
+            if session_id is not None and session.id != session_id:
+                raise ProtocolError(f"this connection's session of client {client!r} was replaced by a newer one")
             seq = header.get("seq")
             if seq is not None:
                 if seq == session.last_seq and session.last_reply is not None:
@@ -469,18 +473,16 @@ class TrunkServer:
             return self.steps
 
     def resume(self) -> int | None:
-        """Restore the newest checkpoint in the run folder (``latest`` or the highest ``step-N``); its step."""
+        """Restore the checkpoint written last in the run folder (``latest`` or a client's ``step-N``); its step.
+
+        The last written, not the highest step: after a client went back to an older checkpoint, files of the
+        abandoned steps may remain."""
         folder = self.checkpoint_path(LATEST).parent
-        candidates = [p for p in folder.glob("*.safetensors")] if folder.is_dir() else []
-        best: tuple[int, Path] | None = None
-        for path in candidates:
-            steps = int(load_state(path)["steps"])
-            if best is None or steps > best[0]:
-                best = (steps, path)
-        if best is None:
+        candidates = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns) if folder.is_dir() else []
+        if not candidates:
             return None
-        self.restore(best[1])
-        log.info("resumed the trunk at step %d from %s", self.steps, best[1])
+        self.restore(candidates[-1])
+        log.info("resumed the trunk at step %d from %s", self.steps, candidates[-1])
         return self.steps
 
     def _save(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:

@@ -172,7 +172,7 @@ PRE_AUTH_HELLO = frame({**hello_fields(b"\1" * 32, PLACEHOLDER_FP), "kind": "hel
 @st.composite
 def raw_bytes(draw: st.DrawFn, stage: str) -> Case:
     """Random bytes: a bad preamble when there are 20 of them, else a truncated one."""
-    data = draw(st.binary(max_size=80))
+    data = draw(st.one_of(st.binary(max_size=PREAMBLE.size - 1), st.binary(min_size=PREAMBLE.size, max_size=120)))
     if len(data) < PREAMBLE.size:
         return Case(f"{stage}:random bytes", data, stage, "closed", None)
     try:
@@ -569,16 +569,20 @@ def truncated_request(draw: st.DrawFn) -> Case:
     return Case("auth:truncated request", data[:draw(ints(0, len(data) - 1))], "auth", "closed", None)
 
 
-CASES = st.one_of(
-    raw_bytes("raw"), truncated("raw", PRE_AUTH_HELLO), bad_preamble(), bad_header("raw"), wrong_kind_hello(),
-    hello_with_tensors(), bad_hello_fields(),
-    bad_proof(), impostor(), wrong_fingerprint(), not_auth(),
-    truncated("hello", frame({"kind": "auth", "proof": "00" * 32, "tensors": []})),
-    raw_bytes("auth"), bad_header("auth"), unknown_kind(), bad_seq(), forward_bad_hidden(), forward_bad_inputs(),
-    forward_bad_fields(), backward_bad(), backward_without_graph(), non_finite(), control_bad(), pickle_payload(),
+WEIGHTED: list[tuple[st.SearchStrategy[Case], int]] = [
+    (raw_bytes("raw"), 2), (truncated("raw", PRE_AUTH_HELLO), 1), (bad_preamble(), 2), (bad_header("raw"), 2),
+    (wrong_kind_hello(), 1), (hello_with_tensors(), 1), (bad_hello_fields(), 2),
+    (bad_proof(), 2), (impostor(), 1), (wrong_fingerprint(), 1), (not_auth(), 1),
+    (truncated("hello", frame({"kind": "auth", "proof": "00" * 32, "tensors": []})), 1),
+    (raw_bytes("auth"), 1), (bad_header("auth"), 1), (unknown_kind(), 1), (bad_seq(), 1), (forward_bad_hidden(), 2),
+    (forward_bad_inputs(), 2), (forward_bad_fields(), 1), (backward_bad(), 1), (backward_without_graph(), 1),
+    (non_finite(), 1), (control_bad(), 2), (pickle_payload(), 3),
     # swapping the offsets of two tensors of the same size tells no lie: such frames are left out
-    lying_offsets().filter(lambda case: refused_by_wire(case.data)), payload_size_lies(), truncated_request(),
-)
+    (lying_offsets().filter(lambda case: refused_by_wire(case.data)), 3), (payload_size_lies(), 2),
+    (truncated_request(), 2),
+]
+CASES = st.sampled_from([s for s, weight in WEIGHTED for _ in range(weight)]).flatmap(lambda s: s)
+"""One malformed connection of any kind; hypothesis alone weights them unevenly, hence the repeats."""
 
 
 # ================================================================================================ the client side

@@ -145,6 +145,13 @@ def send_frame(sock: socket.socket, buffers: list) -> int:
     return total
 
 
+def _keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 def _read_small(reader: SocketReader, kinds: tuple[str, ...]) -> Frame:
     """A handshake frame: no payload, one of ``kinds`` (or the peer's error)."""
 
@@ -261,6 +268,7 @@ class TcpServer:
         client = session_id = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(sock)  # a peer that vanishes without closing is noticed in about two minutes
             sock.settimeout(HANDSHAKE_TIMEOUT)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_side=True)
@@ -357,7 +365,7 @@ class TcpServer:
                 return
             fields = {k: v for k, v in frame.header.items() if k not in ("kind", "tensors")}
             try:
-                header, tensors = self.server.handle(client, frame.kind, fields, frame.tensors)
+                header, tensors = self.server.handle(client, frame.kind, fields, frame.tensors, session_id)
             except ProtocolError:
                 raise
             except (KeyError, ValueError, RuntimeError, FileNotFoundError) as exc:
@@ -410,6 +418,7 @@ class TcpTransport:
         sock = socket.create_connection((self.host, self.port), timeout=min(self.timeout, 30.0))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(sock)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_hostname=self.host)
             sock.settimeout(self.timeout)

@@ -1,0 +1,187 @@
+"""TrunkServer on its own (no sockets): sessions, exactly-once replies and steps, bounded graphs, frame checks."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from splittrain.lora import LoraSettings
+from splittrain.server import OptimSettings, ServerLimits, TrunkServer, load_trunk
+from splittrain.transport.wire import ProtocolError, TensorSpec
+
+HIDDEN = 32
+
+
+@pytest.fixture
+def make_server(checkpoint, tmp_path):
+    _, folder = checkpoint("qwen2")
+
+    def make(**limits) -> TrunkServer:
+        trunk = load_trunk(str(folder), (1, 3), LoraSettings(r=4, alpha=8), seed=1)
+        return TrunkServer(trunk, OptimSettings(lr=1e-2), run_dir=tmp_path / "run", limits=ServerLimits(**limits))
+
+    return make
+
+
+def forward(server: TrunkServer, client: str, micro: int, seq: int | None = None, step: int = 0, batch: int = 2,
+            session: str | None = None):
+    g = torch.Generator().manual_seed(micro)
+    header = {"key": ["train", step, micro], "training": True, "need_input_grad": True, "step": step}
+    if seq is not None:
+        header["seq"] = seq
+    tensors = {"hidden_states": torch.randn(batch, 5, HIDDEN, generator=g), "position_ids": torch.arange(5)[None]}
+    return server.handle(client, "forward", header, tensors, session)[1]["hidden_states"]
+
+
+def backward(server: TrunkServer, client: str, micro: int, seq: int | None = None, step: int = 0, batch: int = 2):
+    header = {"key": ["train", step, micro]}
+    if seq is not None:
+        header["seq"] = seq
+    grad = torch.full((batch, 5, HIDDEN), 0.1)
+    return server.handle(client, "backward", header, {"grad": grad})[1]
+
+
+def trunk_grads(server: TrunkServer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in server.trainable if p.grad is not None}
+
+
+def test_a_repeated_request_is_answered_not_reapplied(make_server):
+    server = make_server()
+    server.open_session("alice", "s1")
+    forward(server, "alice", 0, seq=1, session="s1")
+    backward(server, "alice", 0, seq=2)
+    once = trunk_grads(server)
+    again = backward(server, "alice", 0, seq=2)  # the reply was lost; the client sends the same request again
+    assert torch.equal(again["grad"], server.sessions["alice"].last_reply[1]["grad"])
+    assert all(torch.equal(once[k], v) for k, v in trunk_grads(server).items())
+    assert server.counters["replies_repeated"] == 1 and server.counters["backward"] == 1
+    with pytest.raises(ProtocolError, match="older than the last one answered"):
+        backward(server, "alice", 0, seq=1)
+
+
+def test_each_step_is_applied_once(make_server):
+    server = make_server()
+    forward(server, "alice", 0)
+    backward(server, "alice", 0)
+    assert server.handle("alice", "step", {"step": 1, "scale": None}, {})[0]["step"] == 1
+    weights = {n: p.detach().clone() for n, p in server.trainable}
+    assert server.handle("alice", "step", {"step": 1, "scale": None}, {})[0]["step"] == 1  # answered, not applied
+    assert all(torch.equal(weights[n], p) for n, p in server.trainable)
+    assert server.counters["steps_applied"] == 1 and server.counters["steps_repeated"] == 1
+    with pytest.raises(RuntimeError, match="asks for optimizer step 3 but the trunk server has made 1 steps"):
+        server.handle("alice", "step", {"step": 3, "scale": None}, {})
+    with pytest.raises(RuntimeError, match="trains optimizer step 1 but the trunk server has made 1 steps"):
+        forward(server, "alice", 1, step=0)
+
+
+def test_a_replaced_session_takes_its_graphs_and_unapplied_gradients(make_server):
+    server = make_server()
+    assert server.open_session("alice", "old")["known"] is False
+    forward(server, "alice", 0, session="old")
+    backward(server, "alice", 0)
+    forward(server, "alice", 1, session="old")
+    assert server.status()["gradients_waiting"] and server.status()["sessions"]["alice"]["graphs"] == 1
+    # The client restarted: a new session replaces the old one, and the half-made step is gone.
+    assert server.open_session("alice", "new")["known"] is False
+    assert not server.sessions["alice"].graphs and trunk_grads(server) == {}
+    with pytest.raises(ProtocolError, match="replaced by a newer one"):
+        forward(server, "alice", 2, session="old")
+    assert server.open_session("alice", "new")["known"] is True  # a reconnect of the same session
+
+
+def test_a_silent_session_expires_and_old_graphs_go(make_server):
+    server = make_server(session_timeout=5.0, max_graph_age=60.0)
+    server.open_session("alice", "s")
+    forward(server, "alice", 0, session="s")
+    server.detach("alice", "s")
+    server.expire(now=time.monotonic() + 1)
+    assert "alice" in server.sessions  # still within the timeout: it may reconnect
+    server.open_session("alice", "s")
+    server.expire(now=time.monotonic() + 120)
+    assert not server.sessions["alice"].graphs and server.counters["graphs_dropped"] == 1
+    server.detach("alice", "s")
+    server.expire(now=time.monotonic() + 10)
+    assert "alice" not in server.sessions and server.counters["sessions_expired"] == 1
+
+
+def test_graphs_are_bounded_per_client_by_count_and_bytes(make_server):
+    server = make_server(max_graphs=3)
+    for micro in range(5):
+        forward(server, "alice", micro)
+    forward(server, "bob", 0)
+    assert list(server.sessions["alice"].graphs) == [("train", 0, m) for m in (2, 3, 4)]
+    assert len(server.sessions["bob"].graphs) == 1  # one client's graphs never push out another's
+    with pytest.raises(KeyError, match=r"no forward pass of client 'alice' is waiting .* \['train', 0, 0\]"):
+        backward(server, "alice", 0)
+    one = server.sessions["bob"].graph_bytes
+    assert one > 2 * 5 * HIDDEN * 4  # the activations the trunk keeps for backward, not only its input
+    server = make_server(max_graph_bytes=int(2.5 * one))
+    for micro in range(4):
+        forward(server, "alice", micro)
+    assert len(server.sessions["alice"].graphs) == 2
+
+
+def test_non_finite_tensors_never_reach_the_trunk(make_server):
+    server = make_server()
+    tensors = {"hidden_states": torch.full((1, 3, HIDDEN), float("nan")), "position_ids": torch.arange(3)[None]}
+    with pytest.raises(ValueError, match="non-finite"):
+        server.handle("alice", "forward", {"key": ["t", 0, 0], "training": True, "step": 0}, tensors)
+    forward(server, "alice", 0)
+    with pytest.raises(ValueError, match="non-finite"):
+        server.handle("alice", "backward", {"key": ["train", 0, 0]}, {"grad": torch.full((2, 5, HIDDEN), float("inf"))})
+    assert trunk_grads(server) == {}
+
+
+def spec(name: str, dtype: str, *shape: int) -> TensorSpec:
+    return TensorSpec(name, dtype, tuple(shape))
+
+
+@pytest.mark.parametrize("header, specs, message", [
+    ({"kind": "forward", "seq": 1, "key": ["k"]}, [spec("hidden_states", "float32", 2, 5, 16),
+                                                   spec("position_ids", "int64", 1, 5)], r"\(batch, seq, 32\)"),
+    ({"kind": "forward", "seq": 1, "key": ["k"]}, [spec("hidden_states", "int64", 2, 5, 32),
+                                                   spec("position_ids", "int64", 1, 5)], "float32"),
+    ({"kind": "forward", "seq": 1, "key": ["k"]}, [spec("hidden_states", "float32", 2, 5, 32),
+                                                   spec("position_ids", "int64", 3, 5)], "position_ids"),
+    ({"kind": "forward", "seq": 1, "key": ["k"]}, [spec("hidden_states", "float32", 2, 5, 32),
+                                                   spec("position_ids", "int64", 1, 5),
+                                                   spec("attention_mask", "uint8", 2, 4)], "attention_mask"),
+    ({"kind": "forward", "seq": 1, "key": ["k"]}, [spec("hidden_states", "float32", 9000, 5, 32),
+                                                   spec("position_ids", "int64", 1, 5)], "outside"),
+    ({"kind": "forward", "seq": 1, "key": [{"a": 1}]}, [spec("hidden_states", "float32", 2, 5, 32),
+                                                        spec("position_ids", "int64", 1, 5)], "'key'"),
+    ({"kind": "forward", "seq": 1, "key": ["k"], "training": True}, [
+        spec("hidden_states", "float32", 2, 5, 32), spec("position_ids", "int64", 1, 5)], "optimizer step"),
+    ({"kind": "backward", "seq": 1, "key": ["k"]}, [spec("grad", "float32", 2, 5, 8)], r"\(batch, seq, 32\)"),
+    ({"kind": "step", "seq": 1, "step": 1, "scale": 3.0}, [], "scale"),
+    ({"kind": "step", "seq": 1, "step": 1, "scale": None}, [spec("x", "float32", 1)], "no tensors"),
+    ({"kind": "save", "seq": 1, "tag": "../../etc/passwd"}, [], "bad checkpoint tag"),
+    ({"kind": "forward", "key": ["k"]}, [], "'seq'"),
+    ({"kind": "shutdown", "seq": 1}, [], "unknown message kind"),
+])
+def test_frame_headers_are_checked_against_the_model(make_server, header, specs, message):
+    with pytest.raises(ProtocolError, match=message):
+        make_server().check("alice", header, specs)
+
+
+def test_backward_shape_must_match_its_forward(make_server):
+    server = make_server()
+    forward(server, "alice", 0)
+    server.check("alice", {"kind": "backward", "seq": 1, "key": ["train", 0, 0]}, [spec("grad", "float32", 2, 5, 32)])
+    with pytest.raises(ProtocolError, match=r"gradient of shape \[1, 5, 32\] for an output of shape \[2, 5, 32\]"):
+        server.check("alice", {"kind": "backward", "seq": 1, "key": ["train", 0, 0]},
+                     [spec("grad", "float32", 1, 5, 32)])
+
+
+def test_resume_takes_the_checkpoint_written_last(make_server):
+    server = make_server()
+    forward(server, "alice", 0)
+    backward(server, "alice", 0)
+    server.handle("alice", "step", {"step": 1, "scale": None}, {})
+    server.save("step-1")
+    state = {n: p.detach().clone() for n, p in server.trainable}
+    fresh = make_server()
+    assert fresh.resume() == 1 and fresh.saved_step == 1
+    assert all(torch.equal(state[n], p) for n, p in fresh.trainable)
