@@ -81,6 +81,10 @@ def test_client_killed_mid_step_then_resumed(reference_run, procs, tmp_path):
     assert len(losses) == 2 * (STEPS - resumed_at), tail(client.log)
     assert max(abs(a - b) for a, b in zip(losses, reference[2 * resumed_at:])) <= 1e-6
     assert_same_run(client_run, server_run, ref, losses_too=False)
+    # SIGTERM: the server saves its trunk and stops cleanly.
+    assert Processes.signal(server, signal.SIGTERM) == 0
+    assert load_state(server_run / "trunk" / "latest.safetensors")["steps"] == STEPS
+    assert f"trunk server stopped at step {STEPS}" in server.log.read_text()
 
 
 def frozen_fingerprint(server_run) -> dict:

@@ -113,7 +113,7 @@ def server(tmp_path_factory):
     config = write_config(folder / "config.yaml", folder / "client")
     processes = Processes(folder)
     try:
-        proc, address = processes.serve(config, tokens, folder / "run")
+        proc, address = processes.serve(config, tokens, folder / "run", "--max_connections", "3")
         yield {"address": address, "tokens": known, "run": folder / "run", "log": folder / "server.log",
                "proc": proc, "config": config}
     finally:
@@ -251,6 +251,23 @@ def test_a_client_resuming_at_another_step_is_refused(server):
         hidden = torch.randn(1, 3, 128)
         link.forward(Activations(hidden, None, torch.arange(3)[None]), ("train", 3, 0), training=True,
                      need_input_grad=True, step=3)
+    link.close()
+
+
+def test_connections_beyond_the_limit_are_told_and_closed(server):
+    host, port = parse_address(server["address"])
+    idle = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
+    try:
+        wait_for(lambda: read_status(server["run"])["connections"] == 3, 10, "three open connections")
+        with socket.create_connection((host, port), timeout=10) as extra:
+            answer = read_frame(SocketReader(extra), 0).header
+        assert answer["kind"] == "error" and "connection limit" in answer["error"]
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: read_status(server["run"])["connections"] == 0, 10, "the idle connections to close")
+    link = TrunkLink(TcpTransport(server["address"], "bob", server["tokens"]["bob"], quickstart_fingerprint()))
+    assert trunk_forward(link).shape == (2, 5, 128)
     link.close()
 
 

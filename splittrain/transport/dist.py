@@ -100,7 +100,8 @@ def serve(server: Any, timeout: float = 600.0) -> None:
         frame = read_frame(reader, server.limits.max_frame_bytes, check)
         client, seq = f"rank{reader.src}", frame.header.get("seq")
         if frame.kind == "hello":
-            mismatch = fingerprint_mismatch(frame.header.get("fingerprint") or {}, server.fingerprint)
+            claimed = frame.header.get("fingerprint")
+            mismatch = fingerprint_mismatch(claimed if isinstance(claimed, dict) else {}, server.fingerprint)
             if mismatch:
                 send_frame(encode("error", {"error": f"the trunk server serves another split: {mismatch}",
                                             "fatal": True}), reader.src)

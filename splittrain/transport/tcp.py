@@ -330,7 +330,8 @@ class TcpServer:
             return self._refuse(sock, where, name, "wrong token or unknown client name",
                                 f"authentication failed for client {name!r}: wrong token or a name the server "
                                 "does not know")
-        mismatch = fingerprint_mismatch(hello.get("fingerprint") or {}, self.server.fingerprint)
+        claimed = hello.get("fingerprint")
+        mismatch = fingerprint_mismatch(claimed if isinstance(claimed, dict) else {}, self.server.fingerprint)
         if mismatch:
             return self._refuse(sock, where, name, f"fingerprint mismatch: {mismatch}",
                                 f"the trunk server serves another split: {mismatch}")

@@ -153,12 +153,23 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"non-finite number {name} in a frame header")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf
+        raise ProtocolError(f"number {text[:20]} overflows in a frame header")
+    return value
+
+
+def _json(data: bytes | bytearray, what: str) -> Any:
+    try:
+        return json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+
+
 def parse_header(data: bytes | bytearray) -> tuple[dict[str, Any], list[TensorSpec]]:
     """Parse and shape-check a JSON header: a ``kind`` string and a well-formed ``tensors`` list."""
-    try:
-        header = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"frame header is not valid JSON: {exc}") from None
+    header = _json(data, "frame header")
     if not isinstance(header, dict):
         raise ProtocolError("frame header must be a JSON object")
     kind = header.get("kind")
@@ -174,7 +185,7 @@ def parse_header(data: bytes | bytearray) -> tuple[dict[str, Any], list[TensorSp
         name, dtype, shape = entry["name"], entry["dtype"], entry["shape"]
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or name in names or name == "__metadata__":
             raise ProtocolError(f"bad or repeated tensor name {name!r}")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} is not allowed (allowed: {', '.join(DTYPES)})")
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
                 or not all(type(d) is int and 0 <= d < 2**31 for d in shape)):
@@ -204,10 +215,7 @@ def parse_payload(payload: bytearray, specs: list[TensorSpec]) -> dict[str, torc
     data_len = sum(spec.nbytes for spec in specs)
     if st_len != len(payload) - 8 - data_len:
         raise ProtocolError(f"safetensors header length {st_len} does not match the payload")
-    try:
-        entries = json.loads(bytes(payload[8:8 + st_len]).decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"safetensors header is not valid JSON: {exc}") from None
+    entries = _json(payload[8:8 + st_len], "safetensors header")
     if not isinstance(entries, dict):
         raise ProtocolError("safetensors header must be a JSON object")
     entries.pop("__metadata__", None)
