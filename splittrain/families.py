@@ -15,6 +15,8 @@ Adding a llama-shaped family is one ``Family(...)`` entry below.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,13 +42,23 @@ def window_layer_types(config: Any) -> list[str]:
     return [kind] * config.num_hidden_layers
 
 
+@functools.cache
+def _cache_name(builder: Callable) -> str:
+    return "cache" if "cache" in inspect.signature(builder).parameters else "past_key_values"
+
+
+def _cache_kwarg(builder: Callable, cache: Any) -> dict[str, Any]:
+    """The mask builders' cache argument: ``cache`` since transformers 5.24, ``past_key_values`` before."""
+    return {_cache_name(builder): cache}
+
+
 def causal_masks(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                  position_ids: torch.Tensor, kinds: set[str], past_key_values: Any = None) -> Masks:
     """Full and/or sliding causal masks, built exactly as the family's ``Model.forward`` builds them."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-                  past_key_values=past_key_values, position_ids=position_ids)
+    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                  **_cache_kwarg(create_causal_mask, past_key_values))
     builders = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
     return {kind: builders[kind](**kwargs) for kind in kinds}
 
@@ -60,7 +72,7 @@ def gemma3_masks(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor
     from transformers.models.gemma3.modeling_gemma3 import _bidirectional_window_overlay
 
     kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-                  past_key_values=past_key_values, position_ids=position_ids)
+                  position_ids=position_ids, **_cache_kwarg(create_causal_mask, past_key_values))
     masks: Masks = {}
     if FULL in kinds:
         masks[FULL] = create_causal_mask(**kwargs, or_mask_function=lambda *args: torch.tensor(True, dtype=torch.bool))
