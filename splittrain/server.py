@@ -318,8 +318,10 @@ class TrunkServer:
                 graph = session.graphs.get(tuple(header["key"])) if session is not None else None
             if graph is not None and list(g.shape) != list(graph.y.shape):
                 raise ProtocolError(f"gradient of shape {list(g.shape)} for an output of shape {list(graph.y.shape)}")
-            if graph is None and (len(g.shape) != 3 or g.shape[2] != hidden):
-                raise ProtocolError(f"gradient must be (batch, seq, {hidden}), got {list(g.shape)}")
+            if graph is None and (len(g.shape) != 3 or g.shape[2] != hidden or not (
+                    1 <= g.shape[0] <= self.limits.max_batch and 1 <= g.shape[1] <= self.max_seq)):
+                raise ProtocolError(f"gradient must be (batch <= {self.limits.max_batch}, seq <= {self.max_seq}, "
+                                    f"{hidden}), got {list(g.shape)}")
         else:
             if spec:
                 raise ProtocolError(f"{kind} carries no tensors")

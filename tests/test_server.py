@@ -154,7 +154,7 @@ def spec(name: str, dtype: str, *shape: int) -> TensorSpec:
                                                         spec("position_ids", "int64", 1, 5)], "'key'"),
     ({"kind": "forward", "seq": 1, "key": ["k"], "training": True}, [
         spec("hidden_states", "float32", 2, 5, 32), spec("position_ids", "int64", 1, 5)], "optimizer step"),
-    ({"kind": "backward", "seq": 1, "key": ["k"]}, [spec("grad", "float32", 2, 5, 8)], r"\(batch, seq, 32\)"),
+    ({"kind": "backward", "seq": 1, "key": ["k"]}, [spec("grad", "float32", 2, 5, 8)], r"seq <= \d+, 32\)"),
     ({"kind": "step", "seq": 1, "step": 1, "scale": 3.0}, [], "scale"),
     ({"kind": "step", "seq": 1, "step": 1, "scale": None}, [spec("x", "float32", 1)], "no tensors"),
     ({"kind": "save", "seq": 1, "tag": "../../etc/passwd"}, [], "bad checkpoint tag"),

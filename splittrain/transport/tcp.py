@@ -35,6 +35,8 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy
+
 from . import Header, RemoteError, Tensors, fingerprint_mismatch
 from .wire import (
     ST_HEADER_LIMIT,
@@ -116,21 +118,25 @@ def _nonce(value: Any) -> bytes:
 
 
 class SocketReader:
-    """Exact reads from a socket (into a fresh buffer); counts the bytes it received."""
+    """Exact reads from a socket; counts the bytes it received.
+
+    Large reads land in a buffer whose pages are only touched as bytes arrive, so a peer that declares a big
+    payload and sends nothing holds no memory.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock, self.received = sock, 0
 
-    def read(self, n: int) -> bytearray:
-        buffer = bytearray(n)
-        view, got = memoryview(buffer), 0
+    def read(self, n: int) -> memoryview:
+        view = memoryview(numpy.empty(n, dtype=numpy.uint8)) if n > 1 << 16 else memoryview(bytearray(n))
+        got = 0
         while got < n:
             count = self.sock.recv_into(view[got:], min(n - got, 1 << 22))
             if count == 0:
                 raise PeerClosed(f"connection closed after {got} of {n} bytes" if got else "connection closed")
             got += count
         self.received += n
-        return buffer
+        return view
 
 
 def send_frame(sock: socket.socket, buffers: list) -> int:
@@ -152,11 +158,19 @@ def _keepalive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+def _cut_off(sock: socket.socket) -> None:
+    """End a connection from another thread: blocked reads return at once."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def _read_small(reader: SocketReader, kinds: tuple[str, ...]) -> Frame:
-    """A handshake frame: no payload, one of ``kinds`` (or the peer's error)."""
+    """A handshake frame: no payload, one of ``kinds``."""
 
     def check(header: Header, specs: list[TensorSpec]) -> None:
-        if header["kind"] not in kinds + ("error",) or specs:
+        if header["kind"] not in kinds or specs:
             raise ProtocolError(f"expected a {' or '.join(kinds)} frame, got {header['kind']!r}")
 
     return read_frame(reader, 0, check)
@@ -270,10 +284,16 @@ class TcpServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _keepalive(sock)  # a peer that vanishes without closing is noticed in about two minutes
             sock.settimeout(HANDSHAKE_TIMEOUT)
-            if self.tls is not None:
-                sock = self.tls.wrap_socket(sock, server_side=True)
-            reader = SocketReader(sock)
-            client, session_id = self._handshake(sock, reader, where)
+            # The whole handshake (TLS included) gets HANDSHAKE_TIMEOUT, however slowly a peer trickles bytes.
+            watchdog = threading.Timer(HANDSHAKE_TIMEOUT, _cut_off, args=(sock,))
+            watchdog.start()
+            try:
+                if self.tls is not None:
+                    sock = self.tls.wrap_socket(sock, server_side=True)
+                reader = SocketReader(sock)
+                client, session_id = self._handshake(sock, reader, where)
+            finally:
+                watchdog.cancel()
             if client is None:
                 return
             sock.settimeout(self.idle_timeout)
@@ -326,7 +346,7 @@ class TcpServer:
             return self._refuse(sock, where, name, "it presented no token",
                                 f"authentication failed: client {name!r} presented no token (set SPLITTRAIN_TOKEN or "
                                 "--model.token_file)")
-        if not isinstance(proof, str) or not hmac.compare_digest(proof, expected) or token is None:
+        if not isinstance(proof, str) or not hmac.compare_digest(proof.encode(), expected.encode()) or token is None:
             return self._refuse(sock, where, name, "wrong token or unknown client name",
                                 f"authentication failed for client {name!r}: wrong token or a name the server "
                                 "does not know")
@@ -427,16 +447,16 @@ class TcpTransport:
             client_nonce = secrets.token_bytes(NONCE_BYTES)
             sent = send_frame(sock, encode("hello", {"client": self.client_name, "nonce": client_nonce.hex(),
                                                      "session": self.session, "fingerprint": self.fingerprint}))
-            challenge = _read_small(reader, ("challenge",))
+            challenge = _read_small(reader, ("challenge", "error"))
             self._raise_refusal(challenge)
             server_nonce = _nonce(challenge.header.get("nonce"))
             proof = None if self._token is None else _proof(self._token, b"client", client_nonce, server_nonce,
                                                             self.client_name)
             sent += send_frame(sock, encode("auth", {"proof": proof}))
-            welcome = _read_small(reader, ("welcome",))
+            welcome = _read_small(reader, ("welcome", "error"))
             self._raise_refusal(welcome)
             expected = _proof(self._token, b"server", client_nonce, server_nonce, self.client_name)
-            if not hmac.compare_digest(str(welcome.header.get("proof")), expected):
+            if not hmac.compare_digest(str(welcome.header.get("proof")).encode(), expected.encode()):
                 raise HandshakeError(f"the server at {self.address} could not prove it knows client "
                                      f"{self.client_name!r}'s token: not our server, or a tampered connection")
             self.wire_bytes += sent + reader.received

@@ -59,8 +59,8 @@ class PeerClosed(ConnectionError):
 
 
 class Reader(Protocol):
-    def read(self, n: int) -> bytes | bytearray:
-        """Exactly ``n`` bytes (raise :class:`PeerClosed` or a timeout if they do not come)."""
+    def read(self, n: int) -> bytes | bytearray | memoryview:
+        """Exactly ``n`` bytes, writable for payloads (raise :class:`PeerClosed` or a timeout if they do not come)."""
         ...
 
 
@@ -160,11 +160,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _json(data: bytes | bytearray, what: str) -> Any:
+def _json(data: bytes | bytearray | memoryview, what: str) -> Any:
     try:
         return json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError) as exc:  # also int() beyond Python's digit limit
+        raise ProtocolError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
 def parse_header(data: bytes | bytearray) -> tuple[dict[str, Any], list[TensorSpec]]:
@@ -207,7 +209,7 @@ def check_payload_size(specs: list[TensorSpec], payload_len: int) -> int:
     return data
 
 
-def parse_payload(payload: bytearray, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+def parse_payload(payload: bytearray | memoryview, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors payload that must hold exactly ``specs`` and tile its data exactly."""
     if not specs:
         return {}
@@ -262,7 +264,7 @@ def read_frame(reader: Reader, max_payload: int,
         check(header, specs)
     check_payload_size(specs, payload_len)
     payload = reader.read(payload_len) if payload_len else bytearray()
-    if not isinstance(payload, bytearray):
+    if isinstance(payload, bytes):
         payload = bytearray(payload)
     tensors = parse_payload(payload, specs)
     return Frame(header, tensors, PREAMBLE.size + header_len + payload_len)
