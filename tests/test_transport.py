@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from processes import Processes, assert_same_run, make_tokens, read_status, summary, wait_for, write_config
+from processes import STEPS, Processes, free_port, assert_same_run, make_tokens, read_status, summary, wait_for, write_config
 from splittrain.cli import main
 from splittrain.cut import TrunkLink
 from splittrain.segments import Activations
@@ -60,6 +60,21 @@ def test_torchrun_fit_equals_in_process(reference_run, procs, tmp_path):
     Processes.finish(proc, timeout=300)
     assert_same_run(run, run, ref)
     assert summary(run)["wire_bytes"] > summary(ref)["wire_bytes"]
+
+
+def test_torchrun_on_two_nodes_equals_in_process(reference_run, procs, tmp_path):
+    """The README's two-node line, both "nodes" on this machine: static rendezvous pins the trunk to node 0."""
+    config, ref = reference_run
+    run, port = tmp_path / "two-nodes", free_port()
+    nodes = [procs.start([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                          "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                          "-m", "splittrain", "fit", "--config", str(config), "--model.transport", "dist",
+                          "--trainer.default_root_dir", str(run)], tmp_path / f"node{rank}.log")
+             for rank in (0, 1)]
+    for node in nodes:
+        Processes.finish(node, timeout=300)
+    assert_same_run(run, run, ref)
+    assert "trunk server on rank 0" in (tmp_path / "node0.log").read_text()
 
 
 def test_bfloat16_wire_halves_the_bytes(procs, tmp_path):
@@ -155,7 +170,9 @@ def test_wrong_or_missing_token_is_refused_and_others_are_served(server):
     link = TrunkLink(TcpTransport(address, "bob", server["tokens"]["bob"], fp))
     assert trunk_forward(link).shape == (2, 5, 128)
     link.close()
-    assert settled(server, forward=before["forward"] + 1)["forward"] == before["forward"] + 1
+    assert trunk_forward(link).shape == (2, 5, 128)  # a closed link opens a new session when used again
+    link.close()
+    assert settled(server, forward=before["forward"] + 2)["forward"] == before["forward"] + 2
     assert server["proc"].poll() is None
 
 

@@ -4,9 +4,11 @@ One node::
 
     torchrun --standalone --nproc_per_node 2 -m splittrain fit --config C --model.transport dist
 
-Two nodes (the server's node is rank 0; run the same line on each with its ``--node_rank``)::
+Two nodes: run the same line on each, ``--node_rank 0`` on the server's machine. The static rendezvous
+(torchrun's default) is what pins rank 0, and so the trunk, to node 0; under ``--rdzv_backend c10d`` torchrun
+ignores ``--node_rank`` and rank 0 may land on the client's machine::
 
-    torchrun --nnodes 2 --nproc_per_node 1 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:PORT \\
+    torchrun --nnodes 2 --nproc_per_node 1 --node_rank R --master_addr HOST0 --master_port 29500 \\
         -m splittrain fit --config C --model.transport dist
 
 Frames are :mod:`~splittrain.transport.wire` frames sent as three uint8 tensors over point-to-point
@@ -17,9 +19,10 @@ other (torchrun's rendezvous admits them), so there is no token; the fingerprint
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
+import socket
+import sys
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -29,7 +32,6 @@ import torch.distributed as dist
 from . import Header, RemoteError, Tensors, fingerprint_mismatch
 from .wire import ST_HEADER_LIMIT, Frame, ProtocolError, TensorSpec, encode, frame_bytes, read_frame
 
-log = logging.getLogger("splittrain.dist")
 SERVER_RANK = 0
 
 
@@ -86,7 +88,8 @@ def serve(server: Any, timeout: float = 600.0) -> None:
         raise RuntimeError("transport 'dist' needs at least 2 processes (--nproc_per_node 2): rank 0 serves the "
                            "trunk, the others are clients")
     remaining = set(range(1, world))
-    log.info("trunk server on rank 0 serving ranks %s", sorted(remaining))
+    print(f"splittrain: trunk server on rank 0 (host {socket.gethostname()}) serving client ranks "
+          f"{sorted(remaining)}", file=sys.stderr, flush=True)
     while remaining:
         reader = DistReader(None)
 
@@ -122,7 +125,7 @@ def serve(server: Any, timeout: float = 600.0) -> None:
             send_frame(encode("error", {"error": str(message), "seq": seq, "fatal": False}), reader.src)
             continue
         send_frame(encode("reply", {**header, "seq": seq}, tensors), reader.src)
-    log.info("every client said goodbye; the trunk server on rank 0 stops")
+    print("splittrain: every client said goodbye; the trunk server on rank 0 stops", file=sys.stderr, flush=True)
 
 
 # ================================================================================================ client
@@ -141,6 +144,8 @@ class DistTransport:
         if reply.kind == "error":
             raise RemoteError(f"the trunk server on rank {SERVER_RANK} refused rank {self.rank}: "
                               f"{reply.header.get('error')}")
+        print(f"splittrain: client rank {self.rank} (host {socket.gethostname()}) talks to the trunk server on rank "
+              f"{SERVER_RANK}", file=sys.stderr, flush=True)
 
     def _exchange(self, buffers: list, check: Callable, limit: int = 0) -> Frame:
         self.wire_bytes += send_frame(buffers, SERVER_RANK)
@@ -150,6 +155,8 @@ class DistTransport:
         return frame
 
     def request(self, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        if self.closed:
+            raise RuntimeError("this client said goodbye to the trunk server on rank 0; it serves no more requests")
         self.seq += 1
         expected = {name: tuple(t.shape) for name, t in tensors.items() if name in ("hidden_states", "grad")}
         expected.setdefault("sq_norm", ())

@@ -429,6 +429,7 @@ class TcpTransport:
         self.replay_from = 0
         """The replay log covers every step after this one (the server's last durable step)."""
         self.replay: list[tuple[int, str, Header, Tensors]] = []
+        self.closed = False
         self._connect_with_retry(None)
 
     def __repr__(self) -> str:  # the token stays out of reprs and logs
@@ -455,6 +456,9 @@ class TcpTransport:
             sent += send_frame(sock, encode("auth", {"proof": proof}))
             welcome = _read_small(reader, ("welcome", "error"))
             self._raise_refusal(welcome)
+            if self._token is None:
+                raise HandshakeError(f"the server at {self.address} accepted client {self.client_name!r} without a "
+                                     "token: refusing a server that does not authenticate")
             expected = _proof(self._token, b"server", client_nonce, server_nonce, self.client_name)
             if not hmac.compare_digest(str(welcome.header.get("proof")).encode(), expected.encode()):
                 raise HandshakeError(f"the server at {self.address} could not prove it knows client "
@@ -497,8 +501,9 @@ class TcpTransport:
                     announced = True
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        if cause is None:  # first connection: the server's step is where this client starts
+        if cause is None:  # a new session: the server's step is where this client starts
             self.server_step = self.replay_from = int(welcome["step"])
+            self.replay.clear()
         elif announced:
             print(f"splittrain: reconnected to the trunk server at {self.address}", file=sys.stderr, flush=True)
         return welcome
@@ -513,6 +518,9 @@ class TcpTransport:
 
     # ------------------------------------------------------------------------------------------ requests
     def request(self, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        if self.closed:  # used again after close(): a new session
+            self.closed, self.session = False, secrets.token_hex(16)
+            self._connect_with_retry(None)
         self.seq += 1
         header = {**header, "seq": self.seq}
         entry = None
@@ -618,6 +626,7 @@ class TcpTransport:
         """Say goodbye (the server frees this client's session) and close the socket."""
         if self.sock is None:
             return
+        self.closed = True
         try:
             self.seq += 1
             self._exchange("bye", {"seq": self.seq}, {})
