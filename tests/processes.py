@@ -194,10 +194,12 @@ def assert_same_run(client_run: Path, server_run: Path, reference: Path, toleran
         got, want = summary(client_run)["train_losses"], summary(reference)["train_losses"]
         assert len(got) == len(want) == 2 * STEPS  # accumulation 2: two micro-batches per step
         worst = max(abs(a - b) for a, b in zip(got, want))
+        print(f"{client_run.name}: largest per-micro-batch loss difference {worst:.3g}")
         assert worst <= tolerance, f"largest per-micro-batch loss difference {worst}"
     a, b = final_weights(client_run, server_run), final_weights(reference, reference)
     assert a.keys() == b.keys() and any(k.startswith("trunk.") for k in a)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"{client_run.name}: largest trainable-weight difference {diff:.3g} over {len(a)} tensors")
     assert diff <= tolerance, f"largest trainable-weight difference {diff}"
 
 
