@@ -83,7 +83,13 @@ def load_tokens(path: str | Path) -> dict[str, str]:
     import json
 
     path = Path(path)
-    tokens = json.loads(path.read_text())
+    if not path.is_file():
+        raise FileNotFoundError(f"tokens file {path} does not exist; make one with `python -m splittrain token "
+                                f"--tokens {path} --client NAME --out NAME.token`")
+    try:
+        tokens = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(tokens, dict) or not tokens or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in tokens.items()):
         raise ValueError(f"{path} must map client names to tokens: {{\"client0\": \"<token>\"}}")
