@@ -185,3 +185,37 @@ def test_resume_takes_the_checkpoint_written_last(make_server):
     fresh = make_server()
     assert fresh.resume() == 1 and fresh.saved_step == 1
     assert all(torch.equal(state[n], p) for n, p in fresh.trainable)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_tcp_server_in_a_thread_serves_a_link(make_server, host, tmp_path):
+    """TcpServer and TcpTransport in one process (IPv4 and IPv6 loopback): a training micro-batch and a step."""
+    import threading
+
+    from splittrain.cut import TrunkLink
+    from splittrain.segments import Activations
+    from splittrain.transport.tcp import TcpServer, TcpTransport
+
+    server = make_server()
+    try:
+        tcp = TcpServer(server, f"[{host}]:0" if ":" in host else f"{host}:0", {"alice": "a" * 32},
+                        status_file=tmp_path / "status.json")
+    except OSError as exc:
+        pytest.skip(f"no {host} here: {exc}")
+    thread = threading.Thread(target=tcp.serve_forever, daemon=True)
+    thread.start()
+    try:
+        link = TrunkLink(TcpTransport(tcp.address, "alice", "a" * 32, server.fingerprint))
+        hidden = torch.randn(2, 5, HIDDEN, requires_grad=True)
+        state = Activations(hidden, torch.ones(2, 5, dtype=torch.long), torch.arange(5)[None])
+        out = link.forward(state, ("train", 0, 0), training=True, need_input_grad=True, step=0)
+        grad = link.backward(("train", 0, 0), torch.ones_like(out))
+        assert out.shape == grad.shape == (2, 5, HIDDEN) and grad.abs().sum() > 0
+        assert link.step(1)["step"] == 1 and server.steps == 1
+        assert link.wire_bytes > 4 * hidden.nbytes  # four tensors of this size crossed, plus headers
+        link.close()
+        assert "alice" not in server.sessions
+    finally:
+        tcp.stop()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
