@@ -37,12 +37,12 @@ def monolithic(folder: str, cuts: tuple[int, int], batches, settings) -> list[fl
     from peft import inject_adapter_in_model
     from transformers import AutoModelForCausalLM
 
-    from splittrain.lora import init_lora, lora_config
+    from splittrain.lora import init_lora, lora_config, model_family
     from splittrain.modules import OptimSettings, build_optimizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.requires_grad_(False)
-    inject_adapter_in_model(lora_config(range(*cuts), settings), model)
+    inject_adapter_in_model(lora_config(model_family(model), range(*cuts), settings), model)
     init_lora(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, _ = build_optimizer(params, OptimSettings(lr=1e-3), None)

@@ -11,7 +11,6 @@ computes, each party loading only its own weights::
 
 from .families import FAMILIES, Family, get_family
 from .loading import (
-    ModelFactory,
     PartReport,
     SplitParts,
     load_segment,
@@ -20,8 +19,7 @@ from .loading import (
     split_model,
 )
 from .segments import Activations, Segment
-
-SplitModel = Segment  # the seed library's name for one part
+from .splitlearn import ModelFactory, SplitModel  # SplitLearn's API
 
 # Training classes pull in Lightning and peft (seconds to import): loaded on first use only.
 _LAZY = {"ClientModule": "modules", "TrunkServer": "server", "load_trunk": "server"}

@@ -1,13 +1,18 @@
 """Per-family glue: the few things decoder families do differently around their layers.
 
-Every supported family has the shape ``XForCausalLM(model=XModel(embed_tokens, layers, norm, rotary_emb),
-lm_head)``. The decoder layers, embeddings (Gemma's sqrt(hidden) scale lives inside its embedding module),
-norms and attention are always transformers' own modules; this file only says, per family:
+Llama-shaped families are ``XForCausalLM(model=XModel(embed_tokens, layers, norm, rotary_emb), lm_head)``;
+GPT-2 is ``GPT2LMHeadModel(transformer=GPT2Model(wte, wpe, drop, h, ln_f), lm_head)`` with a tied head,
+learned absolute positions and no rotary. The decoder layers, embeddings (Gemma's sqrt(hidden) scale lives
+inside its embedding module), norms and attention are always transformers' own modules; this file only says,
+per family:
 
+- where the modules sit (attribute names, which are also the checkpoint's key names),
+- how the first segment embeds ``input_ids`` (token embedding; GPT-2 adds learned positions),
 - which attention kind each layer uses (full or sliding window),
 - how masks are built from the 2-D attention mask and position ids,
-- how rotary (cos, sin) are computed (Gemma-3 has one module called per layer type),
-- where text weights can sit in a checkpoint (multimodal Gemma-3 nests them under ``language_model``).
+- what else each layer is called with (rotary (cos, sin); Gemma-3 has one module called per layer type),
+- where text weights can sit in a checkpoint (multimodal Gemma-3 nests them under ``language_model``),
+- which projections LoRA adapts by default, and whether they store weights (in, out) as GPT-2's Conv1D does.
 
 The final-logit soft-cap (Gemma-2/3) is read from ``config.final_logit_softcapping`` for every family.
 Adding a llama-shaped family is one ``Family(...)`` entry below.
@@ -27,7 +32,10 @@ FULL = "full_attention"
 SLIDING = "sliding_attention"
 
 Masks = dict[str, Any]
-RotaryTable = dict[str, tuple[torch.Tensor, torch.Tensor]]
+LayerInputs = dict[str, dict[str, Any]]
+"""Per layer kind, the keyword arguments a decoder layer takes besides hidden states, mask and position ids."""
+
+LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def config_layer_types(config: Any) -> list[str]:
@@ -82,29 +90,72 @@ def gemma3_masks(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor
     return masks
 
 
-def shared_rotary(rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]) -> RotaryTable:
+def token_embedding(text: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Llama-shaped families: the token embedding alone (positions enter through rotary in every layer)."""
+    return text.embed_tokens(input_ids)
+
+
+def learned_position_embedding(text: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """GPT-2: token plus learned absolute position embeddings, then the embedding dropout (``GPT2Model.forward``)."""
+    return text.drop(text.wte(input_ids) + text.wpe(position_ids))
+
+
+def shared_rotary(text: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]) -> LayerInputs:
     """One rotary table for every layer (Llama, Qwen2, Gemma, Gemma-2, Mistral)."""
-    table = rotary(hidden, position_ids)
-    return {kind: table for kind in kinds}
+    table = text.rotary_emb(hidden, position_ids)
+    return {kind: {"position_embeddings": table} for kind in kinds}
 
 
-def per_kind_rotary(rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]) -> RotaryTable:
+def per_kind_rotary(text: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]) -> LayerInputs:
     """Gemma-3: one module, called per layer kind (local theta 1e4, global 1e6)."""
-    return {kind: rotary(hidden, position_ids, kind) for kind in kinds}
+    return {kind: {"position_embeddings": text.rotary_emb(hidden, position_ids, kind)} for kind in kinds}
+
+
+def no_layer_inputs(text: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]) -> LayerInputs:
+    """Learned absolute positions (GPT-2) were added once, in the embedding: layers need nothing more."""
+    return {kind: {} for kind in kinds}
 
 
 @dataclass(frozen=True)
 class Family:
-    """How one decoder family is cut. ``model_types`` are the ``config.model_type`` values it covers."""
+    """How one decoder family is cut. ``model_types`` are the ``config.model_type`` values it covers.
+
+    Module names are attributes of the causal LM and of its text model, so they are also the checkpoint's
+    key names: a segment holds its modules under them (``model.layers.7...``, ``transformer.h.7...``).
+    """
 
     name: str
     model_types: tuple[str, ...]
     layer_types: Callable[[Any], list[str]] = config_layer_types
     masks: Callable[..., Masks] = causal_masks
-    rotary: Callable[[nn.Module, torch.Tensor, torch.Tensor, set[str]], RotaryTable] = shared_rotary
+    layer_inputs: Callable[[nn.Module, torch.Tensor, torch.Tensor, set[str]], LayerInputs] = shared_rotary
+    """What layers are called with besides hidden states, mask and position ids, from a segment's text model."""
+    embed: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = token_embedding
+    """``(text model, input_ids, position_ids) -> hidden states`` in the first segment (it holds ``input_modules``)."""
+    stack: str = "model"
+    """The causal LM's attribute holding the text model."""
+    layers: str = "layers"
+    """The text model's ``ModuleList`` of decoder layers."""
+    embedding: str = "embed_tokens"
+    """The token embedding; a tied head multiplies by its weight."""
+    norm: str = "norm"
+    """The final norm, before the head."""
+    input_modules: tuple[str, ...] = ("embed_tokens",)
+    """Text-model modules the first segment runs before its layers (``embed`` uses them)."""
+    shared_modules: tuple[str, ...] = ("rotary_emb",)
+    """Weightless text-model modules every segment holds its own copy of (``layer_inputs`` uses them)."""
     # Prefixes (tried in order) under which a checkpoint may store the text model's weights, and the
-    # matching prefix of the LM head. Segments always use the causal-LM names ("model.", "lm_head.").
+    # matching prefix of the LM head. Segments always use the causal-LM names (``stack + "."``, "lm_head.").
     checkpoint_prefixes: tuple[tuple[str, str], ...] = (("model.", ""), ("", ""))
+    lora_targets: tuple[str, ...] = LLAMA_LORA_TARGETS
+    """Projection names LoRA adapts by default: attention and MLP."""
+    lora_fan_in_fan_out: bool = False
+    """The projections store weights as (in, out) (transformers' Conv1D): peft's ``fan_in_fan_out``."""
+
+    @property
+    def layer_path(self) -> str:
+        """Module path of the decoder layers in the causal LM: ``model.layers``, ``transformer.h``."""
+        return f"{self.stack}.{self.layers}"
 
 
 FAMILIES: dict[str, Family] = {
@@ -120,13 +171,29 @@ FAMILIES: dict[str, Family] = {
             "gemma3",
             ("gemma3_text", "gemma3"),
             masks=gemma3_masks,
-            rotary=per_kind_rotary,
+            layer_inputs=per_kind_rotary,
             checkpoint_prefixes=(
                 ("model.", ""),
                 ("model.language_model.", ""),  # Gemma3ForConditionalGeneration saved by transformers 5
                 ("language_model.model.", "language_model."),  # original multimodal hub checkpoints
                 ("", ""),
             ),
+        ),
+        Family(
+            "gpt2",
+            ("gpt2",),
+            layer_inputs=no_layer_inputs,
+            embed=learned_position_embedding,
+            stack="transformer",
+            layers="h",
+            embedding="wte",
+            norm="ln_f",
+            input_modules=("wte", "wpe", "drop"),
+            shared_modules=(),
+            # transformers 5 saves ``transformer.h.0...``; the original hub checkpoints have no prefix (``h.0...``).
+            checkpoint_prefixes=(("transformer.", ""), ("", "")),
+            lora_targets=("c_attn", "c_proj", "c_fc"),  # c_proj: attention output and MLP down projection
+            lora_fan_in_fan_out=True,
         ),
     )
 }
@@ -142,6 +209,6 @@ def get_family(name_or_model_type: str) -> Family:
     supported = ", ".join(sorted(FAMILIES))
     raise ValueError(
         f"unknown model family {name_or_model_type!r}; supported families: {supported}. "
-        "A model with the same shape (model.embed_tokens, model.layers, model.norm, lm_head) can be cut "
-        "by naming the closest family, e.g. family='llama'."
+        "A model with the same shape as a supported one (e.g. model.embed_tokens, model.layers, model.norm, "
+        "model.rotary_emb, lm_head) can be cut by naming that family, e.g. family='llama'."
     )

@@ -245,18 +245,19 @@ class Checkpoint:
     def prefixes(self, family: Family) -> tuple[str, str]:
         """The (text model, head) key prefixes this checkpoint uses, among those the family allows."""
         for text_prefix, head_prefix in family.checkpoint_prefixes:
-            probe = text_prefix + "layers."
+            probe = f"{text_prefix}{family.layers}."
             if any(key.startswith(probe) for key in self.weight_map):
                 return text_prefix, head_prefix
         raise ValueError(f"{self.source!r} holds no decoder layer weights under any of the prefixes "
                          f"{[p for p, _ in family.checkpoint_prefixes]} known for family {family.name!r}")
 
 
-def _checkpoint_key(key: str, prefixes: tuple[str, str]) -> str:
+def _checkpoint_key(key: str, family: Family, prefixes: tuple[str, str]) -> str:
     """Causal-LM key (``model.layers.3...``, ``lm_head.weight``) -> the checkpoint's own key."""
     text_prefix, head_prefix = prefixes
-    if key.startswith("model."):
-        return text_prefix + key[len("model."):]
+    stack = family.stack + "."
+    if key.startswith(stack):
+        return text_prefix + key[len(stack):]
     return head_prefix + key
 
 
@@ -265,14 +266,17 @@ def _text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _decoder_stack(model: nn.Module, what: str) -> nn.Module:
-    """``model.model`` after checking it has the decoder shape segments are cut from."""
-    inner = getattr(model, "model", None)
-    missing = [name for name in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(inner, name)]
-    if inner is None or missing or not isinstance(inner.layers, nn.ModuleList):
+def _decoder_stack(model: nn.Module, family: Family, what: str) -> nn.Module:
+    """The text model (``model.model``, ``model.transformer``) after checking it has the family's shape."""
+    inner = getattr(model, family.stack, None)
+    names = (family.layers, *family.input_modules, family.embedding, family.norm, *family.shared_modules)
+    if inner is None or not all(hasattr(inner, name) for name in names) \
+            or not isinstance(getattr(inner, family.layers), nn.ModuleList):
+        beside = ", ".join(f"{family.stack}.{name}" for name in dict.fromkeys(names[1:]))
         raise ValueError(
-            f"{what} ({type(model).__name__}) has no decoder-layer stack at model.layers with model.embed_tokens, "
-            "model.norm and model.rotary_emb beside it; splittrain cuts decoder-only causal LMs of that shape")
+            f"{what} ({type(model).__name__}) has no decoder-layer stack at {family.layer_path} with {beside} "
+            f"beside it, the shape of family {family.name!r}; splittrain cuts decoder-only causal LMs of a "
+            "supported family's shape")
     return inner
 
 
@@ -309,19 +313,19 @@ def _materialize_buffers(segment: Segment, skeleton: nn.Module, device: torch.de
 
 def _segment_from(model: nn.Module, family: Family, config: Any, name: str, start: int, stop: int,
                   tied: bool, embedding: nn.Module | None = None) -> Segment:
-    """A segment over ``model``'s own modules; each segment gets its own (tiny) rotary module so segments
-    can live on different devices."""
-    inner = model.model
+    """A segment over ``model``'s own modules; each segment gets its own copy of the weightless shared modules
+    (rotary) so segments can live on different devices. ``embedding`` replaces the tied head's embedding."""
+    inner = getattr(model, family.stack)
+    layers = getattr(inner, family.layers)
     last = stop == config.num_hidden_layers
-    return Segment(
-        family, config, start, stop,
-        layers={i: inner.layers[i] for i in range(start, stop)},
-        rotary_emb=copy.deepcopy(inner.rotary_emb),
-        embed_tokens=(embedding or inner.embed_tokens) if start == 0 or (last and tied) else None,
-        norm=inner.norm if last else None,
-        lm_head=model.lm_head if last and not tied else None,
-        name=name,
-    )
+    modules = {key: getattr(inner, key) for key in family.input_modules} if start == 0 else {}
+    if last:
+        if tied:
+            modules[family.embedding] = embedding or getattr(inner, family.embedding)
+        modules[family.norm] = getattr(inner, family.norm)
+    modules.update({key: copy.deepcopy(getattr(inner, key)) for key in family.shared_modules})
+    return Segment(family, config, start, stop, layers={i: layers[i] for i in range(start, stop)}, modules=modules,
+                   lm_head=model.lm_head if last and not tied else None, name=name)
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -416,7 +420,7 @@ def load_parts(
     devices = resolve_device_map(list(ranges), device, device_map)
     stored_dtype = as_dtype(getattr(config, "dtype", None)) or torch.float32
     skeleton = _skeleton(config, dtype or stored_dtype, attn_implementation)
-    _decoder_stack(skeleton, f"{config.model_type!r} model")
+    _decoder_stack(skeleton, fam, f"{config.model_type!r} model")
     prefixes = checkpoint.prefixes(fam)
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
@@ -430,13 +434,14 @@ def load_parts(
         if stop == config.num_hidden_layers and tied and "bottom" in segments and segments["bottom"].device != target:
             # Storage cannot be shared across devices: the top reads its own copy of the embedding (the two
             # copies stay equal unless the client trains them in full).
-            own_embedding = _skeleton(config, dtype or stored_dtype, attn_implementation).model.embed_tokens
+            fresh = _skeleton(config, dtype or stored_dtype, attn_implementation)
+            own_embedding = getattr(getattr(fresh, fam.stack), fam.embedding)
         segment = _segment_from(skeleton, fam, config, name, start, stop, tied, own_embedding)
         needed = {key: t for key, t in segment.state_dict(keep_vars=True).items() if t.is_meta}
         report = PartReport(name, (start, stop))
         by_shard: dict[str, list[tuple[str, str]]] = {}  # shard -> (segment key, checkpoint key)
         for key in needed:
-            ckpt_key = _checkpoint_key(key, prefixes)
+            ckpt_key = _checkpoint_key(key, fam, prefixes)
             if ckpt_key not in checkpoint.weight_map:
                 raise KeyError(f"tensor {ckpt_key!r} (for part {name!r}) is not in {checkpoint.source!r}")
             by_shard.setdefault(checkpoint.weight_map[ckpt_key], []).append((key, ckpt_key))
@@ -475,12 +480,12 @@ def _split_loaded(model: nn.Module, cuts: Sequence[int] | int, parts: Sequence[s
     """Segments over an already-loaded causal LM's own modules (moved to their devices, not copied)."""
     config = _text_config(model.config)
     fam = get_family(family or config.model_type)
-    _decoder_stack(model, "the model")
+    inner = _decoder_stack(model, fam, "the model")
     ranges = part_ranges(config.num_hidden_layers, cuts)
     wanted = _select(ranges, parts)
     devices = resolve_device_map(list(ranges), device, device_map)
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight is model.model.embed_tokens.weight
+    tied = head is not None and head.weight is getattr(inner, fam.embedding).weight
     names = list(ranges)
     if tied and devices[names[0]] != devices[names[-1]] and {names[0], names[-1]} <= set(wanted):
         raise ValueError("this model's head is tied to its embedding: an in-memory split keeps them shared, so "
@@ -562,45 +567,3 @@ def party_parts(names: Sequence[str]) -> dict[str, list[str]]:
         return {"client": [names[0]], "server": [names[1]]}
     return {"client": [names[0], names[-1]], "server": list(names[1:-1])}
 
-
-class ModelFactory:
-    """The seed library's entry point, kept as a thin facade over :func:`split_model`."""
-
-    @staticmethod
-    def create_split_models(
-        model_type: str,
-        model_name_or_path: str | os.PathLike,
-        split_point_1: int,
-        split_point_2: int,
-        device: str = "cpu",
-        device_map: str | Mapping[str, Any] | None = None,
-        low_memory: bool = False,
-        verbose: bool = False,
-        storage_path: str | os.PathLike | None = None,
-        auto_save: bool = False,
-    ) -> tuple[Segment, Segment, Segment]:
-        """``(bottom, trunk, top)`` for ``model_type`` cut at the two split points.
-
-        Loading is always selective (each part reads only its shards and tensors), so ``low_memory`` is
-        accepted for compatibility and changes nothing. With ``auto_save`` the parts are written to
-        ``storage_path/{bottom,trunk,top}`` (load one back with ``SplitModel.load(path)``).
-        """
-        del low_memory  # always selective
-        family = get_family(model_type)
-        checkpoint = Checkpoint(model_name_or_path)
-        actual = checkpoint.text_config.model_type
-        try:
-            actual_family = get_family(actual)
-        except ValueError:
-            actual_family = family  # an unregistered model type of the same shape: trust model_type
-        if actual_family is not family:
-            raise ValueError(f"model_type {model_type!r} does not match the checkpoint, whose model_type is {actual!r}")
-        config = checkpoint.text_config
-        ranges = part_ranges(config.num_hidden_layers, (split_point_1, split_point_2))
-        parts = load_parts(checkpoint, ranges, None, None, device, device_map, verbose, family.name)
-        if auto_save:
-            if storage_path is None:
-                raise ValueError("auto_save=True needs storage_path")
-            for name, segment in parts.items():
-                segment.save(Path(storage_path) / name)
-        return tuple(parts)  # type: ignore[return-value]

@@ -1,10 +1,12 @@
 """peft LoRA on segments, per-party adapter state, and export to one standard peft adapter.
 
 Adapters are injected with peft into a segment whose module names are the full model's
-(``model.layers.7.self_attn.q_proj``), so adapter keys keep the original layer indices and the adapters of
-all parties together form one adapter for the whole model. LoRA ``A`` matrices are initialised from a
-generator seeded by (seed, module name): the same seed gives the same adapters however the model is cut,
-and the same as the unsplit model given :func:`init_lora`.
+(``model.layers.7.self_attn.q_proj``, ``transformer.h.7.attn.c_attn``), so adapter keys keep the original
+layer indices and the adapters of all parties together form one adapter for the whole model. The family says
+which projections are adapted by default and whether they store weights (in, out) (peft's
+``fan_in_fan_out``). LoRA ``A`` matrices are initialised from a generator seeded by (seed, module name): the
+same seed gives the same adapters however the model is cut, and the same as the unsplit model given
+:func:`init_lora`.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
 
+from .families import Family, get_family
+
 TrainMode = Literal["frozen", "lora", "full"]
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -34,27 +37,40 @@ class LoraSettings:
     """Scale numerator: the update is multiplied by alpha / r."""
     dropout: float = 0.0
     """Dropout on the LoRA input."""
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    """Projection names to adapt (attention and MLP by default)."""
+    targets: list[str] | None = None
+    """Projection names to adapt; default: the family's attention and MLP projections."""
+
+    def targets_for(self, family: Family) -> list[str]:
+        """The projection names adapted in a model of ``family``."""
+        return list(self.targets) if self.targets else list(family.lora_targets)
 
 
-def target_regex(layers: Iterable[int], targets: Iterable[str]) -> str:
+def target_regex(family: Family, layers: Iterable[int], targets: Iterable[str]) -> str:
     """peft ``target_modules`` regex (``re.fullmatch``) selecting ``targets`` in exactly these layers."""
     layer_alt = "|".join(str(i) for i in sorted(layers))
     target_alt = "|".join(re.escape(t) for t in targets)
-    return rf"(?:.*\.)?model\.layers\.({layer_alt})\.(?:.*\.)?({target_alt})"
+    return rf"(?:.*\.)?{re.escape(family.layer_path)}\.({layer_alt})\.(?:.*\.)?({target_alt})"
 
 
-def lora_config(layers: Iterable[int], settings: LoraSettings) -> Any:
+def lora_config(family: Family, layers: Iterable[int], settings: LoraSettings) -> Any:
+    """The peft ``LoraConfig`` adapting ``settings``' projections in ``layers`` of a ``family`` model."""
     from peft import LoraConfig
 
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=target_regex(layers, settings.targets), bias="none")
+                      target_modules=target_regex(family, layers, settings.targets_for(family)), bias="none",
+                      fan_in_fan_out=family.lora_fan_in_fan_out)
 
 
-def _canonical(name: str) -> str:
-    """Module name from ``model.layers`` on, whatever wraps it (PeftModel, a segment, a causal LM)."""
-    at = name.find("model.layers.")
+def model_family(module: nn.Module) -> Family:
+    """A segment's family, or the family of a transformers model (or PeftModel) from its ``config.model_type``."""
+    family = getattr(module, "family", None)
+    return family if isinstance(family, Family) else get_family(module.config.model_type)
+
+
+def _canonical(name: str, family: Family) -> str:
+    """Module name from the decoder layers on (``model.layers.3...``), whatever wraps it (PeftModel, a segment,
+    a causal LM)."""
+    at = name.find(family.layer_path + ".")
     return name[at:] if at >= 0 else name
 
 
@@ -63,10 +79,12 @@ def init_lora(module: nn.Module, seed: int = 0, adapter: str = "default") -> Non
     """peft's default init (A: kaiming-uniform, B: zeros), with A drawn from a per-module seeded generator."""
     from peft.tuners.lora import LoraLayer
 
+    family = model_family(module)
     for name, layer in module.named_modules():
         if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
             weight = layer.lora_A[adapter].weight
-            g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(_canonical(name).encode()))
+            key = _canonical(name, family)
+            g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
             fresh = torch.empty(weight.shape, dtype=torch.float32)
             nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=g)
             weight.copy_(fresh)
@@ -79,7 +97,7 @@ def add_lora(segment: nn.Module, layers: Iterable[int], settings: LoraSettings, 
 
     for param in segment.parameters():
         param.requires_grad_(False)
-    inject_adapter_in_model(lora_config(layers, settings), segment)
+    inject_adapter_in_model(lora_config(segment.family, layers, settings), segment)
     init_lora(segment, seed)
     return segment
 
@@ -117,9 +135,9 @@ def load_adapter_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor]
         expected[name].copy_(tensor)
 
 
-def export_adapter(out: str | Path, base_model: str, parts: Mapping[str, tuple[list[int], LoraSettings]],
-                   tensors: Mapping[str, torch.Tensor]) -> Path:
-    """Write one standard peft adapter for the whole model from the parties' adapters.
+def export_adapter(out: str | Path, base_model: str, family: Family,
+                   parts: Mapping[str, tuple[list[int], LoraSettings]], tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write one standard peft adapter for the whole model (of ``family``) from the parties' adapters.
 
     ``parts`` maps a party's part name to (its adapted layers, its settings); ``tensors`` holds all adapter
     tensors under :func:`adapter_state_dict` names. Different ranks or alphas per party are expressed with
@@ -131,19 +149,20 @@ def export_adapter(out: str | Path, base_model: str, parts: Mapping[str, tuple[l
     if not parts:
         raise ValueError("no LoRA-trained part to export")
     settings = list(parts.values())
-    targets = sorted({t for _, s in settings for t in s.targets})
-    if any(set(s.targets) != set(targets) for _, s in settings):
+    targets = sorted({t for _, s in settings for t in s.targets_for(family)})
+    if any(set(s.targets_for(family)) != set(targets) for _, s in settings):
         raise ValueError("parties adapt different projection names: export needs the same targets everywhere")
     _, main = max(settings, key=lambda s: len(s[0]))
     all_layers = sorted({i for layers, _ in settings for i in layers})
     rank_pattern, alpha_pattern = {}, {}
     for layers, s in settings:
         if (s.r, s.alpha) != (main.r, main.alpha):
-            key = rf"model\.layers\.({'|'.join(map(str, layers))})\..*"
+            key = rf"{re.escape(family.layer_path)}\.({'|'.join(map(str, layers))})\..*"
             rank_pattern[key], alpha_pattern[key] = s.r, s.alpha
     config = LoraConfig(r=main.r, lora_alpha=main.alpha, lora_dropout=main.dropout, bias="none",
-                        target_modules=target_regex(all_layers, targets), rank_pattern=rank_pattern,
-                        alpha_pattern=alpha_pattern, task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+                        target_modules=target_regex(family, all_layers, targets), rank_pattern=rank_pattern,
+                        alpha_pattern=alpha_pattern, fan_in_fan_out=family.lora_fan_in_fan_out,
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
@@ -169,6 +188,8 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     """
     import json
 
+    from transformers import AutoConfig
+
     from .state import load_state
 
     run_dir = Path(run_dir)
@@ -185,6 +206,8 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
         raise FileNotFoundError(f"the trunk checkpoint {trunk_file} that {checkpoint.name} refers to is missing")
     trunk = {_peft_name(k): v for k, v in load_state(trunk_file)["trainable"].items()}
     client = {_peft_name(k): v for k, v in client_state["state_dict"].items()}
+    config = AutoConfig.from_pretrained(manifest["model"])
+    family = get_family(config.get_text_config().model_type)
     c1, c2 = manifest["cuts"]
     trunk_part = (list(range(c1, c2)), LoraSettings(**manifest["trunk_lora"]))
     if manifest["client"] != "full":
@@ -192,11 +215,11 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
         if manifest["client"] == "lora":
             client_layers = [*range(c1), *range(c2, manifest["num_layers"])]
             parts["client"] = (client_layers, LoraSettings(**manifest["client_lora"]))
-        return export_adapter(out, manifest["model"], parts, {**client, **trunk})
-    return _export_merged(out, manifest["model"], trunk_part, trunk, client)
+        return export_adapter(out, manifest["model"], family, parts, {**client, **trunk})
+    return _export_merged(out, manifest["model"], family, trunk_part, trunk, client)
 
 
-def _export_merged(out: str | Path, base: str, trunk_part: tuple[list[int], LoraSettings],
+def _export_merged(out: str | Path, base: str, family: Family, trunk_part: tuple[list[int], LoraSettings],
                    trunk: Mapping[str, torch.Tensor], client: Mapping[str, torch.Tensor]) -> Path:
     from peft import inject_adapter_in_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,7 +232,7 @@ def _export_merged(out: str | Path, base: str, trunk_part: tuple[list[int], Lora
                 raise KeyError(f"client tensor {name!r} is not a parameter of {base}")
             params[name].copy_(tensor)
     layers, settings = trunk_part
-    inject_adapter_in_model(lora_config(layers, settings), model)
+    inject_adapter_in_model(lora_config(family, layers, settings), model)
     load_adapter_state_dict(model, trunk)
     from peft.tuners.lora import LoraLayer
 

@@ -2,9 +2,10 @@
 
 A ``Segment`` runs decoder layers ``[start, stop)`` with transformers' own modules, plus the embedding if it
 is the first segment and the final norm + LM head if it is the last. Its ``state_dict()`` keys are exactly
-the causal-LM checkpoint keys of the tensors it holds (``model.layers.7.mlp.up_proj.weight``), so a
-segment's weights are a partial Hugging Face checkpoint and LoRA adapters keep the full model's layer
-indices. Segments chain while the masks' ingredients travel with the activations::
+the causal-LM checkpoint keys of the tensors it holds (``model.layers.7.mlp.up_proj.weight``,
+``transformer.h.7.mlp.c_fc.weight``), so a segment's weights are a partial Hugging Face checkpoint and LoRA
+adapters keep the full model's module names and layer indices. Segments chain while the masks' ingredients
+travel with the activations::
 
     s = bottom(input_ids, attention_mask=mask)   # -> Activations
     s = trunk(s)                                  # -> Activations
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -48,13 +49,14 @@ class Segment(nn.Module):
         config: Any,
         start: int,
         stop: int,
-        layers: dict[int, nn.Module],
-        rotary_emb: nn.Module,
-        embed_tokens: nn.Module | None = None,
-        norm: nn.Module | None = None,
+        layers: Mapping[int, nn.Module],
+        modules: Mapping[str, nn.Module],
         lm_head: nn.Module | None = None,
         name: str | None = None,
     ) -> None:
+        """``layers`` by index; ``modules``: the text model's other modules this segment holds, under their names
+        there (the family's input modules in the first segment, its final norm and any tied embedding in the
+        last, its shared modules in every one)."""
         super().__init__()
         num_layers = config.num_hidden_layers
         if not 0 <= start < stop <= num_layers:
@@ -70,21 +72,33 @@ class Segment(nn.Module):
         # Tied heads: the last segment holds the embedding matrix under its checkpoint name and uses it as
         # the head, so in one process the bottom's embedding and the top's head share storage.
         self.tied = self.is_last and lm_head is None
+        needed = list(family.shared_modules)
+        if self.is_first:
+            needed += family.input_modules
+        if self.is_last:
+            needed += [family.norm, family.embedding] if self.tied else [family.norm]
+        missing = [m for m in needed if m not in modules]
+        if missing:
+            raise ValueError(f"segment {self.name!r} lacks the text model's {missing}: the first segment needs the "
+                             "embedding, the last one the final norm and a head (lm_head or the tied embedding)")
 
-        model = nn.Module()
-        if embed_tokens is not None:
-            model.embed_tokens = embed_tokens
-        model.layers = nn.ModuleDict({str(i): layers[i] for i in range(start, stop)})
-        if norm is not None:
-            model.norm = norm
-        model.rotary_emb = rotary_emb
-        self.model = model
+        text = nn.Module()
+        for key, module in modules.items():
+            text.add_module(key, module)
+        text.add_module(family.layers, nn.ModuleDict({str(i): layers[i] for i in range(start, stop)}))
+        self.add_module(family.stack, text)
         if lm_head is not None:
             self.lm_head = lm_head
-        if self.is_first and embed_tokens is None:
-            raise ValueError("the first segment needs the embedding")
-        if self.is_last and (norm is None or (lm_head is None and embed_tokens is None)):
-            raise ValueError("the last segment needs the final norm and a head (lm_head or tied embedding)")
+
+    @property
+    def text_model(self) -> nn.Module:
+        """The segment's part of the text model (``self.model``; ``self.transformer`` for GPT-2)."""
+        return getattr(self, self.family.stack)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleDict:
+        """This segment's decoder layers, keyed by their index in the whole model."""
+        return getattr(self.text_model, self.family.layers)
 
     @property
     def is_first(self) -> bool:
@@ -124,26 +138,24 @@ class Segment(nn.Module):
         if isinstance(inputs, Activations):
             if self.is_first:
                 raise TypeError(f"segment {self.name!r} is the first one: pass input_ids, not Activations")
-            hidden, attention_mask, position_ids = inputs.hidden_states, inputs.attention_mask, inputs.position_ids
-            hidden = hidden.to(device=device, dtype=self.dtype)
-        elif self.is_first:
-            if inputs.dtype.is_floating_point:
-                raise TypeError(f"segment {self.name!r} is the first one: it takes integer input_ids")
-            hidden = self.model.embed_tokens(inputs.to(device))
-        else:
-            hidden = inputs.to(device=device, dtype=self.dtype)
+            inputs, attention_mask, position_ids = inputs.hidden_states, inputs.attention_mask, inputs.position_ids
+        elif self.is_first and inputs.dtype.is_floating_point:
+            raise TypeError(f"segment {self.name!r} is the first one: it takes integer input_ids")
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
         if position_ids is None:
-            position_ids = torch.arange(hidden.shape[1], device=device).unsqueeze(0)
+            position_ids = torch.arange(inputs.shape[1], device=device).unsqueeze(0)
         position_ids = position_ids.to(device)
+        if self.is_first:
+            hidden = self.family.embed(self.text_model, inputs.to(device), position_ids)
+        else:
+            hidden = inputs.to(device=device, dtype=self.dtype)
 
         masks = self.family.masks(self.config, hidden, attention_mask, position_ids, self.kinds)
-        rotary = self.family.rotary(self.model.rotary_emb, hidden, position_ids, self.kinds)
-        for index, layer in self.model.layers.items():
+        extra = self.family.layer_inputs(self.text_model, hidden, position_ids, self.kinds)
+        for index, layer in self.decoder_layers.items():
             kind = self.layer_types[int(index)]
-            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rotary[kind],
-                           position_ids=position_ids)
+            hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids, **extra[kind])
         if not self.is_last:
             return Activations(hidden, attention_mask, position_ids)
         return self._head(hidden, labels, loss_kwargs)
@@ -152,9 +164,9 @@ class Segment(nn.Module):
         from transformers.loss.loss_utils import ForCausalLMLoss
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        hidden = self.model.norm(hidden)
+        hidden = getattr(self.text_model, self.family.norm)(hidden)
         if self.tied:
-            logits = nn.functional.linear(hidden, self.model.embed_tokens.weight)
+            logits = nn.functional.linear(hidden, getattr(self.text_model, self.family.embedding).weight)
         else:
             logits = self.lm_head(hidden)
         cap = getattr(self.config, "final_logit_softcapping", None)

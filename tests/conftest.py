@@ -35,6 +35,9 @@ TINY: dict[str, dict[str, Any]] = {
                    num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                    query_pre_attn_scalar=16, sliding_window=4, final_logit_softcapping=3.0,
                    attn_logit_softcapping=5.0),
+    # Learned positions, LayerNorm with biases, Conv1D projections, tied head; dropouts off for exactness.
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
 }
 
 

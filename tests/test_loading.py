@@ -186,22 +186,13 @@ def test_split_command_writes_one_folder_per_party(checkpoint, tmp_path, capsys)
                 - model(ids, attention_mask=mask).logits).abs().max() <= TOL
 
 
-def test_seed_api_facade(checkpoint, tmp_path):
-    model, folder = checkpoint("gemma")
-    bottom, trunk, top = splittrain.ModelFactory.create_split_models(
-        "gemma", str(folder), 1, 3, low_memory=True, storage_path=tmp_path / "saved", auto_save=True)
-    assert isinstance(bottom, splittrain.SplitModel)
-    reloaded = splittrain.SplitModel.load(tmp_path / "saved" / "trunk")
-    ids, mask = batch(None)
-    with torch.no_grad():
-        assert (top(reloaded(bottom(ids))).logits - model(ids).logits).abs().max() <= TOL
-    with pytest.raises(ValueError, match="does not match"):
-        splittrain.ModelFactory.create_split_models("qwen2", str(folder), 1, 3)
-    with pytest.raises(FileNotFoundError, match="never unpickles"):
-        splittrain.SplitModel.load(tmp_path / "saved" / "bottom.pt")
-    # split_point_1/2 spelling on the primary API
+def test_split_points_spelling(checkpoint):
+    """SplitLearn's ``split_point_1/2`` names on the native API (the facade itself: tests/test_splitlearn.py)."""
+    _, folder = checkpoint("llama")
     parts = splittrain.split_model(folder, split_point_1=1, split_point_2=3)
     assert [p.name for p in parts] == ["bottom", "trunk", "top"]
+    with pytest.raises(ValueError, match="not both"):
+        splittrain.split_model(folder, cuts=(1, 3), split_point_1=1)
 
 
 def test_dtype_conversion_matches_transformers(checkpoint):
@@ -250,16 +241,21 @@ def test_device_map_places_parts(checkpoint):
 
 # ------------------------------------------------------------------------------------------ errors
 def test_unknown_family_lists_supported(checkpoint, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OPTConfig, OPTForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match=r"unknown model family 'gpt2'; supported families: gemma, gemma2, gemma3"):
-        splittrain.split_model(tmp_path / "gpt2", cuts=(1,))
+    config = OPTConfig(num_hidden_layers=2, hidden_size=16, ffn_dim=32, num_attention_heads=2, vocab_size=50,
+                       word_embed_proj_dim=16, max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+                       pad_token_id=1)
+    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    with pytest.raises(ValueError, match=r"unknown model family 'opt'; supported families: gemma, gemma2, gemma3, gpt2,"
+                                         r" llama"):
+        splittrain.split_model(tmp_path / "opt", cuts=(1,))
     # naming a family for a model of another shape: no decoder stack where segments need one
-    with pytest.raises(ValueError, match="no decoder-layer stack"):
-        splittrain.split_model(tmp_path / "gpt2", cuts=(1,), family="llama")
-    with pytest.raises(ValueError, match="no decoder-layer stack"):
-        splittrain.split_model(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)), cuts=(1,), family="llama")
+    for family in ("llama", "gpt2"):
+        with pytest.raises(ValueError, match="no decoder-layer stack"):
+            splittrain.split_model(tmp_path / "opt", cuts=(1,), family=family)
+        with pytest.raises(ValueError, match="no decoder-layer stack"):
+            splittrain.split_model(OPTForCausalLM(config), cuts=(1,), family=family)
 
 
 @pytest.mark.parametrize("cuts, message", [

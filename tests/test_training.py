@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from splittrain.lora import LoraSettings, adapter_state_dict, init_lora, lora_config
+from splittrain.lora import LoraSettings, adapter_state_dict, init_lora, lora_config, model_family
 from splittrain.modules import ClientModule, OptimSettings, TrunkSettings, build_optimizer
 from conftest import batch
 
@@ -49,19 +49,16 @@ def monolithic_run(folder, client: str, accumulate: int = 1, clip: float | None 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    family = model_family(model)
     num_layers = model.config.num_hidden_layers
     lora_layers = range(num_layers) if client == "lora" else range(*CUTS)
     for p in model.parameters():
         p.requires_grad_(False)
-    inject_adapter_in_model(lora_config(lora_layers, LORA), model)
+    inject_adapter_in_model(lora_config(family, lora_layers, LORA), model)
     init_lora(model, seed=3)
     if client == "full":
-        client_layers = [*range(CUTS[0]), *range(CUTS[1], num_layers)]
         for name, p in model.named_parameters():
-            if ".lora_" in name:
-                continue
-            layer = name.split(".")[2] if name.startswith("model.layers.") else None
-            if layer is None or int(layer) in client_layers:
+            if ".lora_" not in name and layer_of(name, family.layer_path) not in range(*CUTS):
                 p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, OPTIM, STEPS)
@@ -80,9 +77,16 @@ def monolithic_run(folder, client: str, accumulate: int = 1, clip: float | None 
     weights = adapter_state_dict(model)
     if client == "full":
         state = model.state_dict()
-        weights.update({k: state[k] for k in state if ".lora_" not in k and (
-            not k.startswith("model.layers.") or int(k.split(".")[2]) not in range(*CUTS))})
+        weights.update({k: state[k] for k in state if ".lora_" not in k
+                        and layer_of(k, family.layer_path) not in range(*CUTS)})
     return losses, weights
+
+
+def layer_of(name: str, layer_path: str) -> int | None:
+    """Decoder-layer index of a parameter name (``model.layers.3...`` -> 3), None outside the layers."""
+    if not name.startswith(layer_path + "."):
+        return None
+    return int(name[len(layer_path) + 1:].split(".")[0])
 
 
 def assert_same(split_losses, split_weights, mono_losses, mono_weights):
