@@ -76,30 +76,6 @@ def test_twelve_layers_at_the_splitlearn_quickstart_cuts(checkpoint):
         assert max_diff(chain(parts, ids, mask).logits, model(ids, attention_mask=mask).logits) <= TOL
 
 
-def test_gradients_match_transformers(checkpoint):
-    model, folder = checkpoint("gpt2")
-    ids, mask = batch("left")
-    labels = ids.masked_fill(mask == 0, -100)
-    model.train()
-    expected_loss = model(ids, attention_mask=mask, labels=labels).loss
-    expected_loss.backward()
-    expected = {name: p.grad for name, p in model.named_parameters()}
-
-    parts = splittrain.split_model(folder, cuts=(1, 3))
-    out = chain(parts, ids, mask, labels=labels)
-    out.loss.backward()
-    assert abs(out.loss.item() - expected_loss.item()) <= TOL
-    # The tied embedding is one parameter shared by bottom and top in one process: its gradient sums both uses.
-    assert parts[0].transformer.wte.weight is parts[2].transformer.wte.weight
-    seen = set()
-    for segment in parts:
-        for name, param in segment.named_parameters():
-            diff = max_diff(param.grad, expected[name])
-            assert diff <= TOL, f"{name}: grad diff {diff}"
-            seen.add(name)
-    assert seen == set(expected)
-
-
 def test_state_dict_keys_are_checkpoint_keys(checkpoint):
     model, folder = checkpoint("gpt2")
     bottom, trunk, top = splittrain.split_model(folder, cuts=(1, 3))

@@ -83,7 +83,7 @@ def test_gemma3_sequences_longer_than_window_use_sliding_masks(checkpoint):
 
 
 @pytest.mark.parametrize("family, overrides", [("qwen2", {}), ("gemma", {}), ("gemma3", {}), ("llama", {}),
-                                               ("qwen2", dict(tie_word_embeddings=True))])
+                                               ("qwen2", dict(tie_word_embeddings=True)), ("gpt2", {})])
 def test_gradients_match_unsplit_model(checkpoint, family, overrides):
     model, folder = checkpoint(family, **overrides)
     ids, mask = batch("left")
