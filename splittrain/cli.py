@@ -57,6 +57,8 @@ def split_command(model: str, cuts: Sequence[int], out: str | Path, dtype: str |
 
 
 def _tools_parser() -> argparse.ArgumentParser:
+    from .server import ServerLimits
+
     parser = argparse.ArgumentParser(prog="splittrain", description="Split-learning fine-tuning of decoder LLMs.",
                                      epilog="python -m splittrain fit --help lists every training setting")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,9 +91,21 @@ def _tools_parser() -> argparse.ArgumentParser:
                        help="save trunk/latest.safetensors every N steps (a restarted server loses no step)")
     serve.add_argument("--run_dir", default=None, help="checkpoints and server_status.json (default: the "
                        "config's trainer.default_root_dir)")
-    serve.add_argument("--session_timeout", type=float, default=120.0,
+    limits = ServerLimits()
+    serve.add_argument("--session_timeout", type=float, default=limits.session_timeout,
                        help="seconds a disconnected client's session waits for it to reconnect")
     serve.add_argument("--max_connections", type=int, default=64, help="connections served at once")
+    serve.add_argument("--max_graphs", type=int, default=limits.max_graphs,
+                       help="forward passes waiting for their backward pass, per client")
+    serve.add_argument("--max_graph_bytes", type=int, default=limits.max_graph_bytes,
+                       help="bytes those graphs may keep for backward, per client")
+    serve.add_argument("--max_graph_age", type=float, default=limits.max_graph_age,
+                       help="seconds a forward pass may wait for its backward pass")
+    serve.add_argument("--max_batch", type=int, default=limits.max_batch, help="rows per forward pass")
+    serve.add_argument("--max_seq", type=int, default=None,
+                       help="tokens per row (default: the model's max_position_embeddings)")
+    serve.add_argument("--max_frame_bytes", type=int, default=limits.max_frame_bytes,
+                       help="largest payload an authenticated client may send")
     token = commands.add_parser("token", help="add a client with a fresh random token to a tokens file")
     token.add_argument("--tokens", required=True, help="tokens.json to create or extend (mode 600)")
     token.add_argument("--client", required=True, help="the client's name")
@@ -119,13 +133,13 @@ def client_settings(configs: Sequence[str], overrides: Sequence[str] = ()) -> tu
 
 def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1:7000", tls_cert: str | None = None,
                   tls_key: str | None = None, resume: bool = False, save_every: int = 1, run_dir: str | None = None,
-                  session_timeout: float = 120.0, max_connections: int = 64,
-                  overrides: Sequence[str] = ()) -> None:
-    """Serve the trunk that ``configs`` describe on ``address`` until SIGTERM/SIGINT (then save and stop)."""
+                  limits: Any = None, max_connections: int = 64, overrides: Sequence[str] = ()) -> None:
+    """Serve the trunk that ``configs`` describe on ``address`` until SIGTERM/SIGINT (then save and stop);
+    ``limits`` is a :class:`~splittrain.server.ServerLimits`."""
     import logging
     import signal
 
-    from .server import LATEST, ServerLimits
+    from .server import LATEST
     from .transport.tcp import TcpServer, load_tokens, server_tls_context
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -136,8 +150,7 @@ def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1
     module, trainer = client_settings(configs, overrides)
     run = Path(run_dir or trainer.get("default_root_dir") or "runs/server")
     max_steps = trainer.get("max_steps") or -1
-    server = module.build_server(max_steps if max_steps > 0 else None, run, ServerLimits(session_timeout=session_timeout),
-                                 save_every=save_every)
+    server = module.build_server(max_steps if max_steps > 0 else None, run, limits, save_every=save_every)
     if resume:
         step = server.resume()
         print(f"splittrain: resumed the trunk at step {step}" if step is not None else
@@ -248,8 +261,13 @@ def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
         return split_command(ns.model, ns.cuts, ns.out, dtype=ns.dtype, family=ns.family, revision=ns.revision,
                              max_shard_size=ns.max_shard_size, verbose=not ns.quiet)
     if ns.command == "serve":
+        from .server import ServerLimits
+
+        limits = ServerLimits(max_graphs=ns.max_graphs, max_graph_bytes=ns.max_graph_bytes,
+                              max_graph_age=ns.max_graph_age, max_batch=ns.max_batch, max_seq=ns.max_seq,
+                              max_frame_bytes=ns.max_frame_bytes, session_timeout=ns.session_timeout)
         return serve_command(ns.config, ns.tokens, ns.address, ns.tls_cert, ns.tls_key, ns.resume, ns.save_every,
-                             ns.run_dir, ns.session_timeout, ns.max_connections, overrides)
+                             ns.run_dir, limits, ns.max_connections, overrides)
     if ns.command == "token":
         return token_command(ns.tokens, ns.client, ns.out)
     if ns.command == "export":
