@@ -275,14 +275,17 @@ def test_connections_beyond_the_limit_are_told_and_closed(server):
     host, port = parse_address(server["address"])
     idle = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
     try:
-        wait_for(lambda: read_status(server["run"])["connections"] == 3, 10, "three open connections")
+        wait_for(lambda: (s := read_status(server["run"])) and s["connections"] == 3, 10, "three open connections")
         with socket.create_connection((host, port), timeout=10) as extra:
             answer = read_frame(SocketReader(extra), 0).header
-        assert answer["kind"] == "error" and "connection limit" in answer["error"]
+        assert answer["kind"] == "error" and "connection limit" in answer["error"] and answer["retry"] is True
+        with pytest.raises(ConnectionError, match="connection limit"):  # a client retries, then says why
+            TcpTransport(server["address"], "bob", server["tokens"]["bob"], quickstart_fingerprint(),
+                         reconnect_timeout=1)
     finally:
         for sock in idle:
             sock.close()
-    wait_for(lambda: read_status(server["run"])["connections"] == 0, 10, "the idle connections to close")
+    wait_for(lambda: (s := read_status(server["run"])) and s["connections"] == 0, 10, "the idle connections to close")
     link = TrunkLink(TcpTransport(server["address"], "bob", server["tokens"]["bob"], quickstart_fingerprint()))
     assert trunk_forward(link).shape == (2, 5, 128)
     link.close()

@@ -256,7 +256,7 @@ class TcpServer:
         try:
             sock.settimeout(1.0)
             send_frame(sock, encode("error", {"error": "the trunk server is at its connection limit; retry later",
-                                              "fatal": True}))
+                                              "fatal": True, "retry": True}))
         except OSError:
             pass
         finally:
@@ -477,6 +477,8 @@ class TcpTransport:
         return welcome.header
 
     def _raise_refusal(self, frame: Frame) -> None:
+        if frame.kind == "error" and frame.header.get("retry") is True:  # busy: worth another try
+            raise ConnectionRefusedError(f"the trunk server at {self.address}: {frame.header.get('error')}")
         if frame.kind == "error":
             raise HandshakeError(f"the trunk server at {self.address} refused client {self.client_name!r}: "
                                  f"{frame.header.get('error')}")
