@@ -24,11 +24,12 @@ SHAPE = dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidde
              num_key_value_heads=2, tie_word_embeddings=True)
 
 
-def make_batches(count: int, batch: int, length: int) -> list[dict[str, torch.Tensor]]:
+def make_batches(count: int, batch: int, length: int, vocab_size: int = SHAPE["vocab_size"]) -> list[dict[str, torch.Tensor]]:
+    """Seeded random token batches (every position trained)."""
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(count):
-        ids = torch.randint(0, SHAPE["vocab_size"], (batch, length), generator=g)
+        ids = torch.randint(0, vocab_size, (batch, length), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
     return out
 
