@@ -28,6 +28,8 @@ from .metrics import TokenMetrics
 from .segments import Activations, Segment
 from .server import OptimSettings, TrunkSettings, build_optimizer
 from .state import load_state, save_state
+from .transport import TRANSPORTS
+from .transport.wire import FLOAT_DTYPES
 
 RUN_FILE = "run.json"
 TOKEN_ENV = "SPLITTRAIN_TOKEN"
@@ -88,11 +90,11 @@ class ClientModule(L.LightningModule):
             raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
         if client not in ("frozen", "lora", "full"):
             raise ValueError(f"client must be 'frozen', 'lora' or 'full', got {client!r}")
-        if transport not in ("local", "tcp", "dist"):
-            raise ValueError(f"unknown transport {transport!r}; available: local, tcp, dist")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; available: {', '.join(TRANSPORTS)}")
         if transport == "tcp" and not address:
             raise ValueError("transport 'tcp' needs the server's address: --model.address HOST:PORT")
-        if wire_dtype not in ("float32", "bfloat16", "float16"):
+        if wire_dtype not in FLOAT_DTYPES:
             raise ValueError(f"wire_dtype must be float32, bfloat16 or float16, got {wire_dtype!r}")
         self.model_name, self.cuts, self.client_mode = model, tuple(cuts), client
         self.client_lora, self.optim, self.trunk_settings = client_lora, optim, trunk
