@@ -232,11 +232,20 @@ def write_summary(trainer, model, datamodule) -> dict[str, Any]:
     summary["val_loss"] = validated.get("val_loss", math.nan)
     summary["val_perplexity"] = validated.get("val_perplexity", math.nan)
     summary["val_token_accuracy"] = validated.get("val_token_accuracy", math.nan)
-    if trainer.is_global_zero:
-        path = model.run_dir / "summary.json"
+    name = "summary.json"
+    if model.federated.enabled:
+        summary["clients"] = model.client_summaries(trainer, datamodule)
+        held = model.held_clients()
+        if 0 not in held and model.transport != "dist":  # tcp: each client process writes its own figures
+            name = f"summary-client{held[0]}.json"
+    if trainer.is_global_zero and (not model.federated.enabled or model.transport != "dist" or 0 in model.held_clients()):
+        path = model.run_dir / name
         path.write_text(json.dumps(summary, indent=2) + "\n")
         print("\n".join(f"  {k:<20} {v:.4g}" if isinstance(v, float) else f"  {k:<20} {v}"
-                        for k, v in summary.items() if not isinstance(v, list)))
+                        for k, v in summary.items() if not isinstance(v, (list, dict))))
+        for name, figures in summary.get("clients", {}).items():
+            print(f"  {name:<8} tokens {figures['tokens']:>8}  train loss {figures['train_loss_first']:.4g} -> "
+                  f"{figures['train_loss_last']:.4g}  val loss (own shard) {figures['val_loss_own_shard']:.4g}")
         print(f"summary: {path}")
         if model.sample_prompt:
             from .generate import greedy_answer

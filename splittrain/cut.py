@@ -64,9 +64,25 @@ class TrunkLink:
         """Sum over trunk parameters of their squared gradient norms (for global-norm clipping)."""
         return self._request("grad_sq_norm", {}, {})[1]["sq_norm"]
 
-    def step(self, step: int, scale: float | None = None) -> dict[str, Any]:
-        """Make optimizer step number ``step`` on the trunk, scaling its gradients by ``scale`` (clipping)."""
-        return self._request("step", {"step": int(step), "scale": scale}, {})[0]
+    def step(self, step: int, scale: float | None = None, participant: bool | None = None) -> dict[str, Any]:
+        """Make optimizer step number ``step`` on the trunk, scaling its gradients by ``scale`` (clipping); in a
+        federation, say whether this client took part in the step (its gradients count)."""
+        header: dict[str, Any] = {"step": int(step), "scale": scale}
+        if participant is not None:
+            header["participant"] = participant
+        return self._request("step", header, {})[0]
+
+    def request_plain(self, kind: str, header: dict[str, Any]) -> dict[str, Any]:
+        """A request without tensors; the reply's header."""
+        return self._request(kind, header, {})[0]
+
+    def request_tensors(self, kind: str, header: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        """A request with tensors as given (no wire-dtype cast); the reply's header and tensors."""
+        return self._request(kind, header, tensors)
+
+    def join(self, index: int, samples: int) -> dict[str, Any]:
+        """Tell the server which client of its federation this is and how many training rows it holds."""
+        return self._request("join", {"index": int(index), "samples": int(samples)}, {})[0]
 
     def save(self, tag: str) -> None:
         self._request("save", {"tag": tag}, {})

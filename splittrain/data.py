@@ -11,6 +11,9 @@ From YAML (LightningCLI)::
       train: data/train.jsonl
       tokenizer: Qwen/Qwen2-0.5B-Instruct
       max_length: 512
+
+Federated clients each train on their own disjoint shard of the rows: :func:`partition` draws the shards (iid, label
+skew from a Dirichlet, or one client per value of a column) and :meth:`InstructionDataModule.shard` applies them.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from itertools import groupby
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import transformers
 from datasets import load_dataset
@@ -32,6 +36,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
+PARTITIONS = ("iid", "dirichlet", "column")  # the methods of `partition`
 
 # Jinja chat templates, rendered by transformers' `apply_chat_template` (trim_blocks and lstrip_blocks on).
 CHAT_TEMPLATES: dict[str, str] = {
@@ -234,6 +239,81 @@ def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int, 
     return batch
 
 
+def partition(rows: Any, clients: int, method: Literal["iid", "dirichlet", "column"] = "iid", alpha: float = 0.5,
+              column: str | None = None, seed: int = 0) -> list[list[int]]:
+    """``clients`` disjoint lists of row indices, each ascending, that together cover every row; the same for the
+    same arguments.
+
+    ``rows`` needs ``len`` and column access (``rows[column]``, e.g. a ``datasets.Dataset``).
+
+    - ``iid``: a seeded permutation cut into near-equal parts.
+    - ``dirichlet``: label skew. The rows of each value of ``column`` (values in sorted order) are shuffled and
+      split by proportions drawn from Dirichlet(``alpha``) over the clients: the smaller ``alpha``, the more each
+      value concentrates on few clients. The proportions depend only on the sorted values, ``clients``, ``alpha``
+      and ``seed``, so two splits with the same values (train, validation) get the same skew. A client left empty
+      takes one row from the largest shard.
+    - ``column``: each value of ``column`` goes wholly to one client: the k-th value in sorted order to client
+      ``k % clients``.
+
+    Raises ``ValueError`` for a bad option, or when the rows (or the values, for ``column``) are fewer than the
+    clients: every client gets at least one row.
+    """
+    _check_clients(clients)
+    _check_partition(method, alpha, column)
+    if method == "iid":
+        if len(rows) < clients:
+            raise ValueError(f"{len(rows)} rows cannot be split among {clients} clients (model.federated.clients): "
+                             "every client needs a row")
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+        return [sorted(part.tolist()) for part in torch.tensor_split(order, clients)]
+
+    try:
+        labels = list(rows[column])
+    except (KeyError, ValueError) as error:  # a datasets.Dataset raises ValueError, mappings and frames KeyError
+        raise ValueError(f"data.partition_column {column!r} is not a column of the rows") from error
+    rows_of: dict[Any, list[int]] = {}
+    for index, label in enumerate(labels):
+        rows_of.setdefault(label, []).append(index)
+    values = sorted(rows_of)
+    if method == "column":
+        if len(values) < clients:
+            raise ValueError(f"column {column!r} (data.partition_column) has {len(values)} distinct values, fewer "
+                             f"than the {clients} clients (model.federated.clients): each client needs a value")
+        return [sorted(i for k in range(client, len(values), clients) for i in rows_of[values[k]])
+                for client in range(clients)]
+
+    if len(labels) < clients:
+        raise ValueError(f"{len(labels)} rows cannot be split among {clients} clients (model.federated.clients): "
+                         "every client needs a row")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    proportions = rng.dirichlet([alpha] * clients, size=len(values))  # drawn first: independent of the row counts
+    shards: list[list[int]] = [[] for _ in range(clients)]
+    for value, shares in zip(values, proportions):
+        indices = rng.permutation(rows_of[value])
+        cuts = (np.cumsum(shares)[:-1] * len(indices)).astype(int)
+        for shard, part in zip(shards, np.split(indices, cuts)):
+            shard.extend(part.tolist())
+    for shard in shards:
+        if not shard:  # the largest shard has at least 2 rows here, since there are at least as many rows as clients
+            shard.append(max(shards, key=len).pop())
+    return [sorted(shard) for shard in shards]
+
+
+def _check_clients(clients: int) -> None:
+    if not (isinstance(clients, int) and clients >= 1):
+        raise ValueError(f"model.federated.clients must be an integer >= 1, got {clients!r}")
+
+
+def _check_partition(method: str, alpha: float, column: str | None) -> None:
+    if method not in PARTITIONS:
+        raise ValueError(f"unknown data.partition {method!r}: expected one of {', '.join(PARTITIONS)}")
+    if not alpha > 0:
+        raise ValueError(f"data.partition_alpha must be > 0, got {alpha!r}")
+    if method != "iid" and column is None:
+        raise ValueError(f"data.partition {method!r} splits by a column: set data.partition_column (e.g. a label or "
+                         "task column of the rows)")
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """Batches of example indices in a seeded order per epoch, able to start mid-epoch (resume).
 
@@ -304,11 +384,17 @@ class ResumableDataLoader(DataLoader):
 
 
 class InstructionDataModule(L.LightningDataModule):
-    """Instruction rows from files or the hub, tokenized with a chat template and assistant-only labels."""
+    """Instruction rows from files or the hub, tokenized with a chat template and assistant-only labels.
+
+    Tokenized examples keep ``row``, their index among the loaded rows (tokenization drops examples without trained
+    tokens), so the row shards of :meth:`shard` select the right examples.
+    """
 
     def __init__(self, train: str, tokenizer: str, val: str | None = None, chat_template: str | None = None,
                  max_length: int = 512, batch_size: int = 8, packing: bool = False, val_size: float = 0.1,
-                 seed: int = 0, num_workers: int = 0, limit: int | None = None) -> None:
+                 seed: int = 0, num_workers: int = 0, limit: int | None = None,
+                 partition: Literal["iid", "dirichlet", "column"] = "iid", partition_alpha: float = 0.5,
+                 partition_column: str | None = None) -> None:
         """
         Args:
             train: ``quickstart`` (the embedded data set), or training rows: a local ``.jsonl``/``.json``/``.parquet`` file, or a dataset name (or local folder)
@@ -321,11 +407,17 @@ class InstructionDataModule(L.LightningDataModule):
             batch_size: Examples per batch, or packed rows per batch with ``packing``.
             packing: Concatenate examples into rows of ``max_length`` tokens (attention stays within an example).
             val_size: Fraction of ``train`` held out for validation when ``val`` is None.
-            seed: Seed of the validation split and of the training order.
+            seed: Seed of the validation split, of the training order and of the client shards.
             num_workers: DataLoader worker processes.
             limit: Use at most this many rows of each loaded source (quick experiments).
+            partition: How :meth:`shard` splits the rows among federated clients (see :func:`partition`): ``iid``
+                (random equal parts), ``dirichlet`` (label skew by ``partition_column``) or ``column`` (each value of
+                ``partition_column`` to one client).
+            partition_alpha: Dirichlet concentration of ``dirichlet``: smaller is more skewed.
+            partition_column: Column of the rows that ``dirichlet`` and ``column`` split by (a label or task).
         """
         super().__init__()
+        _check_partition(partition, partition_alpha, partition_column)
         if train == "quickstart":  # the embedded data set: its own validation rows unless told otherwise
             from .quickstart import TRAIN_FILE, VAL_FILE
 
@@ -336,7 +428,9 @@ class InstructionDataModule(L.LightningDataModule):
             tokenizer = str(TOKENIZER_DIR)
         self.save_hyperparameters({"train": train, "tokenizer": tokenizer, "val": val, "chat_template": chat_template,
                                    "max_length": max_length, "batch_size": batch_size, "packing": packing,
-                                   "val_size": val_size, "seed": seed, "num_workers": num_workers, "limit": limit})
+                                   "val_size": val_size, "seed": seed, "num_workers": num_workers, "limit": limit,
+                                   "partition": partition, "partition_alpha": partition_alpha,
+                                   "partition_column": partition_column})
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.chat_template = resolve_chat_template(self.tokenizer, chat_template)  # fail now, not after loading data
         # Tokenizers without a pad token (Llama) pad with eos: padded positions are masked and unlabelled anyway.
@@ -344,6 +438,9 @@ class InstructionDataModule(L.LightningDataModule):
                              else self.tokenizer.eos_token_id)
         self.train_dataset: Any = None
         self.val_dataset: Any = None
+        self.clients, self.held = 1, [0]  # see `shard`
+        self._rows: dict[str, Any] = {}  # split -> the loaded rows, before tokenization
+        self._shards: dict[str, list[list[int]]] = {}  # split -> positions in its tokenized dataset, per client
 
     def setup(self, stage: str | None = None) -> None:
         """Load and tokenize the rows (once)."""
@@ -356,7 +453,52 @@ class InstructionDataModule(L.LightningDataModule):
             train_rows, val_rows = split["train"], split["test"]
         else:
             val_rows = self._load(hp.val)
+        self._rows = {"train": train_rows, "val": val_rows}
         self.train_dataset, self.val_dataset = self._tokenize(train_rows), self._tokenize(val_rows)
+        self._split_shards()
+
+    def shard(self, clients: int, held: Sequence[int] | None = None) -> None:
+        """Split the training and the validation rows each into ``clients`` disjoint shards (:func:`partition` with
+        this module's ``partition`` options and seed); this process trains the shards of ``held`` (default: all).
+
+        Call before the dataloaders are built: with several clients :meth:`train_dataloader` gives one loader per
+        held client. ``shard(1)`` is the unsharded default.
+        """
+        _check_clients(clients)
+        held = range(clients) if held is None else held
+        if not held or not all(isinstance(c, int) and 0 <= c < clients for c in held):
+            raise ValueError(f"held clients {list(held)} must be a non-empty selection of 0..{clients - 1}")
+        self.clients, self.held = clients, sorted(set(held))
+        if self.train_dataset is not None:
+            self._split_shards()
+
+    def _split_shards(self) -> None:
+        self._shards = {}
+        if self.clients == 1:
+            return
+        hp = self.hparams
+        for split, examples in (("train", self.train_dataset), ("val", self.val_dataset)):
+            try:
+                shards = partition(self._rows[split], self.clients, hp.partition, hp.partition_alpha,
+                                   hp.partition_column, hp.seed)
+            except ValueError as error:
+                raise ValueError(f"sharding the {split} rows: {error}") from error
+            position = {row: index for index, row in enumerate(examples["row"])}
+            self._shards[split] = [[position[row] for row in shard if row in position] for shard in shards]
+        if empty := [client for client in self.held if not self._shards["train"][client]]:
+            raise ValueError(f"clients {empty} have no training example left: tokenization drops the examples that "
+                             "truncation to max_length leaves without trained tokens")
+
+    def client_dataset(self, client: int, split: Literal["train", "val"]) -> Any:
+        """The tokenized examples of ``client``'s shard of ``split`` (all of them while unsharded)."""
+        if not 0 <= client < self.clients:
+            raise ValueError(f"client {client} is not one of the {self.clients} clients 0..{self.clients - 1}")
+        examples = {"train": self.train_dataset, "val": self.val_dataset}[split]
+        return examples if self.clients == 1 else examples.select(self._shards[split][client])
+
+    def client_loader(self, client: int, split: Literal["train", "val"], shuffle: bool) -> DataLoader:
+        """A loader of :meth:`client_dataset`, its order seeded with ``seed + client``."""
+        return self._loader(self.client_dataset(client, split), shuffle, self.hparams.seed + client)
 
     def _load(self, source: str) -> Any:
         path = Path(source)
@@ -377,33 +519,40 @@ class InstructionDataModule(L.LightningDataModule):
         # datasets fingerprints library functions by name only: hash this module's source and the transformers
         # version too, so changed tokenization code re-tokenizes instead of reusing a stale cache.
         fingerprint = Hasher.hash([rows._fingerprint, encode, Path(__file__).read_text(), transformers.__version__])
-        examples = rows.map(encode, remove_columns=rows.column_names, desc="tokenizing", new_fingerprint=fingerprint)
+        examples = rows.map(encode, with_indices=True, remove_columns=rows.column_names, desc="tokenizing",
+                            new_fingerprint=fingerprint)
         # Truncation can cut every assistant token: such an example would only add a NaN/zero-token loss.
         return examples.filter(_has_trained_token, desc="dropping examples without trained tokens")
 
-    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Any, shuffle: bool, seed: int) -> DataLoader:
         hp = self.hparams
         collate_fn = partial(collate, pad_token_id=self.pad_token_id, packing=hp.packing, max_length=hp.max_length)
         fixed = None
         if hp.packing:
             fixed = packed_batches([len(ids) for ids in dataset["input_ids"]], hp.batch_size, hp.max_length,
-                                   shuffle=shuffle, seed=hp.seed)
-        sampler = EpochBatchSampler(len(dataset), hp.batch_size, shuffle, hp.seed, fixed)
+                                   shuffle=shuffle, seed=seed)
+        sampler = EpochBatchSampler(len(dataset), hp.batch_size, shuffle, seed, fixed)
         return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=hp.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+    def train_dataloader(self) -> DataLoader | dict[int, DataLoader]:
+        """The training loader; after :meth:`shard` with several clients, ``{client: loader}`` for the held clients
+        (Lightning combines them in "max_size_cycle" mode: a step gets ``{client: batch}``, shorter shards cycle)."""
+        loaders = {client: self.client_loader(client, "train", shuffle=True) for client in self.held}
+        return loaders if self.clients > 1 else loaders[0]
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
+        """All validation rows, whatever the shards (a client's own: :meth:`client_loader`)."""
+        return self._loader(self.val_dataset, shuffle=False, seed=self.hparams.seed)
 
     def test_dataloader(self) -> DataLoader:
         """The validation rows (there is no separate test source)."""
-        return self._loader(self.val_dataset, shuffle=False)
+        return self._loader(self.val_dataset, shuffle=False, seed=self.hparams.seed)
 
 
-def _encode_row(row: Mapping[str, Any], tokenizer: Any, max_length: int, chat_template: str) -> dict[str, list[int]]:
-    return tokenize_conversation(tokenizer, to_messages(row), max_length=max_length, chat_template=chat_template)
+def _encode_row(row: Mapping[str, Any], index: int, tokenizer: Any, max_length: int,
+                chat_template: str) -> dict[str, Any]:
+    return {"row": index, **tokenize_conversation(tokenizer, to_messages(row), max_length=max_length,
+                                                  chat_template=chat_template)}
 
 
 def _has_trained_token(example: Mapping[str, Sequence[int]]) -> bool:

@@ -23,6 +23,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 
 from .cut import TrunkLink, cross
+from .federated import FederatedSettings, LocalAverager, flatten, unflatten_into
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
 from .metrics import TokenMetrics
 from .segments import Activations, Segment
@@ -75,6 +76,9 @@ class ClientModule(L.LightningModule):
         sample_prompt: a user message answered greedily after fitting, to show what the model learnt.
         device_map: device per part (``bottom``, ``trunk``, ``top``) or ``"auto"``, as for ``split_model``;
             in one process this places the trunk (Lightning places the client's parts on its accelerator).
+        federated: several clients training one trunk together (see :mod:`splittrain.federated`): in one process
+            they are simulated (they share the frozen weights; each has its own trainable tensors, optimizer and
+            shard), under torchrun each client rank is one, over tcp each ``fit`` process is one.
     """
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
@@ -84,7 +88,8 @@ class ClientModule(L.LightningModule):
                  client_name: str = "client0", token_file: str | None = None, tls_ca: str | None = None,
                  wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32", timeout: float = 600.0,
                  reconnect_timeout: float = 300.0, seed: int = 0, dtype: str | None = None,
-                 sample_prompt: str | None = None, device_map: dict[str, str] | str | None = None) -> None:
+                 sample_prompt: str | None = None, device_map: dict[str, str] | str | None = None,
+                 federated: FederatedSettings = FederatedSettings()) -> None:
         super().__init__()
         if len(cuts) != 2:
             raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
@@ -103,6 +108,13 @@ class ClientModule(L.LightningModule):
         self.timeout, self.reconnect_timeout = timeout, reconnect_timeout
         self.seed, self.dtype_name = seed, dtype
         self.sample_prompt, self.device_map = sample_prompt, device_map
+        self.federated = federated
+        if federated.enabled:
+            if transport == "tcp" and federated.client_index is None:
+                raise ValueError("a federated tcp client says which client it is: --model.federated.client_index I")
+            self.automatic_optimization = False  # each client steps its own optimizer; see _federated_step
+        self.clients: dict[int, FederatedClient] = {}
+        self._slots: list[list[tuple[torch.nn.Module, str]]] = []
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self.bottom: Segment | None = None
         self.top: Segment | None = None
@@ -148,7 +160,7 @@ class ClientModule(L.LightningModule):
 
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
         self.server = self.build_server(total, self.run_dir if self._trainer is not None else None)
-        return LocalTransport(self.server)
+        return LocalTransport(self.server, self.client_name)
 
     def build_server(self, total_steps: int | None, run_dir: str | Path | None, limits: Any = None,
                      save_every: int = 0):
@@ -159,7 +171,7 @@ class ClientModule(L.LightningModule):
         trunk = load_trunk(resolve_model(self.model_name), self.cuts, self.trunk_settings.lora, self.seed,
                            self.dtype_name, self.device_map)
         return TrunkServer(trunk, self.trunk_settings.optim, total_steps, run_dir=run_dir, limits=limits,
-                           save_every=save_every)
+                           save_every=save_every, federation=self.federated)
 
     def _token(self) -> str | None:
         if self.token_file:
@@ -170,9 +182,137 @@ class ClientModule(L.LightningModule):
         return os.environ.get(TOKEN_ENV) or None
 
     def close(self) -> None:
-        """End this client's session on the trunk server (it frees the client's graphs)."""
-        if self.link is not None:
-            self.link.close()
+        """End this client's session(s) on the trunk server (it frees the client's graphs)."""
+        links = [c.link for c in self.clients.values()] or [self.link]
+        for link in links:
+            if link is not None:
+                link.close()
+
+    # ---------------------------------------------------------------------------------------- federation
+    def held_clients(self) -> list[int]:
+        """The federation's clients this process holds: all of them in one process, one under torchrun/tcp."""
+        if not self.federated.enabled:
+            return [0]
+        if self.transport == "dist":
+            rank = int(os.environ.get("RANK", "1"))
+            if not 1 <= rank <= self.federated.clients:
+                raise ValueError(f"rank {rank} has no client: run {self.federated.clients + 1} processes for "
+                                 f"{self.federated.clients} clients (rank 0 serves the trunk)")
+            return [rank - 1]
+        if self.transport == "tcp":
+            return [self.federated.client_index]
+        return list(range(self.federated.clients))
+
+    def setup(self, stage: str) -> None:
+        """A federated client takes its shard(s) of the data before the loaders are built."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if self.federated.enabled and datamodule is not None and hasattr(datamodule, "shard"):
+            datamodule.shard(self.federated.clients, self.held_clients())
+
+    def _build_clients(self) -> None:
+        """One :class:`FederatedClient` per held client: its own trainable tensors (the first held client uses
+        the module's), optimizer, schedule and session on the trunk server."""
+        slots: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+        originals: dict[int, torch.nn.Parameter] = {}
+        for module in (self.bottom, self.top):
+            for sub in module.modules():
+                for name, param in sub._parameters.items():
+                    if param is not None and param.requires_grad:
+                        slots.setdefault(id(param), []).append((sub, name))
+                        originals[id(param)] = param
+        self._slots = list(slots.values())
+        datamodule = self.trainer.datamodule
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        base = self.link
+        for n, index in enumerate(self.held_clients()):
+            params = list(originals.values()) if n == 0 else [
+                torch.nn.Parameter(p.detach().clone()) for p in originals.values()]
+            if n == 0:
+                link = base
+            else:
+                from .transport.local import LocalTransport
+
+                link = TrunkLink(LocalTransport(self.server, f"client{index}"), self.wire_dtype)
+            # Sample-weighted averages weigh clients by their shard sizes (equal when the loaders are not ours).
+            samples = len(datamodule.client_dataset(index, "train")) if hasattr(datamodule, "client_dataset") else 1
+            optimizer, scheduler = build_optimizer(params or [torch.nn.Parameter(torch.zeros(0))], self.optim, total)
+            self.clients[index] = FederatedClient(index, link, params, optimizer, scheduler, samples)
+            link.join(index, samples)
+        if self.transport == "dist":
+            from .federated import DistAverager
+            from .transport.dist import client_group
+
+            self.averager = DistAverager(client_group())
+        elif self.transport == "tcp":
+            from .federated import SecureAverager
+
+            self.averager = SecureAverager(base, self.held_clients()[0], self.federated,
+                                           self.clients[self.held_clients()[0]].samples)
+        else:
+            self.averager = LocalAverager()
+        self.use(self.clients[self.held_clients()[0]])
+
+    def use(self, client: "FederatedClient") -> None:
+        """Put ``client``'s trainable tensors into the bottom and top and talk to the trunk as it."""
+        for slots, param in zip(self._slots, client.params):
+            for module, name in slots:
+                module._parameters[name] = param
+        self.link = client.link
+
+    def _federated_step(self, batches: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step of every held client (manual optimization); see :mod:`splittrain.federated`."""
+        import warnings
+
+        fed, step = self.federated, self.global_step
+        participants = set(fed.participants(fed.round_of(step)))
+        losses = []
+        for index, client in sorted(self.clients.items()):
+            taking_part = index in participants
+            self.use(client)
+            if taking_part:
+                batch = batches[index]
+                out = self(batch, key=("train", step, 0))
+                self.manual_backward(out.loss)
+                losses.append(out.loss.detach())
+                client.record(batch, out.loss.item())
+                self.train_metrics.update(out.logits.detach(), batch["labels"])
+                self.log(f"client{index}/train_loss", out.loss.detach(), batch_size=batch["input_ids"].shape[0])
+            if fed.average == "weights":
+                if taking_part:
+                    client.optimizer.step()
+                    client.optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():  # a client drawn out of round 0 schedules before its first step
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)`")
+                    client.scheduler.step()
+                client.link.step(step + 1, None, taking_part)
+        if fed.average == "gradients":
+            vectors = {i: flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in c.params])
+                       for i, c in self.clients.items()}
+            weights = {i: fed.weight(i in participants, c.samples) for i, c in self.clients.items()}
+            average = self.averager.average(vectors, weights, f"gradients {step}")
+            for index, client in sorted(self.clients.items()):
+                for p in client.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                unflatten_into(average, [p.grad for p in client.params])
+                client.optimizer.step()
+                client.optimizer.zero_grad(set_to_none=True)
+                client.scheduler.step()
+                client.link.step(step + 1, None, index in participants)
+        if fed.average == "weights" and fed.ends_round(step):
+            vectors = {i: flatten(c.params) for i, c in self.clients.items()}
+            weights = {i: fed.weight(i in participants, c.samples) for i, c in self.clients.items()}
+            average = self.averager.average(vectors, weights, f"weights {fed.round_of(step)}")
+            for client in self.clients.values():
+                unflatten_into(average, client.params)
+        self.use(self.clients[min(self.clients)])
+        self.optimizers().step()  # Lightning counts the step on its clock
+        loss = torch.stack(losses).mean() if losses else torch.zeros(())
+        self._stats["tokens"] = sum(c.tokens for c in self.clients.values())
+        if losses:
+            self._stats["losses"].append(loss.item())
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, batch: dict[str, torch.Tensor], key: tuple = ("eval", 0)) -> Any:
@@ -183,6 +323,8 @@ class ClientModule(L.LightningModule):
         return self.top(state, labels=batch.get("labels"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.federated.enabled:
+            return self._federated_step(batch)
         out = self(batch, key=("train", self.global_step, batch_idx))
         self.train_metrics.update(out.logits.detach(), batch["labels"])
         self.log("train_loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -211,6 +353,11 @@ class ClientModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- optimization
     def configure_optimizers(self):
+        if self.federated.enabled:
+            # Each client has its own AdamW (see _build_clients); Lightning counts steps on a clock without
+            # parameters, stepped once per federated step.
+            self._build_clients()
+            return torch.optim.SGD([torch.nn.Parameter(torch.zeros(0))], lr=0.0)
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             # A frozen client still needs Lightning to reach optimizer_step, where the trunk steps.
@@ -276,6 +423,38 @@ class ClientModule(L.LightningModule):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / RUN_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
+    def client_summaries(self, trainer: L.Trainer, datamodule: Any) -> dict[str, dict[str, Any]]:
+        """Per client: tokens trained, first/last train loss, its loss curve and validation loss on its own
+        validation shard. Under torchrun the figures of every client rank are gathered in the clients' group."""
+        rows: dict[int, list[float]] = {}
+        for index, client in sorted(self.clients.items()):
+            val = math.nan
+            if hasattr(datamodule, "client_loader") and trainer.limit_val_batches != 0:
+                self.use(client)
+                loader = datamodule.client_loader(index, "val", shuffle=False)
+                val = trainer.validate(self, dataloaders=loader, verbose=False)[0].get("val_loss", math.nan)
+            rows[index] = [client.tokens, val, *client.losses]
+        self.use(self.clients[min(self.clients)])
+        if self.transport == "dist":
+            import torch.distributed as dist
+
+            from .transport.dist import client_group
+
+            width = 2 + max(self.global_step, max(len(r) - 2 for r in rows.values()))
+            table = torch.zeros(self.federated.clients, width + 1, dtype=torch.float64)
+            for index, row in rows.items():
+                table[index, 0] = len(row) - 2
+                table[index, 1:len(row) + 1] = torch.tensor(row, dtype=torch.float64)
+            dist.all_reduce(table, group=client_group())
+            rows = {i: table[i, 1:3 + int(table[i, 0])].tolist() for i in range(self.federated.clients)}
+        out = {}
+        for index, (tokens, val, *losses) in sorted(rows.items()):
+            out[f"client{index}"] = {
+                "tokens": int(tokens), "train_loss_first": losses[0] if losses else math.nan,
+                "train_loss_last": losses[-1] if losses else math.nan, "val_loss_own_shard": val,
+                "steps_taken": len(losses), "train_losses": losses}
+        return out
+
     def fit_summary(self) -> dict[str, Any]:
         """Figures of the last fit: train losses (first, last, each micro-batch), steps, time, throughput, and the
         bytes the transport moved (frames with headers for tcp/dist; tensor bytes in process)."""
@@ -287,9 +466,26 @@ class ClientModule(L.LightningModule):
             "steps": self.global_step,
             "seconds": seconds,
             "tokens_per_second": self._stats["tokens"] / seconds if seconds else 0.0,
-            "wire_bytes": self.link.wire_bytes if self.link is not None else 0,
+            "wire_bytes": sum(link.wire_bytes for link in ([c.link for c in self.clients.values()] or [self.link])
+                              if link is not None),
             "train_losses": losses,
         }
+
+
+class FederatedClient:
+    """One client of a federation as this process holds it: trainable tensors, optimizer, trunk session, figures."""
+
+    def __init__(self, index: int, link: TrunkLink, params: list[torch.nn.Parameter], optimizer: Any, scheduler: Any,
+                 samples: int) -> None:
+        self.index, self.link, self.params = index, link, params
+        self.optimizer, self.scheduler, self.samples = optimizer, scheduler, samples
+        self.tokens = 0
+        self.losses: list[float] = []
+
+    def record(self, batch: dict[str, torch.Tensor], loss: float) -> None:
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.losses.append(loss)
 
 
 class SafetensorsCheckpointIO(CheckpointIO):

@@ -28,6 +28,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from .federated import FederatedSettings
 from .lora import LoraSettings, prepare
 from .segments import Activations, Segment
 from .state import load_state, save_state
@@ -127,12 +128,37 @@ class Session:
     last_reply: tuple[Header, Tensors] | None = None
     connections: int = 0
     idle_since: float = field(default_factory=time.monotonic)
-    pending: bool = False
-    """Gradients of this client wait in the trunk for a step."""
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    """This client's trunk gradients since its last step (kept apart from other clients')."""
+    index: int | None = None
+    """Its client index in a federation (``join``)."""
+    samples: int = 0
+    """Its number of training rows (weights of sample-weighted averages)."""
+    step: int | None = None
+    """The client's optimizer steps so far, in a federation (set by its first training forward pass)."""
 
     @property
     def graph_bytes(self) -> int:
         return sum(g.nbytes for g in self.graphs.values())
+
+    @property
+    def pending(self) -> bool:
+        """Gradients of this client wait in the trunk for a step."""
+        return bool(self.grads)
+
+
+@dataclass
+class Gathering:
+    """A synchronisation point of a federation: the clients' contributions to one step or one average."""
+
+    name: str
+    expected: set[int]
+    finish: Callable[[dict[int, Any]], Any]
+    arrived: dict[int, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    result: Any = None
+    error: Exception | None = None
+    done: bool = False
 
 
 class TrunkServer:
@@ -145,11 +171,18 @@ class TrunkServer:
         run_dir: folder for ``trunk/<tag>.safetensors`` checkpoints and ``server_status.json``.
         limits: per-client bounds and timeouts.
         save_every: save ``trunk/latest.safetensors`` every this many steps (0: only when asked).
+        federation: several clients (:class:`~splittrain.federated.FederatedSettings`): trunk gradients are
+            kept per client and combined at each step as the settings say.
     """
 
     def __init__(self, trunk: Segment, optim: OptimSettings | None = None, total_steps: int | None = None,
-                 run_dir: str | Path | None = None, limits: ServerLimits | None = None, save_every: int = 0) -> None:
+                 run_dir: str | Path | None = None, limits: ServerLimits | None = None, save_every: int = 0,
+                 federation: FederatedSettings | None = None) -> None:
         self.trunk = trunk
+        self.federation = federation if federation is not None and federation.enabled else None
+        if self.federation is not None and self.federation.trunk_update == "sequential" and total_steps:
+            # every participant's step is a trunk step: the schedule spans them all
+            total_steps *= len(self.federation.participants(0))
         self.optimizer, self.scheduler = build_optimizer([p for _, p in self.trainable], optim or OptimSettings(),
                                                          total_steps)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -163,13 +196,26 @@ class TrunkServer:
         self.sessions: dict[str, Session] = {}
         self.counters = {"forward": 0, "backward": 0, "steps_applied": 0, "steps_repeated": 0,
                          "replies_repeated": 0, "handshakes": 0, "handshakes_refused": 0, "frames_refused": 0,
-                         "sessions_expired": 0, "graphs_dropped": 0}
+                         "sessions_expired": 0, "graphs_dropped": 0, "clients_dropped": 0,
+                         "aggregations": 0}
         self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.gatherings: dict[str, Gathering] = {}
+        self.dropped: set[int] = set()
+        """Client indices dropped after round_timeout (until they send again)."""
+        self.left: set[int] = set()
+        """Client indices that said goodbye."""
+        self.roster: dict[int, str] = {}
+        """Client index -> the name it joined under."""
+        self.federated_step = 0
+        """Steps every client of a ``sync`` federation has completed."""
+        self._block = True
         self._count_lock = threading.Lock()
         self._param_storages = {p.untyped_storage().data_ptr() for p in trunk.parameters()}
         self._handlers: dict[str, Callable[[Session, Header, Tensors], tuple[Header, Tensors]]] = {
             "forward": self._forward, "backward": self._backward, "grad_sq_norm": self._grad_sq_norm,
-            "step": self._step, "save": self._save, "load": self._load,
+            "step": self._step, "save": self._save, "load": self._load, "join": self._join,
+            "keys": self._keys, "aggregate": self._aggregate,
         }
 
     def count(self, counter: str) -> None:
@@ -212,14 +258,21 @@ class TrunkServer:
             session = self.sessions.get(client)
             if session is not None and (session_id is None or session.id == session_id):
                 self._discard(session, "ended by the client")
+                if self.federation is not None and session.index is not None:
+                    self._leave(session.index)
+
+    def _leave(self, index: int) -> None:
+        """A federation's client said goodbye: synchronisation points stop waiting for it."""
+        self.left.add(index)
+        for gathering in list(self.gatherings.values()):
+            gathering.expected.discard(index)
+            if not gathering.done and gathering.arrived and gathering.arrived.keys() >= gathering.expected:
+                self._finish(gathering)
 
     def _discard(self, session: Session, why: str) -> None:
         dropped = len(session.graphs)
         session.graphs.clear()
-        if session.pending:
-            # Gradients of a step the client never finished must not leak into the next one.
-            self.optimizer.zero_grad(set_to_none=True)
-            session.pending = False
+        session.grads.clear()  # gradients of a step the client never finished must not leak into the next one
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
         log.info("session of client %r %s (%d graphs freed)", session.client, why, dropped)
@@ -248,9 +301,10 @@ class TrunkServer:
 
     # ------------------------------------------------------------------------------------------ messages
     def handle(self, client: str, kind: str, header: Header, tensors: Tensors,
-               session_id: str | None = None) -> tuple[Header, Tensors]:
+               session_id: str | None = None, block: bool = True) -> tuple[Header, Tensors]:
         """Answer one message from ``client`` (in its session ``session_id`` when it has one); a repeated
-        ``seq`` gets the earlier reply again."""
+        ``seq`` gets the earlier reply again. At a federation's synchronisation points the call waits for the
+        other clients (``block``) or, for clients simulated in this thread, answers ``{"pending": true}``."""
         handler = self._handlers.get(kind)
         if handler is None:
             raise ProtocolError(f"unknown message kind {kind!r}; expected one of {sorted(self._handlers)}")
@@ -265,6 +319,7 @@ class TrunkServer:
                     return session.last_reply
                 if seq <= session.last_seq:
                     raise ProtocolError(f"request {seq} is older than the last one answered ({session.last_seq})")
+            self._block = block
             reply = handler(session, header, tensors)
             if seq is not None:
                 session.last_seq, session.last_reply = seq, reply
@@ -322,14 +377,31 @@ class TrunkServer:
                     1 <= g.shape[0] <= self.limits.max_batch and 1 <= g.shape[1] <= self.max_seq)):
                 raise ProtocolError(f"gradient must be (batch <= {self.limits.max_batch}, seq <= {self.max_seq}, "
                                     f"{hidden}), got {list(g.shape)}")
+        elif kind == "aggregate":
+            masked = spec.get("masked")
+            if set(spec) != {"masked"} or masked.dtype != "int64" or len(masked.shape) != 1:
+                raise ProtocolError("aggregate carries one 1-d int64 tensor 'masked'")
+            participants = header.get("participants")
+            if not (type(header.get("nonce")) is int and isinstance(header.get("weight"), (int, float))
+                    and header["weight"] >= 0 and isinstance(participants, list)
+                    and all(type(i) is int for i in participants) and len(participants) <= 2**16):
+                raise ProtocolError("aggregate carries an integer 'nonce', a 'weight' >= 0 and 'participants'")
         else:
             if spec:
                 raise ProtocolError(f"{kind} carries no tensors")
             if kind == "step":
                 scale = header.get("scale")
+                if type(header.get("participant", True)) is not bool:
+                    raise ProtocolError("'participant' must be true or false")
                 if type(header.get("step")) is not int or not (
                         scale is None or (isinstance(scale, (int, float)) and 0 <= scale <= 1)):
                     raise ProtocolError("step carries an integer 'step' and a 'scale' in [0, 1] or null")
+            if kind == "keys" and not (isinstance(header.get("public"), str) and re.fullmatch(r"[0-9a-f]{64}", header["public"])
+                                       and isinstance(header.get("weight"), (int, float)) and header["weight"] >= 0):
+                raise ProtocolError("keys carries a 32-byte hex X25519 'public' key and a 'weight' >= 0")
+            if kind == "join" and not (type(header.get("index")) is int and type(header.get("samples")) is int
+                                       and header["samples"] >= 0):
+                raise ProtocolError("join carries the client's integer 'index' and 'samples'")
             if kind in ("save", "load") and not (isinstance(header.get("tag"), str) and _TAG.fullmatch(header["tag"])):
                 raise ProtocolError(f"bad checkpoint tag {header.get('tag')!r}")
 
@@ -342,7 +414,13 @@ class TrunkServer:
         mask = mask.to(device=device, dtype=torch.long) if mask is not None else None
         positions = tensors["position_ids"].to(device=device, dtype=torch.long)
         training = bool(header.get("training", False))
-        if training and header["step"] != self.steps:
+        if training and self.federation is not None:
+            if session.step is None:
+                session.step = header["step"]
+            if header["step"] != session.step:
+                raise RuntimeError(f"client {session.client!r} trains optimizer step {header['step'] + 1} but has "
+                                   f"completed {session.step} steps on this server")
+        elif training and header["step"] != self.steps:
             raise RuntimeError(f"the client trains optimizer step {header['step'] + 1} but the trunk server has "
                                f"made {self.steps} steps: resume the client from the server's step "
                                f"(--ckpt_path) or the server from the client's (serve --resume)")
@@ -388,18 +466,45 @@ class TrunkServer:
         if grad.shape != graph.y.shape:
             raise ValueError(f"gradient of shape {list(grad.shape)} for an output of shape {list(graph.y.shape)}")
         del session.graphs[key]
-        torch.autograd.backward(graph.y, grad.to(device=graph.y.device, dtype=graph.y.dtype))
-        session.pending = True
+        params = self.trainable
+        for name, p in params:  # accumulate into this client's own buffers
+            p.grad = session.grads.get(name)
+        try:
+            torch.autograd.backward(graph.y, grad.to(device=graph.y.device, dtype=graph.y.dtype))
+        finally:
+            for name, p in params:
+                if p.grad is not None:
+                    session.grads[name] = p.grad
+                p.grad = None
         self.count("backward")
         return {}, ({"grad": graph.x.grad.to(grad.dtype)} if graph.need_input_grad else {})
 
     def _grad_sq_norm(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        norms = [torch.linalg.vector_norm(p.grad) for _, p in self.trainable if p.grad is not None]
+        combined = _combine([(s.grads, 1.0) for s in self.sessions.values() if s.grads], mean=False)
+        norms = [torch.linalg.vector_norm(g) for g in combined.values()]
         sq = torch.stack(norms).pow(2).sum() if norms else torch.zeros(())
         return {}, {"sq_norm": sq.float().cpu()}
 
     @torch.no_grad()
+    def _apply(self, grads: dict[str, torch.Tensor], scale: float | None) -> None:
+        """One optimizer (and scheduler) step of the trunk on ``grads``, scaled by ``scale`` (clipping)."""
+        if grads:
+            for name, p in self.trainable:
+                p.grad = grads.get(name)
+                if p.grad is not None and scale is not None:
+                    p.grad.mul_(scale)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps += 1
+        self.count("steps_applied")
+        if self.save_every and self.steps % self.save_every == 0:
+            self.save(LATEST)
+
     def _step(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        if self.federation is not None:
+            return self._federated_step(session, header)
         target, scale = header["step"], header.get("scale")
         if target == self.steps:  # already applied; the reply was lost
             self.count("steps_repeated")
@@ -407,24 +512,153 @@ class TrunkServer:
         if target != self.steps + 1:
             raise RuntimeError(f"the client asks for optimizer step {target} but the trunk server has made "
                                f"{self.steps} steps")
-        if scale is not None:
-            for _, p in self.trainable:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        for s in self.sessions.values():
-            s.pending = False
-        self.steps += 1
-        self.count("steps_applied")
-        if self.save_every and self.steps % self.save_every == 0:
-            self.save(LATEST)
+        contributors = [s for s in self.sessions.values() if s.grads]
+        self._apply(_combine([(s.grads, 1.0) for s in contributors], mean=False), scale)
+        for s in contributors:
+            s.grads.clear()
         return self._step_reply(), {}
 
     def _step_reply(self) -> Header:
         return {"step": self.steps, "saved": self.saved_step, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    # ------------------------------------------------------------------------------------------ federation
+    def _join(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        """A client of the federation says which client it is and how many training rows it holds."""
+        federation = self.federation
+        clients = federation.clients if federation is not None else 1
+        index = header["index"]
+        if not 0 <= index < clients:
+            raise ValueError(f"client index {index} is outside this server's federation of {clients} client(s)")
+        for other in self.sessions.values():
+            if other is not session and other.index == index:
+                raise ValueError(f"client {other.client!r} already takes part as client {index}")
+        session.index, session.samples = index, header["samples"]
+        self.roster[index] = session.client
+        self.left.discard(index)
+        if index in self.dropped:
+            self.dropped.discard(index)
+            log.info("client %r (index %d) rejoins the federation", session.client, index)
+        return {"clients": clients, "step": self.steps}, {}
+
+    def _member(self, session: Session) -> int:
+        if session.index is None:
+            raise RuntimeError(f"client {session.client!r} has not joined the federation (join with its index)")
+        return session.index
+
+    def _federated_step(self, session: Session, header: Header) -> tuple[Header, Tensors]:
+        federation, index = self.federation, self._member(session)
+        target = header["step"]
+        done = session.step or 0
+        if target == done:  # already applied; the reply was lost
+            self.count("steps_repeated")
+            return self._step_reply(), {}
+        if target != done + 1:
+            raise RuntimeError(f"client {session.client!r} asks for optimizer step {target} after {done}")
+        participant = bool(header.get("participant", True))
+        if federation.trunk_update == "sequential":  # each participant's step is a trunk step, in arrival order
+            if participant:
+                self._apply(dict(session.grads), header.get("scale"))
+            session.grads.clear()
+            session.step = target
+            return self._step_reply(), {}
+        if target <= self.federated_step:
+            raise RuntimeError(f"client {session.client!r} was dropped from step {target} after "
+                               f"round_timeout ({federation.round_timeout:g} s); the federation is at step "
+                               f"{self.federated_step}")
+
+        def finish(arrived: dict[int, Any]) -> None:
+            weighted = [(s.grads, w) for s, w, _ in arrived.values() if w > 0 and s.grads]
+            scale = next((sc for _, _, sc in arrived.values() if sc is not None), None)
+            self._apply(_combine(weighted, mean=True), scale)
+            for s, _, _ in arrived.values():
+                s.grads.clear()
+                s.step = target
+            self.federated_step = target
+
+        weight = federation.weight(participant, session.samples) if participant else 0.0
+        gathering = self._gather(f"step {target}", index, (session, weight, header.get("scale")), finish)
+        if not gathering.done:
+            return {"pending": True}, {}
+        return self._step_reply(), {}
+
+    def _keys(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        """Secure aggregation: relay every client's X25519 public key and weight to all of them."""
+        index = self._member(session)
+        gathering = self._gather("keys", index, (header["public"], float(header["weight"])),
+                                 lambda arrived: {"publics": {str(i): v[0] for i, v in arrived.items()},
+                                                  "weights": {str(i): v[1] for i, v in arrived.items()},
+                                                  "federation": self.instance})
+        if not gathering.done:
+            raise RuntimeError("secure aggregation needs clients that can wait for each other (tcp)")
+        return gathering.result, {}
+
+    def _aggregate(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        """Secure aggregation: add the clients' masked updates (mod 2**64). The server sees only the masked
+        vectors and their sum; when a client of the announced participants is missing, the survivors redo the
+        round (the masks would not cancel)."""
+        from .secagg import aggregate
+
+        index = self._member(session)
+
+        def finish(arrived: dict[int, Any]) -> Any:
+            sizes = {v[0].numel() for v in arrived.values()}
+            if len(sizes) != 1:
+                raise ValueError(f"clients sent updates of different sizes {sorted(sizes)}")
+            if all(sorted(v[2]) == sorted(arrived) for v in arrived.values()):
+                return {"total_weight": sum(v[1] for v in arrived.values())}, {
+                    "sum": aggregate([arrived[i][0] for i in sorted(arrived)])}
+            return {"retry": sorted(arrived)}, {}
+
+        gathering = self._gather(f"aggregate {header['nonce']}", index,
+                                 (tensors["masked"].clone(), float(header["weight"]), list(header["participants"])),
+                                 finish)
+        if not gathering.done:
+            raise RuntimeError("secure aggregation needs clients that can wait for each other (tcp)")
+        self.count("aggregations")
+        return gathering.result
+
+    def _gather(self, name: str, index: int, value: Any, finish: Callable[[dict[int, Any]], Any]) -> Gathering:
+        """Add this client's ``value`` to the gathering ``name``; it finishes when every expected client has
+        arrived, or ``round_timeout`` after the first did (the missing ones are dropped from the federation until
+        they join again). Waits for that when the transport can (``block``)."""
+        gathering = self.gatherings.get(name)
+        if gathering is None:
+            expected = set(range(self.federation.clients)) - self.dropped - self.left
+            gathering = self.gatherings[name] = Gathering(name, expected, finish)
+        gathering.arrived[index] = value
+        if gathering.arrived.keys() >= gathering.expected:
+            self._finish(gathering)
+        elif self._block:
+            deadline = gathering.started + self.federation.round_timeout
+            while not gathering.done:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(gathering.expected - gathering.arrived.keys())
+                    names = [self.roster[i] for i in missing if i in self.roster]
+                    log.warning("%s goes on without client(s) %s (%s): no answer within round_timeout %g s",
+                                gathering.name, ", ".join(map(str, missing)), ", ".join(map(repr, names)) or "never joined",
+                                self.federation.round_timeout)
+                    self.dropped.update(missing)
+                    self.count("clients_dropped")
+                    for s in self.sessions.values():
+                        if s.index in missing:
+                            s.grads.clear()
+                    self._finish(gathering)
+                    break
+                self.changed.wait(remaining)
+        if gathering.error is not None:
+            raise RuntimeError(f"{gathering.name} failed: {gathering.error}")
+        return gathering
+
+    def _finish(self, gathering: Gathering) -> None:
+        try:
+            gathering.result = gathering.finish(gathering.arrived)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            gathering.error = exc
+        finally:
+            gathering.done = True
+            self.gatherings.pop(gathering.name, None)
+            self.changed.notify_all()
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_path(self, tag: str) -> Path:
@@ -470,7 +704,7 @@ class TrunkServer:
             self.optimizer.zero_grad(set_to_none=True)
             for session in self.sessions.values():
                 session.graphs.clear()
-                session.pending = False
+                session.grads.clear()
             self.steps = self.saved_step = int(state["steps"])
             return self.steps
 
@@ -498,9 +732,8 @@ class TrunkServer:
             return {"step": self.steps}, {}
         wanted = re.fullmatch(r"step-(\d+)", tag)
         if wanted and int(wanted.group(1)) == self.steps:  # already there: only the partial step goes
-            self.optimizer.zero_grad(set_to_none=True)
             session.graphs.clear()
-            session.pending = False
+            session.grads.clear()
             return {"step": self.steps}, {}
         at = f"step {wanted.group(1)}" if wanted else f"checkpoint {tag!r}"
         raise FileNotFoundError(f"the client resumes at {at} but the trunk server is at step {self.steps} and has "
@@ -519,11 +752,29 @@ class TrunkServer:
             return {
                 "instance": self.instance, "step": self.steps, "saved_step": self.saved_step,
                 "counters": self._counters(), "rss_bytes": rss_bytes(),
-                "gradients_waiting": any(p.grad is not None for _, p in self.trainable),
+                "gradients_waiting": any(s.grads for s in self.sessions.values()),
+                "federated_step": self.federated_step, "dropped": sorted(self.dropped),
+                "left": sorted(self.left),
                 "sessions": {name: {"graphs": len(s.graphs), "graph_bytes": s.graph_bytes,
                                     "connections": s.connections, "pending_gradients": s.pending}
                              for name, s in self.sessions.items()},
             }
+
+
+def _combine(contributions: list[tuple[dict[str, torch.Tensor], float]], mean: bool) -> dict[str, torch.Tensor]:
+    """``sum_c w_c g_c`` (divided by ``sum_c w_c`` when ``mean``) per parameter; one contribution is used as is
+    when that is exact (weight 1 or a mean)."""
+    if len(contributions) == 1 and (mean or contributions[0][1] == 1.0):
+        return dict(contributions[0][0])
+    total = sum(w for _, w in contributions)
+    combined: dict[str, torch.Tensor] = {}
+    for grads, weight in contributions:
+        for name, g in grads.items():
+            term = g * weight
+            combined[name] = combined[name] + term if name in combined else term
+    if mean and total:
+        combined = {name: g / total for name, g in combined.items()}
+    return combined
 
 
 def _check_key(key: Any) -> None:

@@ -6,6 +6,8 @@
 Tasks a tiny model learns in minutes on a CPU: reverse, count or upper-case a short word, add or subtract two
 numbers below 50, and look up the colour of a made-up fruit. Each task has a few phrasings; some rows have a system
 message and some are two-turn ("now do the same for ..."), so the assistant-only labels of later turns get exercised.
+Every row names its task (``"task"``: reverse, count, upper, add, subtract, colour), e.g. to give federated clients
+one task each (``data.partition: column``, ``data.partition_column: task``).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ SYSTEM_PROMPTS = [
 
 
 class Task(NamedTuple):
-    """A question family: how to draw its arguments, its phrasings, its answer and a follow-up phrasing."""
+    """A question family: its name, how to draw its arguments, its phrasings, its answer and a follow-up phrasing."""
 
+    name: str
     draw: Callable[[random.Random], dict]
     phrasings: list[str]
     answer: Callable[..., str]
@@ -63,27 +66,31 @@ def _numbers(rng: random.Random) -> dict:
 
 
 TASKS = [
-    Task(_word, ['Reverse the word "{word}".', "Write {word} backwards.", 'What is "{word}" spelled backwards?',
-                 "Spell the word {word} in reverse order."],
+    Task("reverse", _word,
+         ['Reverse the word "{word}".', "Write {word} backwards.", 'What is "{word}" spelled backwards?',
+          "Spell the word {word} in reverse order."],
          lambda word: word[::-1], 'Now do the same for "{word}".'),
-    Task(_word, ['How many letters are in the word "{word}"?', "Count the letters in {word}.",
-                 'What is the length of the word "{word}"?'],
+    Task("count", _word,
+         ['How many letters are in the word "{word}"?', "Count the letters in {word}.",
+          'What is the length of the word "{word}"?'],
          lambda word: str(len(word)), 'Now do the same for "{word}".'),
-    Task(_word, ['Write "{word}" in capital letters.', "Convert {word} to upper case.",
-                 'Uppercase the word "{word}".'],
+    Task("upper", _word,
+         ['Write "{word}" in capital letters.', "Convert {word} to upper case.", 'Uppercase the word "{word}".'],
          lambda word: word.upper(), 'Now do the same for "{word}".'),
-    Task(_numbers, ["What is {a} + {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}."],
+    Task("add", _numbers, ["What is {a} + {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}."],
          lambda a, b: str(a + b), "Now do the same for {a} and {b}."),
-    Task(_numbers, ["What is {a} - {b}?", "Subtract {b} from {a}.", "What do you get when you take {b} away from {a}?"],
+    Task("subtract", _numbers,
+         ["What is {a} - {b}?", "Subtract {b} from {a}.", "What do you get when you take {b} away from {a}?"],
          lambda a, b: str(a - b), "Now do the same for {a} and {b}."),
-    Task(lambda rng: {"fruit": rng.choice(sorted(FRUIT_COLOURS))},
+    Task("colour", lambda rng: {"fruit": rng.choice(sorted(FRUIT_COLOURS))},
          ["What colour is a {fruit}?", "Tell me the colour of the {fruit} fruit.", "Which colour does a {fruit} have?"],
          lambda fruit: f"A {fruit} is {FRUIT_COLOURS[fruit]}.", "And a {fruit}?"),
 ]
 
 
 def conversation(rng: random.Random) -> dict:
-    """One row in ``messages`` format: optional system message, a question and its answer, maybe a follow-up."""
+    """One row in ``messages`` format: optional system message, a question and its answer, maybe a follow-up; and
+    the name of its task."""
     messages = []
     if rng.random() < SYSTEM_FRACTION:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -95,7 +102,7 @@ def conversation(rng: random.Random) -> dict:
         args = task.draw(rng)
         messages += [{"role": "user", "content": task.follow_up.format(**args)},
                      {"role": "assistant", "content": task.answer(**args)}]
-    return {"messages": messages}
+    return {"messages": messages, "task": task.name}
 
 
 def generate(seed: int = SEED) -> tuple[list[dict], list[dict]]:

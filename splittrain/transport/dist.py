@@ -23,6 +23,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -48,6 +49,22 @@ def ensure_process_group(timeout: float) -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     return dist.get_rank(), dist.get_world_size()
+
+
+_CLIENT_GROUP: Any = None
+
+
+def client_group() -> Any:
+    """The process group of the client ranks only (1..world-1): client-side averages never reach rank 0.
+
+    Every rank creates it when it joins (:func:`serve` and :class:`DistTransport`), as ``new_group`` requires."""
+    global _CLIENT_GROUP
+    if _CLIENT_GROUP is None:
+        world = dist.get_world_size()
+        if world < 3:
+            raise RuntimeError("client-side averaging needs at least 2 client ranks (3 processes)")
+        _CLIENT_GROUP = dist.new_group(ranks=list(range(1, world)))
+    return _CLIENT_GROUP
 
 
 def _device() -> torch.device:
@@ -87,11 +104,35 @@ def serve(server: Any, timeout: float = 600.0) -> None:
     if world < 2:
         raise RuntimeError("transport 'dist' needs at least 2 processes (--nproc_per_node 2): rank 0 serves the "
                            "trunk, the others are clients")
-    remaining = set(range(1, world))
+    if world > 2:
+        client_group()
     print(f"splittrain: trunk server on rank 0 (host {socket.gethostname()}) serving client ranks "
-          f"{sorted(remaining)}", file=sys.stderr, flush=True)
-    while remaining:
-        reader = DistReader(None)
+          f"{list(range(1, world))}", file=sys.stderr, flush=True)
+    failures: list[BaseException] = []
+
+    def serve_rank(rank: int) -> None:
+        try:
+            _serve_rank(server, rank)
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    # One thread per client rank, as over TCP: a client waiting at a federation's synchronisation point does
+    # not hold up the others.
+    threads = [threading.Thread(target=serve_rank, args=(rank,), name=f"splittrain-rank{rank}", daemon=True)
+               for rank in range(1, world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    print("splittrain: every client said goodbye; the trunk server on rank 0 stops", file=sys.stderr, flush=True)
+
+
+def _serve_rank(server: Any, rank: int) -> None:
+    """Answer client ``rank`` until it says goodbye."""
+    while True:
+        reader = DistReader(rank)
 
         def check(header: Header, specs: list[TensorSpec]) -> None:
             if header["kind"] in ("hello", "bye"):
@@ -114,9 +155,8 @@ def serve(server: Any, timeout: float = 600.0) -> None:
             continue
         if frame.kind == "bye":
             server.end_session(client)
-            remaining.discard(reader.src)
             send_frame(encode("reply", {"seq": seq}), reader.src)
-            continue
+            return
         fields = {k: v for k, v in frame.header.items() if k not in ("kind", "tensors")}
         try:
             header, tensors = server.handle(client, frame.kind, fields, frame.tensors)
@@ -125,7 +165,6 @@ def serve(server: Any, timeout: float = 600.0) -> None:
             send_frame(encode("error", {"error": str(message), "seq": seq, "fatal": False}), reader.src)
             continue
         send_frame(encode("reply", {**header, "seq": seq}, tensors), reader.src)
-    print("splittrain: every client said goodbye; the trunk server on rank 0 stops", file=sys.stderr, flush=True)
 
 
 # ================================================================================================ client
@@ -136,6 +175,8 @@ class DistTransport:
         self.rank, self.world = ensure_process_group(timeout)
         if self.rank == SERVER_RANK:
             raise RuntimeError(f"rank {SERVER_RANK} runs the trunk server, not a client")
+        if self.world > 2:
+            client_group()
         self.wire_bytes = 0
         self.seq = 0
         self.closed = False
@@ -160,6 +201,8 @@ class DistTransport:
         self.seq += 1
         expected = {name: tuple(t.shape) for name, t in tensors.items() if name in ("hidden_states", "grad")}
         expected.setdefault("sq_norm", ())
+        if "masked" in tensors:
+            expected["sum"] = tuple(tensors["masked"].shape)
 
         def check(reply: Header, specs: list[TensorSpec]) -> None:
             if reply["kind"] not in ("reply", "error") or any(

@@ -21,7 +21,9 @@ class LocalTransport:
         self.wire_bytes = 0
 
     def request(self, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        reply_header, reply = self.server.handle(self.client, kind, header, tensors)
+        # Clients simulated in one thread cannot wait for each other: a synchronisation point answers "pending"
+        # until the last of them arrives.
+        reply_header, reply = self.server.handle(self.client, kind, header, tensors, block=False)
         self.wire_bytes += sum(t.nbytes for t in tensors.values()) + sum(t.nbytes for t in reply.values())
         return reply_header, reply
 

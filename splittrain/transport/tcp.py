@@ -585,6 +585,8 @@ class TcpTransport:
             expected = {"grad": tuple(tensors["grad"].shape)}
         elif kind == "grad_sq_norm":
             expected = {"sq_norm": ()}
+        elif kind == "aggregate":
+            expected = {"sum": tuple(tensors["masked"].shape)}
 
         def check(reply: Header, specs: list[TensorSpec]) -> None:
             if reply["kind"] not in ("reply", "error"):
