@@ -115,6 +115,7 @@ class ClientModule(L.LightningModule):
             self.automatic_optimization = False  # each client steps its own optimizer; see _federated_step
         self.clients: dict[int, FederatedClient] = {}
         self._slots: list[list[tuple[torch.nn.Module, str]]] = []
+        self._resume_clients: dict[str, Any] | None = None
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self.bottom: Segment | None = None
         self.top: Segment | None = None
@@ -250,6 +251,7 @@ class ClientModule(L.LightningModule):
                                            self.clients[self.held_clients()[0]].samples)
         else:
             self.averager = LocalAverager()
+        self._restore_clients()
         self.use(self.clients[self.held_clients()[0]])
 
     def use(self, client: "FederatedClient") -> None:
@@ -394,10 +396,36 @@ class ClientModule(L.LightningModule):
         tag = f"step-{self.global_step}"
         self.link.save(tag)
         checkpoint["trunk_checkpoint"] = tag
+        if self.clients:  # every held client's own tensors, optimizer, schedule and figures
+            checkpoint["federated"] = {str(index): {
+                "params": [p.detach().clone() for p in c.params], "optimizer": c.optimizer.state_dict(),
+                "scheduler": c.scheduler.state_dict(), "tokens": c.tokens, "losses": list(c.losses)}
+                for index, c in self.clients.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
         self.link.load(checkpoint["trunk_checkpoint"])
+        if self.federated.enabled:
+            if "federated" not in checkpoint:
+                raise ValueError("this checkpoint was written by a run with one client; a federated run resumes "
+                                 "only from its own checkpoints")
+            self._resume_clients = checkpoint["federated"]
+
+    @torch.no_grad()
+    def _restore_clients(self) -> None:
+        saved = self._resume_clients
+        if not saved:
+            return
+        for index, client in self.clients.items():
+            state = saved.get(str(index))
+            if state is None or len(state["params"]) != len(client.params):
+                raise ValueError(f"the checkpoint holds no matching state for client {index}")
+            for param, tensor in zip(client.params, state["params"]):
+                param.copy_(tensor)
+            client.optimizer.load_state_dict(state["optimizer"])
+            client.scheduler.load_state_dict(state["scheduler"])
+            client.tokens, client.losses = int(state["tokens"]), list(state["losses"])
+        self._resume_clients = None
 
     def client_adapters(self) -> dict[str, torch.Tensor]:
         """The client's LoRA tensors (empty unless ``client="lora"``)."""

@@ -210,6 +210,8 @@ class TrunkServer:
         self.federated_step = 0
         """Steps every client of a ``sync`` federation has completed."""
         self._block = True
+        self._restored: tuple[str, int] | None = None
+        """(checkpoint file, step) of the last restore, so every client of a federation may resume from it."""
         self._count_lock = threading.Lock()
         self._param_storages = {p.untyped_storage().data_ptr() for p in trunk.parameters()}
         self._handlers: dict[str, Callable[[Session, Header, Tensors], tuple[Header, Tensors]]] = {
@@ -548,7 +550,9 @@ class TrunkServer:
     def _federated_step(self, session: Session, header: Header) -> tuple[Header, Tensors]:
         federation, index = self.federation, self._member(session)
         target = header["step"]
-        done = session.step or 0
+        if session.step is None:  # a client that sat out every step since it joined (or since a restore)
+            session.step = target - 1
+        done = session.step
         if target == done:  # already applied; the reply was lost
             self.count("steps_repeated")
             return self._step_reply(), {}
@@ -596,7 +600,7 @@ class TrunkServer:
         """Secure aggregation: add the clients' masked updates (mod 2**64). The server sees only the masked
         vectors and their sum; when a client of the announced participants is missing, the survivors redo the
         round (the masks would not cancel)."""
-        from .secagg import aggregate
+        from .federated import aggregate
 
         index = self._member(session)
 
@@ -674,6 +678,7 @@ class TrunkServer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "steps": self.steps,
+            "federated_step": self.federated_step,
             "fingerprint": self.fingerprint,
         }
 
@@ -705,7 +710,10 @@ class TrunkServer:
             for session in self.sessions.values():
                 session.graphs.clear()
                 session.grads.clear()
+                session.step = None
             self.steps = self.saved_step = int(state["steps"])
+            self.federated_step = int(state.get("federated_step", 0))
+            self._restored = (path.name, self.steps)
             return self.steps
 
     def resume(self) -> int | None:
@@ -727,6 +735,12 @@ class TrunkServer:
     def _load(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         tag = header["tag"]
         path = self.checkpoint_path(tag)
+        if self.federation is not None and self._restored == (path.name, self.steps):
+            # another client of the federation resumed from the same checkpoint: the trunk is there already
+            session.graphs.clear()
+            session.grads.clear()
+            session.step = None
+            return {"step": self.steps}, {}
         if path.is_file():
             self.restore(path)
             return {"step": self.steps}, {}

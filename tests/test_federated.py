@@ -342,3 +342,46 @@ def test_secure_aggregation_goes_on_without_a_dropped_client(tcp_federation, cap
         assert torch.allclose(results[name], torch.full((100,), 1.5, dtype=torch.float64), atol=1e-9), results[name]
     assert server.dropped == {2}
     assert any("'c2'" in r.getMessage() and "round_timeout" in r.getMessage() for r in caplog.records)
+
+
+def quickstart_fit(run, *extra: str, steps: int = 6):
+    from pathlib import Path
+
+    from splittrain.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    return main(["fit", "--config", str(config), "--trainer.default_root_dir", str(run),
+                 "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "3",
+                 "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
+                 "--trainer.enable_model_summary", "false", "--trainer.callbacks.init_args.every_n_train_steps", "3",
+                 "--data.limit", "96", "--data.batch_size", "4", "--model.sample_prompt", "null",
+                 "--model.client", "lora", "--model.federated.clients", "3", "--model.federated.average", "weights",
+                 "--model.federated.average_every", "2", "--model.federated.client_fraction", "0.67",
+                 "--data.partition", "column", "--data.partition_column", "task", *extra])
+
+
+def test_quickstart_federated_summary_and_resume(tmp_path):
+    """`fit --model.federated.clients 3` on task-partitioned data: per-client figures in summary.json, and a run
+    stopped after step 3 and resumed from its checkpoint (every client's weights, optimizer and schedule) equals
+    the uninterrupted one."""
+    import json
+
+    whole = quickstart_fit(tmp_path / "whole").model
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert set(summary["clients"]) == {"client0", "client1", "client2"}
+    for figures in summary["clients"].values():
+        assert figures["tokens"] > 0 and 0 < figures["val_loss_own_shard"] < 10
+        assert len(figures["train_losses"]) == figures["steps_taken"] <= 6
+    taken = [f["steps_taken"] for f in summary["clients"].values()]
+    assert sum(taken) == 6 * 2 and min(taken) < 6  # 2 of 3 clients drawn per round
+    assert summary["val_loss"] > 0 and summary["steps"] == 6
+
+    quickstart_fit(tmp_path / "parts", steps=3)
+    resumed = quickstart_fit(tmp_path / "parts", "--ckpt_path", "last").model
+    for index in range(3):
+        a, b = resumed.clients[index].losses, whole.clients[index].losses
+        assert len(a) == len(b) and max((abs(x - y) for x, y in zip(a, b)), default=0) <= 1e-6, (a, b)
+        for p, q in zip(resumed.clients[index].params, whole.clients[index].params):
+            assert (p - q).abs().max() <= 1e-6
+    trunk = dict(resumed.server.trainable)
+    assert all((trunk[n] - p).abs().max() <= 1e-6 for n, p in whole.server.trainable)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from splittrain.secagg import (
+from splittrain.federated import (
     CONTEXT,
     SCALE_BITS,
     KeyPair,

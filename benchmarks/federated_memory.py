@@ -1,0 +1,220 @@
+"""Peak memory of federated clients simulated in one process: 1 client vs 2 and 4, both averaging modes.
+
+    python benchmarks/federated_memory.py                 # ~123M-param Qwen2 shape, 4 steps of batch 4 (~5 min on 2 cores)
+    python benchmarks/federated_memory.py --size small    # the ~20M shape of split_overhead.py (weights < framework)
+    python benchmarks/federated_memory.py --full-client   # also 1 and 4 clients with `client: full`, for contrast
+
+Target: 4 clients simulated in one process peak at <= 1.2x the RSS of one client.
+
+Every run is ``python -m splittrain fit --config configs/quickstart.yaml`` in its own child process, on a random
+Qwen2-shaped model saved with ``save_pretrained`` into a temporary folder (vocabulary 32000: it covers the
+quickstart tokenizer's 384 ids), trained on the quickstart rows with ``client: lora`` (LoRA r=8 on the client's
+bottom and top layers, the frozen base weights shared by all simulated clients) and the trunk's LoRA from the
+quickstart config; checkpoint callbacks off, 2 validation batches, no sample answer. Runs:
+
+- ``floor``: the same command on the embedded 0.7M-parameter quickstart model: the Python/torch/Lightning/datasets
+  floor that any run pays, whatever the model;
+- ``base``: the model, one client, not federated (``model.federated.clients 1``);
+- ``gradients``/``weights``: ``model.federated.clients`` 2 and 4 (iid shards), ``average: gradients`` (FedSGD)
+  and ``average: weights`` (FedAvg, ``average_every`` 2).
+
+Peak RSS is exact per child: the child is reaped with ``os.wait4``, whose ``ru_maxrss`` is the kernel's peak
+resident set (anonymous plus file-backed pages: the memory-mapped weights count once touched) of that process
+(and of any descendant it reaped; ``fit`` starts none here). The ratio is peak / peak of ``base``. The script
+also prints what each extra client should cost: its trainable tensors (client-side LoRA) x 4 (fp32 weights, their
+gradients, AdamW's two moments) plus its trunk-LoRA gradients, which the server keeps per client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CONFIG = ROOT / "configs" / "quickstart.yaml"
+SHAPES = {  # Qwen2, fp32, tied embeddings; vocabulary 32000 >= the quickstart tokenizer's 384 ids
+    # ~123M: embedding 32000 x 1024 = 32.8M, 8 layers x 11.3M = 90.4M (load_memory.py's default shape)
+    "default": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                    num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True),
+    # ~20M: split_overhead.py's shape
+    "small": dict(vocab_size=32000, hidden_size=320, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=5,
+                  num_key_value_heads=1, tie_word_embeddings=True),
+}
+CUTS = (2, 6)
+TARGET = 1.2
+AVERAGE_EVERY = 2  # average: weights
+
+
+def build_model(folder: str, size: str) -> int:
+    """A random Qwen2 of ``size`` saved in ``folder``; returns its parameter count."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**SHAPES[size]))
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder)
+    return params
+
+
+def per_client_tensors(folder: str, client: str) -> dict:
+    """Trainable elements one client holds (bottom + top as ``client`` trains them) and the trunk's LoRA elements
+    (the server keeps one gradient of them per client), from the settings of configs/quickstart.yaml."""
+    import yaml
+
+    import splittrain
+    from splittrain.lora import LoraSettings, prepare
+    from splittrain.server import load_trunk
+
+    trunk_lora = yaml.safe_load(CONFIG.read_text())["model"]["trunk"]["lora"]
+    bottom, top = splittrain.split_model(folder, cuts=CUTS, parts=("bottom", "top"))
+    bottom, top = prepare(bottom, client, LoraSettings()), prepare(top, client, LoraSettings())
+    # tied embeddings: count a shared tensor once
+    client_elems = sum(p.numel() for p in {id(p): p for m in (bottom, top) for p in m.parameters()
+                                           if p.requires_grad}.values())
+    trunk = load_trunk(folder, CUTS, LoraSettings(**trunk_lora))
+    trunk_elems = sum(p.numel() for p in trunk.parameters() if p.requires_grad)
+    return {"client_trainable": client_elems, "trunk_lora": trunk_elems,
+            # fp32: weights + gradients + AdamW exp_avg + exp_avg_sq, and one trunk-LoRA gradient per client
+            "bytes_per_extra_client": 16 * client_elems + 4 * trunk_elems}
+
+
+def fit_command(model: str, run_dir: Path, args, client: str, clients: int, average: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "splittrain", "fit", "--config", str(CONFIG),
+           "--model.model", model, "--model.cuts", json.dumps(list(CUTS) if model != "quickstart" else [2, 4]),
+           "--model.client", client, "--model.sample_prompt", "null",
+           "--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", str(args.steps),
+           "--trainer.val_check_interval", str(args.steps), "--trainer.limit_val_batches", "2",
+           "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
+           "--trainer.enable_model_summary", "false",
+           "--data.train", "quickstart", "--data.tokenizer", "quickstart", "--data.batch_size", str(args.batch),
+           "--model.federated.clients", str(clients)]
+    if average is not None:
+        cmd += ["--model.federated.average", average, "--data.partition", "iid"]
+        if average == "weights":
+            cmd += ["--model.federated.average_every", str(AVERAGE_EVERY)]
+    return cmd
+
+
+def measure(cmd: list[str], log: Path) -> tuple[int, float]:
+    """Run ``cmd`` as a child; its peak RSS in bytes (``os.wait4``'s ru_maxrss, KiB on Linux) and seconds."""
+    began = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - began
+    if proc.returncode != 0:
+        sys.stdout.write(log.read_text()[-4000:])
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
+    return usage.ru_maxrss * 1024, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SHAPES), default="default")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per run")
+    parser.add_argument("--batch", type=int, default=4, help="rows per client batch")
+    parser.add_argument("--clients", type=int, nargs="+", default=[2, 4], help="federated client counts")
+    parser.add_argument("--full-client", action="store_true",
+                        help="also run `client: full` (1 and the largest count, gradients): per-client state is "
+                             "then the whole bottom + top")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "federated_memory.json")
+    args = parser.parse_args()
+
+    began = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="splittrain-fedmem-"))
+    try:
+        folder = str(work / "model")
+        params = build_model(folder, args.size)
+        checkpoint_bytes = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+        tensors = {"lora": per_client_tensors(folder, "lora")}
+        if args.full_client:
+            tensors["full"] = per_client_tensors(folder, "full")
+
+        plan = [("floor", "quickstart", "lora", 1, None), ("base", folder, "lora", 1, None)]
+        for average in ("gradients", "weights"):
+            plan += [(average, folder, "lora", n, average) for n in args.clients]
+        if args.full_client:
+            plan += [("base", folder, "full", 1, None), ("gradients", folder, "full", max(args.clients), "gradients")]
+
+        rows = []
+        for mode, model, client, clients, average in plan:
+            run_dir = work / f"run-{mode}-{client}-{clients}"
+            peak, seconds = measure(fit_command(model, run_dir, args, client, clients, average),
+                                    work / f"{run_dir.name}.log")
+            summary = json.loads((run_dir / "summary.json").read_text())
+            rows.append({"mode": mode, "client": client, "clients": clients, "model": "quickstart" if model ==
+                         "quickstart" else args.size, "peak_rss_bytes": peak, "seconds": seconds,
+                         "steps": summary["steps"], "val_loss": summary["val_loss"]})
+            print(f"  {mode:<9} client={client:<4} clients={clients}: peak {peak / 2**20:.0f} MiB, {seconds:.0f} s",
+                  flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    floor = next(r["peak_rss_bytes"] for r in rows if r["mode"] == "floor")
+    bases = {r["client"]: r["peak_rss_bytes"] for r in rows if r["mode"] == "base"}
+    for r in rows:
+        base = bases[r["client"]]
+        r["ratio_to_one_client"] = r["peak_rss_bytes"] / base if r["mode"] != "floor" else None
+        r["over_floor_ratio"] = (r["peak_rss_bytes"] - floor) / (base - floor) if r["mode"] != "floor" else None
+        r["extra_vs_one_client_bytes"] = r["peak_rss_bytes"] - base if r["mode"] != "floor" else None
+        extra = tensors[r["client"]]["bytes_per_extra_client"] * (r["clients"] - 1)
+        r["expected_extra_bytes"] = extra if r["mode"] != "floor" else None
+        r["meets_target"] = r["ratio_to_one_client"] <= TARGET if r["clients"] == 4 and r["mode"] != "floor" else None
+
+    lora = tensors["lora"]
+    print(f"\nQwen2 shape '{args.size}': {params / 1e6:.1f}M params, {checkpoint_bytes / 2**20:.0f} MiB fp32 "
+          f"checkpoint (hidden {SHAPES[args.size]['hidden_size']}, {SHAPES[args.size]['num_hidden_layers']} layers, "
+          f"vocab {SHAPES[args.size]['vocab_size']}), cuts {CUTS}, {args.steps} steps of batch {args.batch} per client")
+    for client, t in tensors.items():
+        print(f"client: {client}: trainable per client {t['client_trainable'] / 1e6:.3f}M elements "
+              f"({4 * t['client_trainable'] / 2**20:.2f} MiB fp32); trunk LoRA {t['trunk_lora'] / 1e6:.3f}M; each extra "
+              f"client costs ~{t['bytes_per_extra_client'] / 2**20:.2f} MiB (16 B/trainable element + 4 B/trunk-LoRA "
+              "element)")
+    print(f"{'mode':<10} {'client':<6} {'clients':>7} {'peak RSS MiB':>12} {'x 1 client':>10} {'x over floor':>12} "
+          f"{'extra MiB':>9} {'expected':>8} {'seconds':>7}")
+    for r in rows:
+        if r["mode"] == "floor":
+            print(f"{'floor':<10} {r['client']:<6} {r['clients']:>7} {r['peak_rss_bytes'] / 2**20:>12.0f} {'-':>10} "
+                  f"{'-':>12} {'-':>9} {'-':>8} {r['seconds']:>7.0f}")
+            continue
+        print(f"{r['mode']:<10} {r['client']:<6} {r['clients']:>7} {r['peak_rss_bytes'] / 2**20:>12.0f} "
+              f"{r['ratio_to_one_client']:>10.3f} {r['over_floor_ratio']:>12.3f} "
+              f"{r['extra_vs_one_client_bytes'] / 2**20:>9.1f} {r['expected_extra_bytes'] / 2**20:>8.1f} "
+              f"{r['seconds']:>7.0f}")
+    print("floor: the same fit on the 0.7M quickstart model (framework only); x over floor: (peak - floor) / "
+          "(one client's peak - floor); expected: the extra clients' trainable state, per the line above")
+    verdict = [r for r in rows if r["meets_target"] is not None and r["client"] == "lora"]
+    for r in verdict:
+        print(f"target 4 clients <= {TARGET}x one client ({r['mode']}, client: lora): "
+              f"{r['ratio_to_one_client']:.3f} -> {'met' if r['meets_target'] else 'MISSED'}")
+    elapsed = time.perf_counter() - began
+    print(f"benchmark took {elapsed:.0f} s")
+
+    import torch
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                    "platform": platform.platform(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()},
+        "size": args.size, "shape": SHAPES[args.size], "params": params, "checkpoint_bytes": checkpoint_bytes,
+        "cuts": CUTS, "steps": args.steps, "batch": args.batch, "average_every_for_weights": AVERAGE_EVERY,
+        "client_lora_r": 8, "per_client_tensors": tensors, "target": TARGET,
+        "peak_rss_method": "os.wait4 ru_maxrss of each fit child process", "elapsed_s": elapsed, "runs": rows,
+    }, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
