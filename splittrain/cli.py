@@ -159,8 +159,12 @@ def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1
                     status_file=run / "server_status.json")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: tcp.stop())
+    fed = server.federation
+    federation = "" if fed is None else (f"; a federation of {fed.clients} clients (average {fed.average}, trunk "
+                                         f"update {fed.trunk_update}, round timeout {fed.round_timeout:g} s)")
     print(f"splittrain: trunk server (layers {server.trunk.start}-{server.trunk.stop - 1}) listening on {tcp.address}"
-          f"{' with TLS' if tls else ''} for {len(known)} client(s); checkpoints in {run / 'trunk'}", flush=True)
+          f"{' with TLS' if tls else ''} for {len(known)} client(s){federation}; checkpoints in {run / 'trunk'}",
+          flush=True)
     tcp.serve_forever()
     path = server.save(LATEST)
     print(f"splittrain: trunk server stopped at step {server.steps}; saved {path}", flush=True)

@@ -571,7 +571,8 @@ class TrunkServer:
                                f"{self.federated_step}")
 
         def finish(arrived: dict[int, Any]) -> None:
-            weighted = [(s.grads, w) for s, w, _ in arrived.values() if w > 0 and s.grads]
+            # in client order, not arrival order: the sum is the same whoever came first
+            weighted = [(s.grads, w) for s, w, _ in (arrived[i] for i in sorted(arrived)) if w > 0 and s.grads]
             scale = next((sc for _, _, sc in arrived.values() if sc is not None), None)
             self._apply(_combine(weighted, mean=True), scale)
             for s, _, _ in arrived.values():

@@ -57,11 +57,12 @@ def simulated(tmp_path_factory):
     from splittrain.cli import main
 
     runs = {}
-    for clients in (2, 3):
-        folder = tmp_path_factory.mktemp(f"simulated{clients}")
-        cfg = config(folder, folder / "run", clients=clients)
+    for name, federated in {2: {"clients": 2}, 3: {"clients": 3},
+                            "fedavg": {"clients": 2, "average": "weights", "average_every": 2}}.items():
+        folder = tmp_path_factory.mktemp(f"simulated{name}")
+        cfg = config(folder, folder / "run", **federated)
         main(["fit", "--config", str(cfg)])
-        runs[clients] = (cfg, folder / "run")
+        runs[name] = (cfg, folder / "run")
     return runs
 
 
@@ -76,8 +77,9 @@ def test_torchrun_clients_equal_the_simulation(simulated, procs, tmp_path, clien
     assert_same(client_figures(run), client_figures(ref), weights(run, run), weights(ref, ref), clients)
 
 
-def test_tcp_clients_equal_the_simulation(simulated, procs, tmp_path):
-    cfg, ref = simulated[2]
+@pytest.mark.parametrize("setup", [2, "fedavg"])
+def test_tcp_clients_equal_the_simulation(simulated, procs, tmp_path, setup):
+    cfg, ref = simulated[setup]
     tokens, known = make_tokens(tmp_path, "alice", "bob")
     server_run = tmp_path / "server"
     server, address = procs.serve(cfg, tokens, server_run)
@@ -93,7 +95,8 @@ def test_tcp_clients_equal_the_simulation(simulated, procs, tmp_path):
     alice = load_state(tmp_path / "alice" / "checkpoints" / "last.ckpt")["state_dict"]
     assert all((alice[k] - bob[k]).abs().max() <= 1e-6 for k in alice)  # one client-side model
     status = read_status(server_run)
-    assert status["counters"]["aggregations"] == 2 * STEPS  # every step's gradients went through secure aggregation
+    # gradients: every step's average went through secure aggregation; weights: every second step's
+    assert status["counters"]["aggregations"] == 2 * (STEPS if setup == 2 else STEPS // 2)
 
 
 def test_a_killed_client_is_dropped_and_the_others_finish(procs, tmp_path):

@@ -104,6 +104,12 @@ def serve(server: Any, timeout: float = 600.0) -> None:
     if world < 2:
         raise RuntimeError("transport 'dist' needs at least 2 processes (--nproc_per_node 2): rank 0 serves the "
                            "trunk, the others are clients")
+    federation = getattr(server, "federation", None)
+    clients = federation.clients if federation is not None else 1
+    if world - 1 != clients:
+        raise RuntimeError(f"{world} processes make {world - 1} client rank(s) but the config has {clients} client(s): "
+                           f"run --nproc_per_node {clients + 1} (rank 0 serves the trunk) or set "
+                           f"--model.federated.clients {world - 1}")
     if world > 2:
         client_group()
     print(f"splittrain: trunk server on rank 0 (host {socket.gethostname()}) serving client ranks "
