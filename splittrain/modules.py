@@ -279,6 +279,7 @@ class ClientModule(L.LightningModule):
                 client.record(batch, out.loss.item())
                 self.train_metrics.update(out.logits.detach(), batch["labels"])
                 self.log(f"client{index}/train_loss", out.loss.detach(), batch_size=batch["input_ids"].shape[0])
+                del out  # this client's logits go before the next client's forward pass
             if fed.average == "weights":
                 if taking_part:
                     client.optimizer.step()
