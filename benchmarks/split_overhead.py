@@ -26,16 +26,16 @@ down is not needed because nothing below the cut trains. Read the ratios: absolu
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine  # this folder is on sys.path when a script here runs
 
 import torch
 
@@ -296,8 +296,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                    "platform": platform.platform(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()},
+        "machine": machine(),
         "params": params, "shape": SHAPE, "cuts": CUTS, "lora_r": 8, "batch": args.batch, "length": args.length,
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": args.threads, "payload_crossings": CROSSINGS,
         "unsplit_median_first_ms": floor["median_first_s"] * 1e3, "unsplit_median_last_ms": floor["median_last_s"] * 1e3,
