@@ -8,13 +8,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from splittrain.federated import FederatedSettings
-from splittrain.lora import LoraSettings, adapter_state_dict, init_lora, lora_config, model_family
+from splittrain.lora import adapter_state_dict
 from splittrain.modules import ClientModule, OptimSettings, TrunkSettings, build_optimizer
 from conftest import VOCAB
-from test_training import layer_of
+from test_training import CUTS, LORA, layer_of, peft_model
 
-CUTS = (1, 3)
-LORA = LoraSettings(r=4, alpha=8)
 OPTIM = OptimSettings(lr=2e-2, weight_decay=0.01, schedule="linear", warmup_steps=2)
 
 
@@ -71,20 +69,7 @@ def split_weights(module: ClientModule, client: int) -> dict[str, torch.Tensor]:
 
 
 def reference_model(folder, client: str):
-    from peft import inject_adapter_in_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    family = model_family(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = range(model.config.num_hidden_layers) if client == "lora" else range(*CUTS)
-    inject_adapter_in_model(lora_config(family, layers, LORA), model)
-    init_lora(model, seed=3)
-    if client == "full":
-        for name, p in model.named_parameters():
-            if ".lora_" not in name and layer_of(name, family.layer_path) not in range(*CUTS):
-                p.requires_grad_(True)
+    model, family = peft_model(folder, client)
     trunk = {n: p for n, p in model.named_parameters() if p.requires_grad and layer_of(n, family.layer_path) in range(*CUTS)}
     own = {n: p for n, p in model.named_parameters() if p.requires_grad and n not in trunk}
     return model, family, own, trunk

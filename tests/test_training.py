@@ -43,15 +43,15 @@ def split_run(folder, tmp_path, client: str, accumulate: int = 1, clip: float | 
     return module, weights
 
 
-def monolithic_run(folder, client: str, accumulate: int = 1, clip: float | None = None):
-    """The reference: the unsplit model with peft adapters on the same layers, one AdamW, a plain loop."""
+def peft_model(folder, client: str):
+    """The unsplit model with peft adapters on the layers the split trains (the trunk's, and the client's for
+    ``lora``); with ``full`` the client's layers train in full. Returns (model, family)."""
     from peft import inject_adapter_in_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     family = model_family(model)
-    num_layers = model.config.num_hidden_layers
-    lora_layers = range(num_layers) if client == "lora" else range(*CUTS)
+    lora_layers = range(model.config.num_hidden_layers) if client == "lora" else range(*CUTS)
     for p in model.parameters():
         p.requires_grad_(False)
     inject_adapter_in_model(lora_config(family, lora_layers, LORA), model)
@@ -60,6 +60,12 @@ def monolithic_run(folder, client: str, accumulate: int = 1, clip: float | None 
         for name, p in model.named_parameters():
             if ".lora_" not in name and layer_of(name, family.layer_path) not in range(*CUTS):
                 p.requires_grad_(True)
+    return model, family
+
+
+def monolithic_run(folder, client: str, accumulate: int = 1, clip: float | None = None):
+    """The reference: the unsplit model with peft adapters on the same layers, one AdamW, a plain loop."""
+    model, family = peft_model(folder, client)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, OPTIM, STEPS)
     model.train()
