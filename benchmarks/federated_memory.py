@@ -25,6 +25,11 @@ off, no sanity check, 2 validation batches, no sample answer, ``OMP_NUM_THREADS=
   ``MALLOC_MMAP_THRESHOLD_=65536``, so glibc returns every freed block of 64 KiB or more to the kernel at once and
   the peak follows the live tensors instead of what the heap kept from earlier, differently shaped, allocations.
 
+With several simulated clients ``fit`` hands the heap pages freed by each client's backward pass back to the
+kernel (glibc's ``malloc_trim``, :func:`splittrain.federated.release_freed_memory`); a run with one client does
+not, so glibc's heap keeps pages of earlier, differently shaped allocations there, and 2 or 4 clients can peak
+slightly below one. The ``mmap64k`` runs show the live growth without that effect.
+
 Peak RSS is exact per child: the child is reaped with ``os.wait4``, whose ``ru_maxrss`` is the kernel's peak
 resident set (anonymous plus file-backed pages: the memory-mapped weights count once touched) of that process
 (and of any descendant it reaped; ``fit`` starts none here). The ratio is peak / the base peak under the same

@@ -23,7 +23,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 
 from .cut import TrunkLink, cross
-from .federated import FederatedSettings, LocalAverager, flatten, unflatten_into
+from .federated import FederatedSettings, LocalAverager, flatten, release_freed_memory, unflatten_into
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
 from .metrics import TokenMetrics
 from .segments import Activations, Segment
@@ -280,6 +280,8 @@ class ClientModule(L.LightningModule):
                 self.train_metrics.update(out.logits.detach(), batch["labels"])
                 self.log(f"client{index}/train_loss", out.loss.detach(), batch_size=batch["input_ids"].shape[0])
                 del out  # this client's logits go before the next client's forward pass
+                if len(self.clients) > 1:
+                    release_freed_memory()
             if fed.average == "weights":
                 if taking_part:
                     client.optimizer.step()
