@@ -107,7 +107,7 @@ def per_client_tensors(folder: str, client: str) -> dict:
 def fit_command(model: str, run_dir: Path, args, client: str, clients: int, average: str | None) -> list[str]:
     cmd = [sys.executable, "-m", "splittrain", "fit", "--config", str(CONFIG),
            "--model.model", model, "--model.cuts", json.dumps(list(CUTS) if model != "quickstart" else [2, 4]),
-           "--model.client", client, "--model.sample_prompt", "null",
+           "--model.client", client, "--model.sample_prompt", "null", "--model.eval_generate", "false",
            "--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", str(args.steps),
            "--trainer.val_check_interval", str(args.steps), "--trainer.limit_val_batches", "2",
            "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",

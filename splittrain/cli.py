@@ -21,6 +21,9 @@ Model owners and users of a finished run::
 
     python -m splittrain split --model Qwen/Qwen2-0.5B --cuts 6 18 --out parties/
     python -m splittrain export --run runs/quickstart --out exported/
+    python -m splittrain test --config configs/quickstart.yaml --ckpt_path last          # eval.json, eval.md
+    python -m splittrain generate --config configs/quickstart.yaml --ckpt_path last --prompt "Reverse the word cat."
+    python -m splittrain generate --config configs/quickstart.yaml --ckpt_path last --prompts in.jsonl --out out.jsonl
 
 Notebooks call the same entry point: ``splittrain.cli.main(["fit", "--config", "configs/quickstart.yaml"])``
 or with a dict ``main({"fit": {...}})``.
@@ -106,6 +109,30 @@ def _tools_parser() -> argparse.ArgumentParser:
                        help="tokens per row (default: the model's max_position_embeddings)")
     serve.add_argument("--max_frame_bytes", type=int, default=limits.max_frame_bytes,
                        help="largest payload an authenticated client may send")
+    generate = commands.add_parser(
+        "generate", help="answer prompts with a split model (after fit: --ckpt_path last)",
+        epilog="--model.* and --data.* overrides are applied to the config as for fit; decoding defaults come from "
+               "the config's model.generation")
+    generate.add_argument("--config", required=True, action="append", help="the run's config")
+    generate.add_argument("--ckpt_path", default=None,
+                          help="'last' (the run folder's checkpoints/last.ckpt) or a checkpoint file")
+    what = generate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one user message; the answer streams to the terminal")
+    what.add_argument("--prompts", help="a .jsonl file: one {\"prompt\": ...} or {\"messages\": [...]} per line")
+    generate.add_argument("--out", default=None, help="write answers as .jsonl here (default: print them)")
+    generate.add_argument("--batch_size", type=int, default=16, help="prompts generated together (left-padded)")
+    generate.add_argument("--max_new_tokens", type=int, default=None)
+    generate.add_argument("--min_new_tokens", type=int, default=None)
+    generate.add_argument("--do_sample", action="store_true", default=None, help="sample (default: greedy)")
+    generate.add_argument("--temperature", type=float, default=None)
+    generate.add_argument("--top_k", type=int, default=None)
+    generate.add_argument("--top_p", type=float, default=None)
+    generate.add_argument("--repetition_penalty", type=float, default=None)
+    generate.add_argument("--stop", action="append", default=None, dest="stop_strings",
+                          help="stop a row at this text (repeatable)")
+    generate.add_argument("--stop_token_id", type=int, action="append", default=None, dest="eos_token_id",
+                          help="stop a row at this token id (repeatable; default: the tokenizer's EOS)")
+    generate.add_argument("--seed", type=int, default=None, help="seed of sampling")
     token = commands.add_parser("token", help="add a client with a fresh random token to a tokens file")
     token.add_argument("--tokens", required=True, help="tokens.json to create or extend (mode 600)")
     token.add_argument("--client", required=True, help="the client's name")
@@ -113,8 +140,10 @@ def _tools_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def client_settings(configs: Sequence[str], overrides: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
-    """The ``model`` section of fit configs as a :class:`ClientModule` (nothing loaded) and the ``trainer`` dict."""
+def client_settings(configs: Sequence[str], overrides: Sequence[str] = (), with_data: bool = False):
+    """The ``model`` section of fit configs as a :class:`ClientModule` (nothing loaded) and the ``trainer`` dict
+    (and the ``data`` section as an :class:`~splittrain.data.InstructionDataModule`, rows not loaded, when
+    ``with_data``)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from .modules import ClientModule
@@ -123,12 +152,30 @@ def client_settings(configs: Sequence[str], overrides: Sequence[str] = ()) -> tu
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(ClientModule, "model")
     parser.add_argument("--trainer", type=dict, default={})
-    parser.add_argument("--data", type=dict, default={})
-    parser.add_argument("--seed_everything", type=bool | int, default=True)
-    parser.add_argument("--ckpt_path", type=str | None, default=None)
-    words = [w for config in configs for w in ("--config", config)] + list(overrides)
+    if with_data:
+        from .data import InstructionDataModule
+
+        parser.add_class_arguments(InstructionDataModule, "data")
+    else:
+        parser.add_argument("--data", type=dict, default={})
+    words = [w for config in configs for w in ("--config", _sections(config))] + list(overrides)
     config = parser.parse_args(words)
-    return parser.instantiate_classes(config).model, dict(config.trainer)
+    built = parser.instantiate_classes(config)
+    if with_data:
+        return built.model, dict(config.trainer), built.data
+    return built.model, dict(config.trainer)
+
+
+def _sections(config: str) -> str:
+    """A fit config file as YAML text with only the sections a client or server is built from: a config that
+    ``test`` or ``validate`` saved in a run folder also holds their own arguments (``verbose``, ``weights_only``)."""
+    import yaml
+
+    text = Path(config).read_text()
+    loaded = yaml.safe_load(text)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config {config} is not a YAML mapping")
+    return yaml.safe_dump({k: v for k, v in loaded.items() if k in ("model", "trainer", "data")})
 
 
 def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1:7000", tls_cert: str | None = None,
@@ -170,6 +217,90 @@ def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1
     print(f"splittrain: trunk server stopped at step {server.steps}; saved {path}", flush=True)
 
 
+def generate_command(configs: Sequence[str], prompt: str | None = None, prompts: str | None = None,
+                     out: str | None = None, ckpt_path: str | None = None, batch_size: int = 16,
+                     overrides: Sequence[str] = (), **options: Any) -> list[str]:
+    """Answer ``prompt`` (streamed to stdout) or every line of the ``prompts`` .jsonl file with the split model that
+    ``configs`` describe, from ``ckpt_path`` (``last``: the run folder's ``checkpoints/last.ckpt``); ``options``
+    override the config's ``model.generation``. Writes ``out`` (.jsonl) or prints the answers; returns them."""
+    import logging
+
+    import lightning as L
+
+    module, trainer_args, data = client_settings(configs, overrides, with_data=True)
+    root = Path(trainer_args.get("default_root_dir") or ".")
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # no trainer banners: this trainer only names the run folder and step count
+    try:
+        module.trainer = L.Trainer(default_root_dir=root, max_steps=trainer_args.get("max_steps") or -1, logger=False,
+                                   enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    finally:
+        quiet.setLevel(level)
+    module.tokenizer, module.chat_template = data.tokenizer, data.chat_template
+    if ckpt_path is not None:
+        path = root / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint {path}" + (" (has `fit` run with this config?)"
+                                                              if ckpt_path == "last" else ""))
+        module.restore(path)
+    from dataclasses import asdict
+
+    options = {**asdict(module.generation), **{k: v for k, v in options.items() if v is not None}}
+    try:
+        if prompt is not None:
+            from transformers import TextStreamer
+
+            streamer = TextStreamer(data.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            answer = module.generate(prompt, streamer=streamer, **options)
+            if out is not None:
+                _write_jsonl(out, [{"prompt": prompt, "answer": answer}])
+            return [answer]
+        rows = _read_prompts(prompts)
+        answers = module.generate([r["messages"] for r in rows], batch_size=batch_size, progress=True, **options)
+        records = [{**r["source"], "answer": a} for r, a in zip(rows, answers)]
+        if out is not None:
+            _write_jsonl(out, records)
+            print(f"{len(records)} answers -> {out}")
+        else:
+            for record in records:
+                print(json.dumps(record, ensure_ascii=False))
+        return answers
+    finally:
+        module.close()
+
+
+def _read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a prompts .jsonl: ``{"prompt": str}`` or ``{"messages": [...]}`` (a trailing assistant turn, e.g. a
+    reference answer, is dropped)."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            source = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error})") from error
+        if isinstance(source, dict) and isinstance(source.get("prompt"), str):
+            messages = [{"role": "user", "content": source["prompt"]}]
+        elif isinstance(source, dict) and isinstance(source.get("messages"), list) and source["messages"]:
+            messages = list(source["messages"])
+            if messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+        else:
+            raise ValueError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+        rows.append({"messages": messages, "source": source})
+    if not rows:
+        raise ValueError(f"{path} holds no prompts")
+    return rows
+
+
+def _write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def token_command(tokens: str | Path, client: str, out: str | Path) -> Path:
     """Add ``client`` with a fresh token to ``tokens`` and write the token alone to ``out`` (both mode 600)."""
     from .transport.tcp import make_token
@@ -197,6 +328,10 @@ def _lightning_cli(args: Sequence[str] | dict[str, Any]):
 
         def after_fit(self) -> None:
             write_summary(self.trainer, self.model, self.datamodule)
+
+        def after_test(self) -> None:
+            if self.model.last_eval is not None and self.trainer.is_global_zero:
+                print_eval(self.model.last_eval["metrics"], self.model.run_dir)
 
         def _run_subcommand(self, subcommand: str) -> None:
             """Under torchrun with ``transport: dist`` rank 0 serves the trunk; the client ends its session."""
@@ -236,6 +371,9 @@ def write_summary(trainer, model, datamodule) -> dict[str, Any]:
     summary["val_loss"] = validated.get("val_loss", math.nan)
     summary["val_perplexity"] = validated.get("val_perplexity", math.nan)
     summary["val_token_accuracy"] = validated.get("val_token_accuracy", math.nan)
+    if model.eval_generate:
+        tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+        summary.update({k: v for k, v in tested.items() if k.startswith("test_")})
     name = "summary.json"
     if model.federated.enabled:
         summary["clients"] = model.client_summaries(trainer, datamodule)
@@ -251,12 +389,22 @@ def write_summary(trainer, model, datamodule) -> dict[str, Any]:
             print(f"  {name:<8} tokens {figures['tokens']:>8}  train loss {figures['train_loss_first']:.4g} -> "
                   f"{figures['train_loss_last']:.4g}  val loss (own shard) {figures['val_loss_own_shard']:.4g}")
         print(f"summary: {path}")
+        if model.eval_generate and model.last_eval is not None:
+            print_eval(model.last_eval["metrics"], model.run_dir)
         if model.sample_prompt:
-            from .generate import greedy_answer
-
-            answer = greedy_answer(model, datamodule.tokenizer, model.sample_prompt)
+            answer = model.generate(model.sample_prompt, max_new_tokens=48)
             print(f"sample  user: {model.sample_prompt}\n   assistant: {answer}")
     return summary
+
+
+def print_eval(metrics: dict[str, Any], run_dir: Path, shown: int = 5) -> None:
+    """The evaluation's scores and its first ``shown`` answers (from ``eval.json`` in ``run_dir``)."""
+    print(f"held-out answers ({metrics['rows']} rows): exact match {metrics['exact_match']:.3f}  "
+          f"ROUGE-L {metrics['rouge_l']:.3f}  BLEU {metrics['bleu']:.3f}   ({run_dir / 'eval.md'})")
+    path = run_dir / "eval.json"
+    for row in (json.loads(path.read_text())["rows"][:shown] if path.is_file() else []):
+        print(f"  {'ok  ' if row['exact'] else 'MISS'} {row['prompt']!r} -> {row['generated']!r}"
+              + ("" if row["exact"] else f" (expected {row['reference']!r})"))
 
 
 def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
@@ -268,7 +416,8 @@ def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
     if command in LIGHTNING_COMMANDS or isinstance(words, dict):
         return _lightning_cli(args)  # None: LightningCLI reads sys.argv itself
     ns, overrides = _tools_parser().parse_known_args(list(words))
-    if overrides and (ns.command != "serve" or not all(w.startswith("--model.") for w in overrides[::2])):
+    allowed = {"serve": ("--model.",), "generate": ("--model.", "--data.")}.get(ns.command, ())
+    if overrides and not (allowed and all(w.startswith(allowed) for w in overrides[::2])):
         _tools_parser().parse_args(list(words))  # reports the unknown arguments and exits
     if ns.command == "split":
         return split_command(ns.model, ns.cuts, ns.out, dtype=ns.dtype, family=ns.family, revision=ns.revision,
@@ -283,6 +432,12 @@ def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
                              ns.run_dir, limits, ns.max_connections, overrides)
     if ns.command == "token":
         return token_command(ns.tokens, ns.client, ns.out)
+    if ns.command == "generate":
+        options = {k: getattr(ns, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature",
+                                                "top_k", "top_p", "repetition_penalty", "stop_strings",
+                                                "eos_token_id", "seed")}
+        return generate_command(ns.config, ns.prompt, ns.prompts, ns.out, ns.ckpt_path, ns.batch_size, overrides,
+                                **options)
     if ns.command == "export":
         from .lora import export_run
 

@@ -33,6 +33,8 @@ class TrunkLink:
             raise ValueError(f"wire_dtype must be one of {', '.join(FLOAT_DTYPES)}, got {wire_dtype!r}")
         self.transport = transport
         self.wire_dtype = DTYPES[wire_dtype][0]
+        self.positions_sent = 0
+        """Sequence positions of hidden states sent to the trunk so far (every forward pass, generation included)."""
 
     @property
     def wire_bytes(self) -> int:
@@ -50,11 +52,28 @@ class TrunkLink:
         if state.attention_mask is not None:
             tensors["attention_mask"] = state.attention_mask.to(torch.uint8)
         header = {"key": list(key), "training": training, "need_input_grad": need_input_grad}
+        self.positions_sent += state.hidden_states.shape[1]
         if training:
             if step is None:
                 raise ValueError("a training forward pass needs the client's optimizer step")
             header["step"] = int(step)
         return self._request("forward", header, tensors)[1]["hidden_states"]
+
+    def generate(self, generation: str, start: bool, hidden: torch.Tensor, new_mask: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """Run the trunk on the next positions of generation ``generation`` with the server's KV cache for it
+        (``start``: a new one). ``new_mask`` is the attention mask of these positions only; the server keeps the
+        rest."""
+        tensors = {"hidden_states": hidden.detach().to(self.wire_dtype), "position_ids": positions.to(torch.int32),
+                   "attention_mask": new_mask.to(torch.uint8)}
+        header = {"key": ["generate"], "training": False, "need_input_grad": False, "generation": generation,
+                  "start": start}
+        self.positions_sent += hidden.shape[1]
+        return self._request("forward", header, tensors)[1]["hidden_states"]
+
+    def end_generation(self, generation: str) -> None:
+        """Free the server's KV cache of ``generation``."""
+        self._request("end_generation", {"generation": generation}, {})
 
     def backward(self, key: Hashable, grad: torch.Tensor) -> torch.Tensor | None:
         reply = self._request("backward", {"key": list(key)}, {"grad": grad.detach().to(self.wire_dtype)})[1]

@@ -394,7 +394,7 @@ class InstructionDataModule(L.LightningDataModule):
                  max_length: int = 512, batch_size: int = 8, packing: bool = False, val_size: float = 0.1,
                  seed: int = 0, num_workers: int = 0, limit: int | None = None,
                  partition: Literal["iid", "dirichlet", "column"] = "iid", partition_alpha: float = 0.5,
-                 partition_column: str | None = None) -> None:
+                 partition_column: str | None = None, test: str | None = None) -> None:
         """
         Args:
             train: ``quickstart`` (the embedded data set), or training rows: a local ``.jsonl``/``.json``/``.parquet`` file, or a dataset name (or local folder)
@@ -415,6 +415,8 @@ class InstructionDataModule(L.LightningDataModule):
                 ``partition_column`` to one client).
             partition_alpha: Dirichlet concentration of ``dirichlet``: smaller is more skewed.
             partition_column: Column of the rows that ``dirichlet`` and ``column`` split by (a label or task).
+            test: Rows for ``test`` (perplexity and token accuracy, and answers generated for each row's last user
+                turn scored against its last assistant turn), same forms as ``train``; default: the validation rows.
         """
         super().__init__()
         _check_partition(partition, partition_alpha, partition_column)
@@ -430,7 +432,7 @@ class InstructionDataModule(L.LightningDataModule):
                                    "max_length": max_length, "batch_size": batch_size, "packing": packing,
                                    "val_size": val_size, "seed": seed, "num_workers": num_workers, "limit": limit,
                                    "partition": partition, "partition_alpha": partition_alpha,
-                                   "partition_column": partition_column})
+                                   "partition_column": partition_column, "test": test})
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.chat_template = resolve_chat_template(self.tokenizer, chat_template)  # fail now, not after loading data
         # Tokenizers without a pad token (Llama) pad with eos: padded positions are masked and unlabelled anyway.
@@ -438,6 +440,7 @@ class InstructionDataModule(L.LightningDataModule):
                              else self.tokenizer.eos_token_id)
         self.train_dataset: Any = None
         self.val_dataset: Any = None
+        self.test_dataset: Any = None
         self.clients, self.held = 1, [0]  # see `shard`
         self._rows: dict[str, Any] = {}  # split -> the loaded rows, before tokenization
         self._shards: dict[str, list[list[int]]] = {}  # split -> positions in its tokenized dataset, per client
@@ -455,6 +458,11 @@ class InstructionDataModule(L.LightningDataModule):
             val_rows = self._load(hp.val)
         self._rows = {"train": train_rows, "val": val_rows}
         self.train_dataset, self.val_dataset = self._tokenize(train_rows), self._tokenize(val_rows)
+        if hp.test is not None:
+            self._rows["test"] = self._load(hp.test)
+            self.test_dataset = self._tokenize(self._rows["test"])
+        else:
+            self._rows["test"], self.test_dataset = val_rows, self.val_dataset
         self._split_shards()
 
     def shard(self, clients: int, held: Sequence[int] | None = None) -> None:
@@ -545,8 +553,26 @@ class InstructionDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, shuffle=False, seed=self.hparams.seed)
 
     def test_dataloader(self) -> DataLoader:
-        """The validation rows (there is no separate test source)."""
-        return self._loader(self.val_dataset, shuffle=False, seed=self.hparams.seed)
+        """The test rows (``test``; the validation rows when it is not given)."""
+        return self._loader(self.test_dataset, shuffle=False, seed=self.hparams.seed)
+
+    def eval_rows(self, split: Literal["val", "test"] = "test", limit: int | None = None) -> list[dict[str, Any]]:
+        """Rows to answer: per row, ``messages`` up to its last user turn (earlier turns and system message kept)
+        and ``reference``, the content of its last assistant turn. Rows without an assistant turn are skipped."""
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        if not self._rows:
+            self.setup("test")
+        out = []
+        for row in self._rows[split]:
+            messages = to_messages(row)
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last is None or last == 0:
+                continue
+            out.append({"messages": messages[:last], "reference": messages[last]["content"]})
+            if limit is not None and len(out) >= limit:
+                break
+        return out
 
 
 def _encode_row(row: Mapping[str, Any], index: int, tokenizer: Any, max_length: int,

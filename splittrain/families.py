@@ -20,8 +20,6 @@ Adding a llama-shaped family is one ``Family(...)`` entry below.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -50,43 +48,47 @@ def window_layer_types(config: Any) -> list[str]:
     return [kind] * config.num_hidden_layers
 
 
-@functools.cache
-def _cache_name(builder: Callable) -> str:
-    return "cache" if "cache" in inspect.signature(builder).parameters else "past_key_values"
-
-
-def _cache_kwarg(builder: Callable, cache: Any) -> dict[str, Any]:
-    """The mask builders' cache argument: ``cache`` since transformers 5.24, ``past_key_values`` before."""
-    return {_cache_name(builder): cache}
-
-
 def causal_masks(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                 position_ids: torch.Tensor, kinds: set[str], past_key_values: Any = None) -> Masks:
-    """Full and/or sliding causal masks, built exactly as the family's ``Model.forward`` builds them."""
+                 position_ids: torch.Tensor, kinds: set[str], cache: Any = None,
+                 layer_index: dict[str, int] | None = None) -> Masks:
+    """Full and/or sliding causal masks, built exactly as the family's ``Model.forward`` builds them.
+
+    With a KV ``cache`` each kind's mask is sized against ``layer_index[kind]``, a layer of that kind in the
+    segment (a segment's cache holds only its own layers, so the model's first layer of a kind may be empty)."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
-                  **_cache_kwarg(create_causal_mask, past_key_values))
     builders = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
-    return {kind: builders[kind](**kwargs) for kind in kinds}
+    return {kind: builders[kind](**_mask_kwargs(config, hidden, attention_mask, position_ids, cache, layer_index, kind))
+            for kind in kinds}
+
+
+def _mask_kwargs(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                 cache: Any, layer_index: dict[str, int] | None, kind: str) -> dict[str, Any]:
+    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                  cache=cache)
+    if cache is not None and layer_index:
+        kwargs["layer_idx"] = layer_index[kind]
+    return kwargs
 
 
 def gemma3_masks(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                 position_ids: torch.Tensor, kinds: set[str], past_key_values: Any = None) -> Masks:
+                 position_ids: torch.Tensor, kinds: set[str], cache: Any = None,
+                 layer_index: dict[str, int] | None = None) -> Masks:
     """Gemma-3 masks, including its optional bidirectional variant (``use_bidirectional_attention``)."""
     if not getattr(config, "use_bidirectional_attention", False):
-        return causal_masks(config, hidden, attention_mask, position_ids, kinds, past_key_values)
+        return causal_masks(config, hidden, attention_mask, position_ids, kinds, cache, layer_index)
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
     from transformers.models.gemma3.modeling_gemma3 import _bidirectional_window_overlay
 
-    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-                  position_ids=position_ids, **_cache_kwarg(create_causal_mask, past_key_values))
+    def kwargs(kind: str) -> dict[str, Any]:
+        return _mask_kwargs(config, hidden, attention_mask, position_ids, cache, layer_index, kind)
+
     masks: Masks = {}
     if FULL in kinds:
-        masks[FULL] = create_causal_mask(**kwargs, or_mask_function=lambda *args: torch.tensor(True, dtype=torch.bool))
+        masks[FULL] = create_causal_mask(**kwargs(FULL), or_mask_function=lambda *args: torch.tensor(True, dtype=torch.bool))
     if SLIDING in kinds:
         overlay = _bidirectional_window_overlay(config.sliding_window)
-        masks[SLIDING] = create_sliding_window_causal_mask(**kwargs, or_mask_function=overlay)
+        masks[SLIDING] = create_sliding_window_causal_mask(**kwargs(SLIDING), or_mask_function=overlay)
     return masks
 
 

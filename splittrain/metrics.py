@@ -1,10 +1,15 @@
-"""Token-level metrics for causal LM training: perplexity and next-token accuracy (torchmetrics).
+"""Metrics (torchmetrics): perplexity and next-token accuracy while training; exact match, ROUGE-L and BLEU of
+generated answers.
 
-Both compare position t's logits with the label at t+1 (the causal shift) and skip labels of -100, so they
-measure exactly the tokens the loss trains.
+The token metrics compare position t's logits with the label at t+1 (the causal shift) and skip labels of -100, so
+they measure exactly the tokens the loss trains.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -39,3 +44,47 @@ class TokenMetrics(nn.Module):
     def reset(self) -> None:
         self.perplexity.reset()
         self.token_accuracy.reset()
+
+
+def normalize(text: str) -> str:
+    """Whitespace runs to one space, ends stripped (what exact match compares)."""
+    return " ".join(text.split())
+
+
+def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Exact match (after :func:`normalize`), ROUGE-L F1 and corpus BLEU with add-one smoothing of the higher-order
+    n-gram precisions. BLEU is of order 4, or of the longest reference's word count when that is shorter (a corpus
+    of one-word answers has no 2-grams, and torchmetrics scores a corpus with an order that never matches 0)."""
+    from torchmetrics.text import BLEUScore, ROUGEScore
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise ValueError("no rows to score")
+    predictions, references = [normalize(p) for p in predictions], [normalize(r) for r in references]
+    exact = sum(p == r for p, r in zip(predictions, references)) / len(references)
+    rouge = ROUGEScore(rouge_keys="rougeL")(predictions, references)["rougeL_fmeasure"]
+    order = max(1, min(4, max(len(r.split()) for r in references)))
+    bleu = BLEUScore(n_gram=order, smooth=True)(predictions, [[r] for r in references])
+    return {"exact_match": float(exact), "rouge_l": float(rouge), "bleu": float(bleu), "bleu_order": order}
+
+
+def write_eval(run_dir: str | Path, metrics: dict[str, Any], rows: Sequence[dict[str, Any]], shown: int = 20,
+               ) -> tuple[Path, Path]:
+    """``eval.json`` (the metrics and every row's prompt, reference and answer) and ``eval.md`` (the metrics table
+    and the first ``shown`` rows) in ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = run_dir / "eval.json", run_dir / "eval.md"
+    json_path.write_text(json.dumps({"metrics": metrics, "rows": list(rows)}, indent=2) + "\n")
+    cell = lambda text: str(text).replace("|", "\\|").replace("\n", "<br>")
+    lines = ["# Evaluation", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
+              for name, value in metrics.items()]
+    lines += ["", f"## The first {min(shown, len(rows))} of {len(rows)} rows", "",
+              "| # | prompt | reference | generated | exact |", "|---|---|---|---|---|"]
+    for i, row in enumerate(rows[:shown]):
+        lines.append(f"| {i} | {cell(row['prompt'])} | {cell(row['reference'])} | {cell(row['generated'])} | "
+                     f"{'yes' if row['exact'] else 'no'} |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path

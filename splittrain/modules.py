@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from lightning.fabric.plugins import CheckpointIO
 
 from .cut import TrunkLink, cross
 from .federated import FederatedSettings, LocalAverager, flatten, release_freed_memory, unflatten_into
+from .generate import GenerationOptions
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
 from .metrics import TokenMetrics
 from .segments import Activations, Segment
@@ -79,6 +81,10 @@ class ClientModule(L.LightningModule):
         federated: several clients training one trunk together (see :mod:`splittrain.federated`): in one process
             they are simulated (they share the frozen weights; each has its own trainable tensors, optimizer and
             shard), under torchrun each client rank is one, over tcp each ``fit`` process is one.
+        generation: decoding options of :meth:`generate` and of the evaluation by generated answers.
+        eval_generate: after ``fit``, run the ``test`` evaluation (perplexity, token accuracy, and exact match,
+            ROUGE-L and BLEU of answers generated for the test rows; ``eval.json``/``eval.md`` in the run folder).
+        eval_max_rows: rows answered by that evaluation (null: every test row).
     """
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
@@ -89,7 +95,8 @@ class ClientModule(L.LightningModule):
                  wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32", timeout: float = 600.0,
                  reconnect_timeout: float = 300.0, seed: int = 0, dtype: str | None = None,
                  sample_prompt: str | None = None, device_map: dict[str, str] | str | None = None,
-                 federated: FederatedSettings = FederatedSettings()) -> None:
+                 federated: FederatedSettings = FederatedSettings(), generation: GenerationOptions = GenerationOptions(),
+                 eval_generate: bool = False, eval_max_rows: int | None = 200) -> None:
         super().__init__()
         if len(cuts) != 2:
             raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
@@ -109,6 +116,10 @@ class ClientModule(L.LightningModule):
         self.seed, self.dtype_name = seed, dtype
         self.sample_prompt, self.device_map = sample_prompt, device_map
         self.federated = federated
+        self.generation, self.eval_generate = generation, eval_generate
+        if eval_max_rows is not None and eval_max_rows < 1:
+            raise ValueError(f"eval_max_rows must be >= 1 or null (every row), got {eval_max_rows}")
+        self.eval_max_rows = eval_max_rows
         if federated.enabled:
             if transport == "tcp" and federated.client_index is None:
                 raise ValueError("a federated tcp client says which client it is: --model.federated.client_index I")
@@ -123,6 +134,11 @@ class ClientModule(L.LightningModule):
         self.server = None
         self._trunk_scale: float | None = None
         self._stats = {"tokens": 0, "losses": [], "began": None}
+        self.tokenizer: Any = None
+        self.last_eval: dict[str, Any] | None = None
+        """Metrics and answers of the last :meth:`evaluate_answers`."""
+        """The tokenizer :meth:`generate` uses: the datamodule's once attached to a trainer, or set it."""
+        self.chat_template: str | None = None
 
     # ---------------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -138,6 +154,7 @@ class ClientModule(L.LightningModule):
         sync = self.transport != "dist"  # rank 0 (the trunk server) takes no part in the client's metrics
         self.train_metrics = TokenMetrics(self.top.config.vocab_size, sync)
         self.val_metrics = TokenMetrics(self.top.config.vocab_size, sync)
+        self.test_metrics = TokenMetrics(self.top.config.vocab_size, sync)
         if self.link is None:
             self.link = TrunkLink(self._transport(), self.wire_dtype)
 
@@ -207,6 +224,9 @@ class ClientModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """A federated client takes its shard(s) of the data before the loaders are built."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if self.tokenizer is None and datamodule is not None:
+            self.tokenizer = getattr(datamodule, "tokenizer", None)
+            self.chat_template = getattr(datamodule, "chat_template", None)
         if self.federated.enabled and datamodule is not None and hasattr(datamodule, "shard"):
             datamodule.shard(self.federated.clients, self.held_clients())
 
@@ -319,6 +339,44 @@ class ClientModule(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
+    # ---------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, messages_or_prompts: str | Sequence[Any], *, batch_size: int = 16, streamer: Any = None,
+                 progress: bool = False, **options: Any) -> str | list[str]:
+        """Answer through the split model: a user message (``str``) or a conversation (a list of ``{"role",
+        "content"}`` ending with the user's turn) gives one answer; a list of them a list of answers. Each party
+        keeps a KV cache for its own layers (the trunk's on the server). ``options``: those of
+        :class:`~splittrain.generate.GenerationOptions` (``max_new_tokens``, ``do_sample``, ``temperature``,
+        ``top_k``, ``top_p``, ``repetition_penalty``, ``stop_strings``, ``seed``, ...). In a federation this is
+        the weights of the client in use (the first held one)."""
+        from .generate import answers
+
+        if self.tokenizer is None:
+            raise ValueError("generate needs a tokenizer: attach the module to a trainer with the datamodule, or "
+                             "set module.tokenizer")
+        single = isinstance(messages_or_prompts, str) or (
+            len(messages_or_prompts) > 0 and isinstance(messages_or_prompts[0], Mapping))
+        prompts = [messages_or_prompts] if single else list(messages_or_prompts)
+        self.configure_model()
+        was_training = self.training
+        self.eval()
+        try:
+            out = answers(self.bottom, self.link, self.top, self.tokenizer, prompts, batch_size=batch_size,
+                          streamer=streamer, progress=progress, chat_template=self.chat_template, **options)
+        finally:
+            self.train(was_training)
+        return out[0] if single else out
+
+    def restore(self, path: str | Path) -> None:
+        """Load a ``fit`` checkpoint outside a trainer's loop (``generate``): the client's trainable tensors, and
+        the trunk server loads its own state of the same step."""
+        checkpoint = load_state(path)
+        self.on_load_checkpoint(checkpoint)
+        result = self.load_state_dict(checkpoint["state_dict"], strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"checkpoint {path} holds tensors this model does not have, e.g. "
+                             f"{result.unexpected_keys[:3]}: was it written with another model or cuts?")
+
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, batch: dict[str, torch.Tensor], key: tuple = ("eval", 0)) -> Any:
         """bottom -> trunk (across the cut) -> top; returns the top's output (``logits``, ``loss``)."""
@@ -353,8 +411,40 @@ class ClientModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch, key=("test", self.global_step, batch_idx))
+        self.test_metrics.update(out.logits, batch["labels"])
         self.log("test_loss", out.loss, batch_size=batch["input_ids"].shape[0])
         return out.loss
+
+    def on_test_epoch_end(self) -> None:
+        """Token metrics of the test rows, then the evaluation by generated answers (written to eval.json/md)."""
+        metrics = {f"test_{k}": float(v) for k, v in self.test_metrics.compute().items()}
+        self.test_metrics.reset()
+        self.log_dict(metrics)
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "eval_rows"):
+            return
+        scores = self.evaluate_answers(datamodule.eval_rows("test", self.eval_max_rows), extra=metrics)
+        self.log_dict({f"test_{k}": v for k, v in scores.items() if k in ("exact_match", "rouge_l", "bleu")})
+
+    def evaluate_answers(self, rows: Sequence[Mapping[str, Any]], extra: Mapping[str, float] | None = None,
+                         write: bool = True) -> dict[str, Any]:
+        """Answer each row's ``messages`` with :meth:`generate` (``model.generation`` options) and score against its
+        ``reference``: exact match, ROUGE-L, BLEU (plus ``extra`` figures); writes ``eval.json``/``eval.md`` in the
+        run folder when ``write``. Returns the metrics."""
+        from .metrics import normalize, text_metrics, write_eval
+
+        if not rows:
+            raise ValueError("no test rows with an assistant turn to answer")
+        generated = self.generate([row["messages"] for row in rows], progress=True, **asdict(self.generation))
+        references = [row["reference"] for row in rows]
+        metrics: dict[str, Any] = {**text_metrics(generated, references), **(extra or {}), "rows": len(rows)}
+        if write and (self._trainer is None or self.trainer.is_global_zero) and 0 in self.held_clients():
+            table = [{"prompt": row["messages"][-1]["content"], "reference": ref, "generated": out,
+                      "exact": normalize(out) == normalize(ref), "messages": list(row["messages"])}
+                     for row, ref, out in zip(rows, references, generated)]
+            write_eval(self.run_dir, metrics, table)
+        self.last_eval = {"metrics": metrics, "generated": generated}
+        return metrics
 
     # ---------------------------------------------------------------------------------------- optimization
     def configure_optimizers(self):

@@ -69,6 +69,9 @@ class Segment(nn.Module):
         self.name = name or ("bottom" if start == 0 else "top" if stop == num_layers else "trunk")
         self.layer_types = family.layer_types(config)
         self.kinds = {self.layer_types[i] for i in range(start, stop)}
+        self.first_layer_of_kind = {kind: next(i for i in range(start, stop) if self.layer_types[i] == kind)
+                                    for kind in self.kinds}
+        """Per attention kind, this segment's first layer of it (KV-cache masks are sized against it)."""
         # Tied heads: the last segment holds the embedding matrix under its checkpoint name and uses it as
         # the head, so in one process the bottom's embedding and the top's head share storage.
         self.tied = self.is_last and lm_head is None
@@ -125,6 +128,8 @@ class Segment(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        cache: Any = None,
+        logits_to_keep: int = 0,
         **loss_kwargs: Any,
     ) -> Activations | Any:
         """Run this segment.
@@ -133,6 +138,10 @@ class Segment(nn.Module):
         :class:`Activations` (or a bare hidden-state tensor with ``attention_mask``/``position_ids``).
         Returns ``Activations``, or for the last segment a ``CausalLMOutputWithPast`` with ``logits``
         (and ``loss`` when ``labels`` are given, computed by transformers' causal-LM loss).
+
+        For generation, ``cache`` is a transformers KV cache (``DynamicCache(config=segment.config)``) that
+        this segment's layers fill and read, and ``attention_mask`` then covers the cached positions too;
+        ``logits_to_keep`` > 0 computes the head only for the last that many positions.
         """
         device = self.device
         if isinstance(inputs, Activations):
@@ -151,13 +160,17 @@ class Segment(nn.Module):
         else:
             hidden = inputs.to(device=device, dtype=self.dtype)
 
-        masks = self.family.masks(self.config, hidden, attention_mask, position_ids, self.kinds)
+        masks = self.family.masks(self.config, hidden, attention_mask, position_ids, self.kinds, cache,
+                                  self.first_layer_of_kind)
         extra = self.family.layer_inputs(self.text_model, hidden, position_ids, self.kinds)
+        cached = {} if cache is None else {"cache": cache, "use_cache": True}
         for index, layer in self.decoder_layers.items():
             kind = self.layer_types[int(index)]
-            hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids, **extra[kind])
+            hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids, **extra[kind], **cached)
         if not self.is_last:
             return Activations(hidden, attention_mask, position_ids)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
         return self._head(hidden, labels, loss_kwargs)
 
     def _head(self, hidden: torch.Tensor, labels: torch.Tensor | None, loss_kwargs: dict[str, Any]) -> Any:

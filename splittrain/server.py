@@ -81,6 +81,12 @@ class ServerLimits:
     """Largest payload an authenticated client may send."""
     session_timeout: float = 120.0
     """Seconds a disconnected client's session (graphs, unapplied gradients) waits for it to reconnect."""
+    max_generations: int = 8
+    """Generations whose KV cache the server keeps, per client (the least recently used goes first)."""
+    max_generation_bytes: int = 2 * 2**30
+    """Bytes the KV caches of a client's generations may hold."""
+    generation_timeout: float = 600.0
+    """Seconds an idle generation's KV cache is kept."""
 
 
 def build_optimizer(params: list[torch.nn.Parameter], settings: OptimSettings, total_steps: int | None):
@@ -118,6 +124,21 @@ class Graph:
 
 
 @dataclass
+class Generation:
+    """One generation's trunk-side state: the KV cache of the trunk's layers and the mask of the cached positions."""
+
+    cache: Any
+    mask: torch.Tensor
+    used: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for layer in self.cache.layers for t in (getattr(layer, "keys", None),
+                                                                     getattr(layer, "values", None))
+                   if isinstance(t, torch.Tensor))
+
+
+@dataclass
 class Session:
     """What one client holds on the server."""
 
@@ -136,6 +157,8 @@ class Session:
     """Its number of training rows (weights of sample-weighted averages)."""
     step: int | None = None
     """The client's optimizer steps so far, in a federation (set by its first training forward pass)."""
+    generations: OrderedDict = field(default_factory=OrderedDict)
+    """Generation id -> :class:`Generation`, least recently used first."""
 
     @property
     def graph_bytes(self) -> int:
@@ -197,7 +220,8 @@ class TrunkServer:
         self.counters = {"forward": 0, "backward": 0, "steps_applied": 0, "steps_repeated": 0,
                          "replies_repeated": 0, "handshakes": 0, "handshakes_refused": 0, "frames_refused": 0,
                          "sessions_expired": 0, "graphs_dropped": 0, "clients_dropped": 0,
-                         "aggregations": 0}
+                         "aggregations": 0, "generation_forward": 0, "generations_expired": 0,
+                         "generations_evicted": 0}
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.gatherings: dict[str, Gathering] = {}
@@ -217,7 +241,7 @@ class TrunkServer:
         self._handlers: dict[str, Callable[[Session, Header, Tensors], tuple[Header, Tensors]]] = {
             "forward": self._forward, "backward": self._backward, "grad_sq_norm": self._grad_sq_norm,
             "step": self._step, "save": self._save, "load": self._load, "join": self._join,
-            "keys": self._keys, "aggregate": self._aggregate,
+            "keys": self._keys, "aggregate": self._aggregate, "end_generation": self._end_generation,
         }
 
     def count(self, counter: str) -> None:
@@ -274,6 +298,7 @@ class TrunkServer:
     def _discard(self, session: Session, why: str) -> None:
         dropped = len(session.graphs)
         session.graphs.clear()
+        session.generations.clear()
         session.grads.clear()  # gradients of a step the client never finished must not leak into the next one
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
@@ -288,6 +313,12 @@ class TrunkServer:
                     self.count("sessions_expired")
                     self._discard(session, f"expired after {self.limits.session_timeout:g} s without a connection")
                     continue
+                for gid, generation in list(session.generations.items()):
+                    if now - generation.used > self.limits.generation_timeout:
+                        del session.generations[gid]
+                        self.count("generations_expired")
+                        log.info("freed generation %s of client %r: idle for %g s", gid, session.client,
+                                 self.limits.generation_timeout)
                 for key, graph in list(session.graphs.items()):
                     if now - graph.created > self.limits.max_graph_age:
                         del session.graphs[key]
@@ -365,6 +396,10 @@ class TrunkServer:
                     raise ProtocolError(f"'{flag}' must be true or false")
             if header.get("training") and type(header.get("step")) is not int:
                 raise ProtocolError("a training forward pass carries the client's optimizer step ('step')")
+            if "generation" in header:
+                _check_generation(header.get("generation"))
+                if header.get("training") or type(header.get("start")) is not bool:
+                    raise ProtocolError("a generation forward pass is not training and says whether it 'start's")
         elif kind == "backward":
             _check_key(header.get("key"))
             g = spec.get("grad")
@@ -404,10 +439,14 @@ class TrunkServer:
             if kind == "join" and not (type(header.get("index")) is int and type(header.get("samples")) is int
                                        and header["samples"] >= 0):
                 raise ProtocolError("join carries the client's integer 'index' and 'samples'")
+            if kind == "end_generation":
+                _check_generation(header.get("generation"))
             if kind in ("save", "load") and not (isinstance(header.get("tag"), str) and _TAG.fullmatch(header["tag"])):
                 raise ProtocolError(f"bad checkpoint tag {header.get('tag')!r}")
 
     def _forward(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        if "generation" in header:
+            return self._generate(session, header, tensors)
         device, dtype = self.trunk.device, self.trunk.dtype
         received = tensors["hidden_states"]
         _finite("hidden_states", received)
@@ -445,6 +484,54 @@ class TrunkServer:
                 y = self.trunk(Activations(x, mask, positions)).hidden_states
         self.count("forward")
         return {}, {"hidden_states": y.detach().to(received.dtype)}
+
+    def _generate(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        """The next positions of a generation through the trunk with that generation's KV cache."""
+        from transformers import DynamicCache
+
+        gid, limits = header["generation"], self.limits
+        received = tensors["hidden_states"]
+        _finite("hidden_states", received)
+        device = self.trunk.device
+        x = received.to(device=device, dtype=self.trunk.dtype)
+        batch, seq = x.shape[:2]
+        new_mask = tensors.get("attention_mask")
+        new_mask = (torch.ones(batch, seq, dtype=torch.long, device=device) if new_mask is None
+                    else new_mask.to(device=device, dtype=torch.long))
+        if header["start"]:
+            session.generations.pop(gid, None)
+            while len(session.generations) >= limits.max_generations:
+                old, _ = session.generations.popitem(last=False)
+                self.count("generations_evicted")
+                log.warning("client %r: freed generation %s (more than %d generations)", session.client, old,
+                            limits.max_generations)
+            generation = Generation(DynamicCache(config=self.trunk.config), new_mask)
+        else:
+            generation = session.generations.pop(gid, None)
+            if generation is None:
+                raise RuntimeError(f"generation {gid} is unknown to the trunk server: it ended, was idle for more "
+                                   f"than {limits.generation_timeout:g} s, was evicted, or the server restarted")
+            if generation.mask.shape[0] != batch:
+                raise ValueError(f"generation {gid} has {generation.mask.shape[0]} rows, this step {batch}")
+            generation.mask = torch.cat([generation.mask, new_mask], dim=1)
+            if generation.mask.shape[1] > self.max_seq:
+                raise ValueError(f"generation {gid} is longer than {self.max_seq} positions")
+        positions = tensors["position_ids"].to(device=device, dtype=torch.long)
+        self.trunk.eval()
+        with torch.no_grad():
+            y = self.trunk(x, attention_mask=generation.mask, position_ids=positions,
+                           cache=generation.cache).hidden_states
+        generation.used = time.monotonic()
+        if sum(g.nbytes for g in session.generations.values()) + generation.nbytes > limits.max_generation_bytes:
+            raise ValueError(f"generation {gid} was freed: client {session.client!r}'s KV caches would hold more "
+                             f"than {limits.max_generation_bytes} bytes")
+        session.generations[gid] = generation
+        self.count("generation_forward")
+        return {}, {"hidden_states": y.detach().to(received.dtype)}
+
+    def _end_generation(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        """The client finished (or gave up) a generation: free its KV cache."""
+        return {"freed": session.generations.pop(header["generation"], None) is not None}, {}
 
     def _keep(self, session: Session, key: tuple, graph: Graph) -> None:
         session.graphs.pop(key, None)  # a repeated forward pass replaces its graph
@@ -771,6 +858,8 @@ class TrunkServer:
                 "federated_step": self.federated_step, "dropped": sorted(self.dropped),
                 "left": sorted(self.left),
                 "sessions": {name: {"graphs": len(s.graphs), "graph_bytes": s.graph_bytes,
+                                    "generations": len(s.generations),
+                                    "generation_bytes": sum(g.nbytes for g in s.generations.values()),
                                     "connections": s.connections, "pending_gradients": s.pending}
                              for name, s in self.sessions.items()},
             }
@@ -796,6 +885,11 @@ def _check_key(key: Any) -> None:
     if (not isinstance(key, list) or not 1 <= len(key) <= 4
             or not all((type(k) is int and abs(k) < 2**53) or (isinstance(k, str) and len(k) <= 64) for k in key)):
         raise ProtocolError("'key' must be a list of 1 to 4 short strings or integers")
+
+
+def _check_generation(generation: Any) -> None:
+    if not (isinstance(generation, str) and re.fullmatch(r"[0-9A-Za-z_-]{1,64}", generation)):
+        raise ProtocolError("'generation' must be an id of 1 to 64 letters, digits, '-' or '_'")
 
 
 def _finite(name: str, tensor: torch.Tensor) -> None:

@@ -62,6 +62,7 @@ def write_config(path: Path, run_dir: Path, **trainer_and_model: Any) -> Path:
     })
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
     config["model"]["sample_prompt"] = None
+    config["model"]["eval_generate"] = False
     config["model"].update(trainer_and_model.get("model", {}))
     config["data"].update({"batch_size": trainer_and_model.get("batch_size", 8),
                            "limit": trainer_and_model.get("limit", 400)})

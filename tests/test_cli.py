@@ -28,7 +28,8 @@ def fit(run: Path, *extra: str, steps: int = 6):
                  "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "3",
                  "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
                  "--trainer.enable_model_summary", "false", "--trainer.callbacks.init_args.every_n_train_steps", "3",
-                 "--data.limit", "64", "--data.batch_size", "8", "--model.sample_prompt", "null", *extra])
+                 "--data.limit", "64", "--data.batch_size", "8", "--model.sample_prompt", "null",
+                 "--model.eval_generate", "false", *extra])
 
 
 def test_fit_writes_summary_config_and_safetensors_checkpoints(tmp_path):

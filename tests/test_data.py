@@ -265,9 +265,9 @@ def test_quickstart_tokenizer_is_chatml_with_its_special_tokens():
 
 
 def test_model_dir_builds_once_a_loadable_model(model_folder, capsys, monkeypatch):
-    assert model_folder.name == "quickstart-qwen2" and (model_folder / "model.safetensors.index.json").is_file()
+    assert model_folder.name == "quickstart-qwen2-v2" and (model_folder / "model.safetensors.index.json").is_file()
     assert len(list(model_folder.glob("model-*.safetensors"))) > 1  # sharded, as real checkpoints are
-    assert not list(model_folder.parent.glob(".quickstart-qwen2-*"))  # no temporary folder left
+    assert not list(model_folder.parent.glob(".quickstart-qwen2-v2-*"))  # no temporary folder left
     model = AutoModelForCausalLM.from_pretrained(model_folder)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     assert model.config.model_type == "qwen2" and model.config.tie_word_embeddings

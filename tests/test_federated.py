@@ -340,7 +340,7 @@ def quickstart_fit(run, *extra: str, steps: int = 6):
                  "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
                  "--trainer.enable_model_summary", "false", "--trainer.callbacks.init_args.every_n_train_steps", "3",
                  "--data.limit", "96", "--data.batch_size", "4", "--model.sample_prompt", "null",
-                 "--model.client", "lora", "--model.federated.clients", "3", "--model.federated.average", "weights",
+                 "--model.eval_generate", "false", "--model.client", "lora", "--model.federated.clients", "3", "--model.federated.average", "weights",
                  "--model.federated.average_every", "2", "--model.federated.client_fraction", "0.67",
                  "--data.partition", "column", "--data.partition_column", "task", *extra])
 

@@ -17,7 +17,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 TRAIN_FILE = DATA_DIR / "train.jsonl"
 VAL_FILE = DATA_DIR / "val.jsonl"
-MODEL_NAME = "quickstart-qwen2"
+MODEL_NAME = "quickstart-qwen2-v2"  # v2: the tokenizer saved beside the weights changed
 MODEL_SEED = 0
 INDEX_FILE = "model.safetensors.index.json"  # written last by a sharded save: its presence means a complete model
 
@@ -25,7 +25,7 @@ INDEX_FILE = "model.safetensors.index.json"  # written last by a sharded save: i
 def model_dir(cache: str | Path | None = None) -> Path:
     """Folder of the quickstart model (config, weights in 2 MB shards, tokenizer), built on the first call.
 
-    The folder is ``<cache>/quickstart-qwen2``; ``cache`` defaults to ``$SPLITTRAIN_CACHE``, else
+    The folder is ``<cache>/quickstart-qwen2-v2``; ``cache`` defaults to ``$SPLITTRAIN_CACHE``, else
     ``~/.cache/splittrain``.
     """
     root = Path(cache or os.environ.get("SPLITTRAIN_CACHE") or Path.home() / ".cache" / "splittrain").expanduser()

@@ -3,9 +3,13 @@
     python splittrain/quickstart/make_data.py              # rewrites splittrain/quickstart/{data,tokenizer}
     python splittrain/quickstart/make_data.py --out DIR    # somewhere else
 
-Tasks a tiny model learns in minutes on a CPU: reverse, count or upper-case a short word, add or subtract two
-numbers below 50, and look up the colour of a made-up fruit. Each task has a few phrasings; some rows have a system
-message and some are two-turn ("now do the same for ..."), so the assistant-only labels of later turns get exercised.
+Tasks a tiny random model learns in two minutes on a CPU: reverse, count or upper-case one of 40 short words, add
+two digits or subtract the smaller from the larger, and look up the colour of a made-up fruit (the quickstart answers
+about two thirds of its held-out rows exactly: the word and colour tasks mostly right, the sums mostly not). Each
+task has a few phrasings; some rows have a system message and some are two-turn ("now do the same for ..."), so the
+assistant-only labels of later turns get exercised. The 200 validation rows are spread evenly over the tasks and
+none repeats a training row exactly (a new phrasing, system message or follow-up of words and numbers seen in
+training).
 Every row names its task (``"task"``: reverse, count, upper, add, subtract, colour), e.g. to give federated clients
 one task each (``data.partition: column``, ``data.partition_column: task``).
 """
@@ -29,11 +33,8 @@ SYSTEM_FRACTION = 0.25
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 
 WORDS = """
-apple bread chair dance eagle field grape house juice kite lemon mango night ocean piano queen river stone table
-uncle voice water yellow zebra cloud dream flame glass heart light money paper smile sugar tiger train world
-bird cake door fish goat hand iron jam king lamp milk nest owl pen rain sun tree van wolf box cup dog egg fox
-hat ink jar key leg map net oil pig rat sea toy web yak zoo arm bag bed cow fan gum hen lid mud nut pot rug
-sock tent vest wind yarn bell coin desk drum frog gift hill lake moon nose pear ring ship star wave rose snow
+apple bread chair eagle grape house juice lemon night ocean piano river stone table water cloud dream light paper
+tiger train world bird cake door fish goat hand lamp milk nest owl rain sun tree wolf hat key map sea
 """.split()
 FRUIT_COLOURS = {
     "blorp": "purple", "zindle": "green", "quibberry": "blue", "marnot": "red", "flumple": "yellow",
@@ -62,7 +63,12 @@ def _word(rng: random.Random) -> dict:
 
 
 def _numbers(rng: random.Random) -> dict:
-    return {"a": rng.randrange(50), "b": rng.randrange(50)}
+    return {"a": rng.randrange(10), "b": rng.randrange(10)}
+
+
+def _ordered_numbers(rng: random.Random) -> dict:
+    a, b = rng.randrange(10), rng.randrange(10)
+    return {"a": max(a, b), "b": min(a, b)}
 
 
 TASKS = [
@@ -79,7 +85,7 @@ TASKS = [
          lambda word: word.upper(), 'Now do the same for "{word}".'),
     Task("add", _numbers, ["What is {a} + {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}."],
          lambda a, b: str(a + b), "Now do the same for {a} and {b}."),
-    Task("subtract", _numbers,
+    Task("subtract", _ordered_numbers,
          ["What is {a} - {b}?", "Subtract {b} from {a}.", "What do you get when you take {b} away from {a}?"],
          lambda a, b: str(a - b), "Now do the same for {a} and {b}."),
     Task("colour", lambda rng: {"fruit": rng.choice(sorted(FRUIT_COLOURS))},
@@ -111,10 +117,12 @@ def generate(seed: int = SEED) -> tuple[list[dict], list[dict]]:
     train = [conversation(rng) for _ in range(TRAIN_ROWS)]
     seen = {json.dumps(row) for row in train}
     val: list[dict] = []
+    per_task = {task.name: 0 for task in TASKS}
     while len(val) < VAL_ROWS:
         row = conversation(rng)
-        if (key := json.dumps(row)) not in seen:
+        if (key := json.dumps(row)) not in seen and per_task[row["task"]] < -(-VAL_ROWS // len(TASKS)):
             seen.add(key)
+            per_task[row["task"]] += 1
             val.append(row)
     return train, val
 
