@@ -109,6 +109,12 @@ def _tools_parser() -> argparse.ArgumentParser:
                        help="tokens per row (default: the model's max_position_embeddings)")
     serve.add_argument("--max_frame_bytes", type=int, default=limits.max_frame_bytes,
                        help="largest payload an authenticated client may send")
+    serve.add_argument("--max_generations", type=int, default=limits.max_generations,
+                       help="generations whose trunk KV cache is kept, per client (least recently used go first)")
+    serve.add_argument("--max_generation_bytes", type=int, default=limits.max_generation_bytes,
+                       help="bytes a client's trunk KV caches may hold")
+    serve.add_argument("--generation_timeout", type=float, default=limits.generation_timeout,
+                       help="seconds an idle generation's trunk KV cache is kept")
     generate = commands.add_parser(
         "generate", help="answer prompts with a split model (after fit: --ckpt_path last)",
         epilog="--model.* and --data.* overrides are applied to the config as for fit; decoding defaults come from "
@@ -427,7 +433,9 @@ def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
 
         limits = ServerLimits(max_graphs=ns.max_graphs, max_graph_bytes=ns.max_graph_bytes,
                               max_graph_age=ns.max_graph_age, max_batch=ns.max_batch, max_seq=ns.max_seq,
-                              max_frame_bytes=ns.max_frame_bytes, session_timeout=ns.session_timeout)
+                              max_frame_bytes=ns.max_frame_bytes, session_timeout=ns.session_timeout,
+                              max_generations=ns.max_generations, max_generation_bytes=ns.max_generation_bytes,
+                              generation_timeout=ns.generation_timeout)
         return serve_command(ns.config, ns.tokens, ns.address, ns.tls_cert, ns.tls_key, ns.resume, ns.save_every,
                              ns.run_dir, limits, ns.max_connections, overrides)
     if ns.command == "token":

@@ -70,9 +70,10 @@ class SplitModel(nn.Module):
         """
         if use_cache or past_key_values is not None:
             raise NotImplementedError(
-                f"part {self.segment.name!r}: KV caches per part are not implemented yet, and splittrain refuses "
-                "use_cache=True / past_key_values rather than ignore them. Generate by running the whole "
-                "sequence through bottom, trunk and top at every step (use_cache=False).")
+                f"part {self.segment.name!r}: SplitLearn-style parts take no KV cache (use_cache=True / "
+                "past_key_values are refused rather than ignored). Generate with a KV cache per part through "
+                "splittrain.generate.generate(bottom.segment, trunk.segment, top.segment, input_ids, attention_mask, "
+                "max_new_tokens=...), which equals transformers' generate.")
         if labels is not None and not self.segment.is_last:
             raise TypeError(f"part {self.segment.name!r} is not the top: pass labels to the top")
         out = self.segment(inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels)

@@ -248,3 +248,22 @@ def test_test_command_scores_generated_answers(tmp_path, capsys):
     single = main(["generate", "--config", str(run / "config.yaml"), "--ckpt_path", "last",
                    "--prompt", rows[0]["messages"][-2]["content"]])
     assert single[0] and single[0] in capsys.readouterr().out  # streamed as it was generated
+
+
+@pytest.mark.slow
+def test_the_quickstart_answers_half_its_held_out_rows(tmp_path, capsys):
+    """The README's first command, as is (about 2 minutes on 2 cores): the printed exact match is >= 0.5."""
+    import json
+
+    from splittrain.cli import main
+
+    run = tmp_path / "quickstart"
+    main(["fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(run),
+          "--trainer.enable_progress_bar", "false"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_exact_match"] >= 0.5 and summary["test_rouge_l"] >= 0.5
+    rows = json.loads((run / "eval.json").read_text())["rows"]
+    assert len(rows) == 200 and sum(r["exact"] for r in rows) / 200 == summary["test_exact_match"]
+    out = capsys.readouterr().out
+    assert f"exact match {summary['test_exact_match']:.3f}" in out
+    assert "assistant: nomel" in out  # the sample answer: 'Reverse the word "lemon".'
