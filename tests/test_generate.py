@@ -263,7 +263,7 @@ def test_the_quickstart_answers_half_its_held_out_rows(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_exact_match"] >= 0.5 and summary["test_rouge_l"] >= 0.5
     rows = json.loads((run / "eval.json").read_text())["rows"]
-    assert len(rows) == 200 and sum(r["exact"] for r in rows) / 200 == summary["test_exact_match"]
+    assert len(rows) == 200 and sum(r["exact"] for r in rows) / 200 == pytest.approx(summary["test_exact_match"])
     out = capsys.readouterr().out
     assert f"exact match {summary['test_exact_match']:.3f}" in out
     assert "assistant: nomel" in out  # the sample answer: 'Reverse the word "lemon".'
