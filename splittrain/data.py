@@ -37,6 +37,7 @@ from transformers import AutoTokenizer
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 PARTITIONS = ("iid", "dirichlet", "column")  # the methods of `partition`
+RECIPE_NAMES = ("qwen2", "gemma", "gemma3")  # recipes whose fallback chat templates `chat_template` may name
 
 # Jinja chat templates, rendered by transformers' `apply_chat_template` (trim_blocks and lstrip_blocks on).
 CHAT_TEMPLATES: dict[str, str] = {
@@ -104,14 +105,20 @@ def _with_system(row: Mapping[str, Any], messages: list[dict[str, str]]) -> list
 
 
 def resolve_chat_template(tokenizer: Any, fallback: str | None) -> str:
-    """The Jinja template to render with: the tokenizer's own, else ``fallback`` (a :data:`CHAT_TEMPLATES` name
-    or a raw template string). Raises ``ValueError`` when there is neither."""
+    """The Jinja template to render with: the tokenizer's own, else ``fallback``: a :data:`CHAT_TEMPLATES` name, a
+    recipe name (``qwen2``, ``gemma``, ``gemma3``: the official instruct format, see :mod:`recipes`) or a raw
+    template string. Raises ``ValueError`` when there is neither."""
     if tokenizer.chat_template:
         return tokenizer.get_chat_template()
+    if fallback in RECIPE_NAMES:
+        from recipes import get_recipe
+
+        return get_recipe(fallback).chat_template
     if fallback is not None:
         return CHAT_TEMPLATES.get(fallback, fallback)
     raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template and no fallback was given: pass "
-                     f"chat_template= one of {sorted(CHAT_TEMPLATES)} or a Jinja template string "
+                     f"chat_template= one of {sorted(CHAT_TEMPLATES)}, a recipe ({', '.join(RECIPE_NAMES)}) or a "
+                     "Jinja template string "
                      "(in YAML: data.chat_template)")
 
 

@@ -39,7 +39,7 @@ class GenerationOptions:
     stop_strings: list[str] = field(default_factory=list)
     """Stop a row once its text ends with one of these (needs the tokenizer)."""
     eos_token_id: list[int] | None = None
-    """Stop token ids (default: the tokenizer's EOS)."""
+    """Stop token ids (default: the tokenizer's EOS and its end-of-turn token, see :data:`END_OF_TURN_TOKENS`)."""
     pad_token_id: int | None = None
     """Fills finished rows (default: the tokenizer's pad token, else the first stop token)."""
     seed: int | None = None
@@ -159,11 +159,20 @@ def _stopping(options: GenerationOptions, prompt_length: int, stop_ids: list[int
     return criteria
 
 
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")
+"""Special tokens that close an assistant turn in the chat formats of the supported families (ChatML, Gemma,
+Llama-3): generation stops on any of them the tokenizer has, besides its EOS."""
+
+
 def _stop_ids(options: GenerationOptions, tokenizer: Any) -> list[int]:
     if options.eos_token_id is not None:
         return list(options.eos_token_id)
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    return [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer is None:
+        return []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    specials = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids + [specials[t] for t in END_OF_TURN_TOKENS if t in specials and specials[t] not in ids]
 
 
 @torch.no_grad()

@@ -1,0 +1,117 @@
+"""Recipes: what splittrain knows about a model family's instruct models, as data.
+
+One module per family (:mod:`recipes.qwen2`, :mod:`recipes.gemma`, :mod:`recipes.gemma3`), each holding a
+:class:`Recipe`: the chat template used when a tokenizer has none (rendering as the official instruct models'
+templates do), the end-of-turn stop token, the default LoRA targets, generation defaults, and per model size the
+architecture numbers (from the published model cards and papers) with the recommended cuts and why.
+
+A tokenizer's own chat template always wins over the recipe's fallback (:func:`chat_template_for`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+LLAMA_LIKE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Cuts:
+    """A recommended pair of cut layers and the reason for it."""
+
+    cuts: tuple[int, int]
+    why: str
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """One published model of a family: its hub ids, architecture numbers and recommended cuts.
+
+    ``architecture`` holds ``transformers`` config keys of the text model with the published values (layers,
+    hidden size, heads, key/value heads, head dim, MLP size, vocabulary, windows, ...); ``config()`` builds the
+    family's config class from them, with no download.
+    """
+
+    name: str
+    hub_id: str
+    instruct_id: str
+    model_type: str
+    architecture: dict[str, Any]
+    cuts: dict[str, Cuts]
+    """``balanced`` (compute split evenly between the parties) and ``server_heavy`` (least client memory)."""
+    source: str
+    """Where the numbers were published."""
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.architecture["num_hidden_layers"])
+
+    def config(self) -> Any:
+        """The ``transformers`` config of this size, built from the recipe's numbers alone."""
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(self.model_type, **self.architecture)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A family's instruct conventions and sizes."""
+
+    name: str
+    chat_template: str
+    """Jinja fallback for tokenizers without a template; renders as the official instruct template."""
+    end_of_turn: str
+    """The token that ends an assistant turn: generation stops on it (besides the tokenizer's EOS)."""
+    system_role: str
+    """How a system message is treated: ``native`` (its own turn), ``folded`` (into the first user turn) or
+    ``refused`` (the official template raises)."""
+    lora_targets: tuple[str, ...] = LLAMA_LIKE_LORA_TARGETS
+    generation: dict[str, Any] = field(default_factory=dict)
+    """Generation defaults (:class:`splittrain.generate.GenerationOptions` names)."""
+    sizes: dict[str, ModelSize] = field(default_factory=dict)
+
+    def size(self, name: str) -> ModelSize:
+        if name not in self.sizes:
+            raise ValueError(f"recipe {self.name!r} has no size {name!r}; sizes: {', '.join(self.sizes)}")
+        return self.sizes[name]
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe of a family by name (``qwen2``, ``gemma``, ``gemma3``); a clear error lists them."""
+    from . import gemma, gemma3, qwen2
+
+    recipes = {module.RECIPE.name: module.RECIPE for module in (qwen2, gemma, gemma3)}
+    if name not in recipes:
+        raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(sorted(recipes))}")
+    return recipes[name]
+
+
+def chat_template_for(tokenizer: Any, recipe: Recipe | str) -> str:
+    """The template to render with: the tokenizer's own when it has one, else the recipe's fallback."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.get_chat_template()
+    return (get_recipe(recipe) if isinstance(recipe, str) else recipe).chat_template
+
+
+def stop_token_ids(tokenizer: Any, recipe: Recipe | str) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the recipe's end-of-turn token, when it has them."""
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    ids = []
+    eos = tokenizer.eos_token_id
+    ids += [eos] if isinstance(eos, int) else list(eos or [])
+    turn = tokenizer.convert_tokens_to_ids(recipe.end_of_turn)
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if isinstance(turn, int) and turn != unknown and turn not in ids:
+        ids.append(turn)
+    return ids
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token, falling back to EOS where it has none (padded positions are masked anyway)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an EOS token")
+    return eos if isinstance(eos, int) else eos[0]

@@ -1,0 +1,166 @@
+"""Recipes: fallback chat templates render as the official instruct templates; architecture numbers build configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recipes import chat_template_for, get_recipe, pad_token_id, stop_token_ids
+from splittrain.data import IGNORE_INDEX, resolve_chat_template, tokenize_conversation
+
+SYSTEM = {"role": "system", "content": "You are terse."}
+TURNS = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+
+# Written from the model cards' documented formats (not read from any tokenizer file).
+EXPECTED = {
+    "qwen2": ("<|im_start|>system\nYou are terse.<|im_end|>\n"
+              "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+              "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"),
+    "gemma3": ("<bos><start_of_turn>user\nYou are terse.\n\nHi there<end_of_turn>\n"
+               "<start_of_turn>model\nHello!<end_of_turn>\n"
+               "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n"),
+}
+SPECIALS = {"qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            "gemma": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+            "gemma3": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]}
+
+
+def tokenizer_for(family: str, template: str | None = None):
+    """A small byte-level BPE with the family's special tokens (and no chat template unless given)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = SPECIALS[family]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["Hi there Hello! What is 2+2? 4 You are terse. system user assistant model"],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if family == "qwen2":
+        kwargs = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    else:
+        kwargs = dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **kwargs,
+                                        extra_special_tokens=[t for t in specials if t not in kwargs.values()])
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def render(family: str, messages, **kwargs) -> str:
+    tokenizer = tokenizer_for(family)
+    return tokenizer.apply_chat_template(messages, chat_template=chat_template_for(tokenizer, family),
+                                         tokenize=False, **kwargs)
+
+
+def test_qwen2_renders_chatml_with_its_default_system_prompt():
+    assert render("qwen2", [SYSTEM, *TURNS]) == EXPECTED["qwen2"]
+    default = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    assert render("qwen2", TURNS) == default + EXPECTED["qwen2"].split("<|im_end|>\n", 1)[1]
+    assert render("qwen2", TURNS[:1], add_generation_prompt=True) == (
+        default + "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_gemma_has_no_system_role_and_alternates_turns():
+    with pytest.raises(Exception, match="System role not supported"):
+        render("gemma", [SYSTEM, *TURNS])
+    assert render("gemma", TURNS) == EXPECTED["gemma3"].replace("You are terse.\n\n", "")
+    assert render("gemma", [{"role": "user", "content": "  Hi there \n"}], add_generation_prompt=True) == (
+        "<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n")  # contents are trimmed
+    with pytest.raises(Exception, match="must alternate"):
+        render("gemma", [TURNS[0], TURNS[0]])
+
+
+def test_gemma3_folds_the_system_message_into_the_first_user_turn():
+    assert render("gemma3", [SYSTEM, *TURNS]) == EXPECTED["gemma3"]
+    parts = [{"role": "system", "content": [{"type": "text", "text": "You are terse."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Hi there"}]}, *TURNS[1:]]
+    assert render("gemma3", parts) == EXPECTED["gemma3"]
+    assert render("gemma3", TURNS) == EXPECTED["gemma3"].replace("You are terse.\n\n", "")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "gemma3"])
+def test_trained_positions_are_the_assistant_turns_and_their_end_of_turn(family):
+    recipe = get_recipe(family)
+    tokenizer = tokenizer_for(family)
+    messages = TURNS if family == "gemma" else [SYSTEM, *TURNS]
+    example = tokenize_conversation(tokenizer, messages, chat_template=family)
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == f"Hello!{recipe.end_of_turn}4{recipe.end_of_turn}"
+    assert [label for label in example["labels"] if label != IGNORE_INDEX] == trained
+
+
+def test_a_tokenizers_own_template_wins():
+    own = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+    tokenizer = tokenizer_for("gemma3", template=own)
+    assert chat_template_for(tokenizer, "gemma3") == own
+    assert resolve_chat_template(tokenizer, "gemma3") == own
+    assert resolve_chat_template(tokenizer_for("gemma3"), "gemma3") == get_recipe("gemma3").chat_template
+
+
+def test_stop_and_pad_tokens():
+    qwen = tokenizer_for("qwen2")
+    assert stop_token_ids(qwen, "qwen2") == [qwen.convert_tokens_to_ids("<|im_end|>")]  # EOS is the end of turn
+    gemma = tokenizer_for("gemma")
+    assert stop_token_ids(gemma, "gemma") == [gemma.eos_token_id, gemma.convert_tokens_to_ids("<end_of_turn>")]
+    gemma.pad_token = None
+    assert pad_token_id(gemma) == gemma.eos_token_id  # the pad token falls back to EOS
+
+
+def test_unknown_recipe_and_size_are_named():
+    with pytest.raises(ValueError, match="unknown recipe 'llama3'; recipes: gemma, gemma3, qwen2"):
+        get_recipe("llama3")
+    with pytest.raises(ValueError, match="has no size '13b'; sizes: 2b, 7b"):
+        get_recipe("gemma").size("13b")
+
+
+# Published architecture numbers (model cards / technical reports), per (recipe, size):
+# layers, hidden, heads, kv heads, head dim, intermediate, vocab, sliding window (None: full attention only)
+PUBLISHED = {
+    ("gemma", "2b"): (18, 2048, 8, 1, 256, 16384, 256000, None),
+    ("gemma", "7b"): (28, 3072, 16, 16, 256, 24576, 256000, None),
+    ("gemma3", "4b"): (34, 2560, 8, 4, 256, 10240, 262208, 1024),
+    ("qwen2", "1.5b"): (28, 1536, 12, 2, 128, 8960, 151936, None),
+    ("qwen2", "7b"): (28, 3584, 28, 4, 128, 18944, 152064, None),
+}
+
+
+@pytest.mark.parametrize("recipe,size", sorted(PUBLISHED))
+def test_architecture_numbers_build_the_real_config(recipe, size):
+    """transformers' config class built from the recipe's numbers has the published shape, and a one-layer model
+    of it has the published tensor shapes (meta device: nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = get_recipe(recipe).size(size)
+    config = spec.config()
+    layers, hidden, heads, kv, head_dim, inter, vocab, window = PUBLISHED[(recipe, size)]
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            config.head_dim, config.intermediate_size, config.vocab_size) == (layers, hidden, heads, kv, head_dim,
+                                                                              inter, vocab)
+    types = getattr(config, "layer_types", None) or ["full_attention"] * layers
+    if window is None:
+        assert set(types) == {"full_attention"}
+    else:  # Gemma-3: five sliding layers, then a global one
+        assert config.sliding_window == window and types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
+        assert types.count("full_attention") == layers // 6
+    for cuts in spec.cuts.values():
+        assert 0 < cuts.cuts[0] < cuts.cuts[1] < layers and cuts.why
+    config.num_hidden_layers = 1
+    if hasattr(config, "layer_types"):
+        config.layer_types = config.layer_types[:1]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.weight.shape == (heads * head_dim, hidden)
+    assert attention.k_proj.weight.shape == (kv * head_dim, hidden)
+    assert model.model.layers[0].mlp.up_proj.weight.shape == (inter, hidden)
+    assert model.model.embed_tokens.weight.shape == (vocab, hidden)
+
+
+def test_generation_stops_at_the_end_of_turn_token_by_default():
+    from splittrain.generate import GenerationOptions, _stop_ids
+
+    gemma = tokenizer_for("gemma")
+    assert _stop_ids(GenerationOptions(), gemma) == stop_token_ids(gemma, "gemma")
+    assert _stop_ids(GenerationOptions(eos_token_id=[7]), gemma) == [7]
