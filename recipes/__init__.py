@@ -66,15 +66,32 @@ class Recipe:
     system_role: str
     """How a system message is treated: ``native`` (its own turn), ``folded`` (into the first user turn) or
     ``refused`` (the official template raises)."""
+    special_tokens: dict[str, Any] = field(default_factory=dict)
+    """The family's tokenizer specials: ``bos``, ``eos``, ``pad`` (None where it has none) and ``extra`` (turn
+    markers), in the order of their ids."""
     lora_targets: tuple[str, ...] = LLAMA_LIKE_LORA_TARGETS
     generation: dict[str, Any] = field(default_factory=dict)
     """Generation defaults (:class:`splittrain.generate.GenerationOptions` names)."""
     sizes: dict[str, ModelSize] = field(default_factory=dict)
+    tiny: dict[str, Any] = field(default_factory=dict)
+    """Size keys that shrink the smallest published size to a CPU-test model of the same architecture."""
 
     def size(self, name: str) -> ModelSize:
         if name not in self.sizes:
             raise ValueError(f"recipe {self.name!r} has no size {name!r}; sizes: {', '.join(self.sizes)}")
         return self.sizes[name]
+
+    def tiny_architecture(self, vocab_size: int) -> dict[str, Any]:
+        """The smallest published size's config keys with :attr:`tiny`'s sizes and ``vocab_size``: the same family,
+        attention layout (heads vs key/value heads, sliding and global layers), norms and tied head, at toy size."""
+        smallest = min(self.sizes.values(), key=lambda s: s.architecture["hidden_size"])
+        arch = {**smallest.architecture, **self.tiny, "vocab_size": vocab_size}
+        if "layer_types" in smallest.architecture:  # keep the published pattern over the shrunk depth
+            pattern = smallest.architecture["layer_types"]
+            arch["layer_types"] = [pattern[i % len(pattern)] for i in range(arch["num_hidden_layers"])]
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            arch.pop(key, None)  # the tiny tokenizer's ids are set by whoever builds the model
+        return arch
 
 
 def get_recipe(name: str) -> Recipe:

@@ -29,6 +29,10 @@ RECIPE = Recipe(
     chat_template=CHAT_TEMPLATE,
     end_of_turn="<end_of_turn>",
     system_role="refused",
+    special_tokens={"bos": "<bos>", "eos": "<eos>", "pad": "<pad>",
+                    "extra": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]},
+    tiny=dict(num_hidden_layers=6, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+              num_key_value_heads=1, head_dim=16, max_position_embeddings=512),
     generation={"do_sample": False},
     sizes={
         "2b": ModelSize(

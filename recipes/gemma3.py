@@ -36,6 +36,11 @@ RECIPE = Recipe(
     chat_template=CHAT_TEMPLATE,
     end_of_turn="<end_of_turn>",
     system_role="folded",
+    special_tokens={"bos": "<bos>", "eos": "<eos>", "pad": "<pad>",
+                    "extra": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]},
+    tiny=dict(num_hidden_layers=6, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+              max_position_embeddings=512),
     generation={"do_sample": True, "top_k": 64, "top_p": 0.95},
     sizes={
         "4b": ModelSize(
@@ -46,10 +51,11 @@ RECIPE = Recipe(
                 max_position_embeddings=131072, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
                 layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(34)],
                 tie_word_embeddings=True, bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0),
-            cuts={"balanced": Cuts((11, 23), "34 layers in near-thirds (11/12/11); each part holds two global "
-                                             "layers (5 and 11 below 11 is one: 5; 11-22: 11, 17; 23-33: 23, 29)"),
-                  "server_heavy": Cuts((6, 28), "the server takes 22 of 34 layers; the client keeps 6 + 6 layers, "
-                                               "each part with one global layer, and the 262k-row tied embedding")},
+            cuts={"balanced": Cuts((11, 23), "34 layers in near-thirds (11/12/11); the five global layers (5, 11, 17, "
+                                             "23, 29) fall 1/2/2 across bottom, trunk and top"),
+                  "server_heavy": Cuts((6, 28), "the server takes 22 of 34 layers (three global ones); the client "
+                                               "keeps 6 + 6 layers, one global layer in each, and the 262k-row "
+                                               "tied embedding")},
             source=_SOURCE),
     },
 )

@@ -29,6 +29,10 @@ RECIPE = Recipe(
     chat_template=CHAT_TEMPLATE,
     end_of_turn="<|im_end|>",
     system_role="native",
+    special_tokens={"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
+                    "extra": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]},
+    tiny=dict(num_hidden_layers=6, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
     generation={"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05},
     sizes={
         "1.5b": ModelSize(

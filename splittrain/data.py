@@ -39,7 +39,8 @@ IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 PARTITIONS = ("iid", "dirichlet", "column")  # the methods of `partition`
 RECIPE_NAMES = ("qwen2", "gemma", "gemma3")  # recipes whose fallback chat templates `chat_template` may name
 
-# Jinja chat templates, rendered by transformers' `apply_chat_template` (trim_blocks and lstrip_blocks on).
+# Jinja chat templates, rendered by transformers' `apply_chat_template` (trim_blocks and lstrip_blocks on); the
+# families' official instruct formats are the recipes' (`chat_template: qwen2 | gemma | gemma3`, see `recipes`).
 CHAT_TEMPLATES: dict[str, str] = {
     # ChatML as Qwen2 writes it, without Qwen2's injected default system prompt.
     "chatml": (
@@ -48,25 +49,6 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{% endfor %}"
         r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
-    # Gemma: the assistant is called `model`, there is no system role (Gemma merges it into the first user turn).
-    "gemma": r"""{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = '' -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
-    {%- endif -%}
-    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + (message['content'] | trim) + '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{ '<start_of_turn>model\n' }}
-{%- endif -%}""",
 }
 
 
@@ -89,6 +71,16 @@ def to_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
                          "('instruction', optional 'input', 'output') or 'prompt'/'completion'")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"row with keys {sorted(row)} has no assistant turn: nothing to train on")
+    return messages
+
+
+def fold_system(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """A leading system message merged into the first user turn (``system + "\\n\\n" + user``), for chat formats
+    without a system role (Gemma); other conversations are returned as they are."""
+    messages = [dict(m) for m in messages]
+    if len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user":
+        system = messages.pop(0)
+        messages[0]["content"] = f"{system['content']}\n\n{messages[0]['content']}"
     return messages
 
 
@@ -401,12 +393,14 @@ class InstructionDataModule(L.LightningDataModule):
                  max_length: int = 512, batch_size: int = 8, packing: bool = False, val_size: float = 0.1,
                  seed: int = 0, num_workers: int = 0, limit: int | None = None,
                  partition: Literal["iid", "dirichlet", "column"] = "iid", partition_alpha: float = 0.5,
-                 partition_column: str | None = None, test: str | None = None) -> None:
+                 partition_column: str | None = None, test: str | None = None,
+                 system: Literal["keep", "fold"] = "keep") -> None:
         """
         Args:
             train: ``quickstart`` (the embedded data set), or training rows: a local ``.jsonl``/``.json``/``.parquet`` file, or a dataset name (or local folder)
                 for ``datasets.load_dataset``, optionally ``name:split`` (default split ``train``).
-            tokenizer: ``quickstart``, or a tokenizer folder or hub id, loaded with ``transformers.AutoTokenizer``.
+            tokenizer: ``quickstart``, ``tiny-<recipe>`` (a tiny recipe model's), or a tokenizer folder or hub id,
+                loaded with ``transformers.AutoTokenizer``.
             val: Validation rows, same forms as ``train``; if None, ``val_size`` of ``train`` is held out.
             chat_template: Used when the tokenizer has no chat template: a name (``chatml``, ``gemma``) or a Jinja
                 template string.
@@ -424,7 +418,11 @@ class InstructionDataModule(L.LightningDataModule):
             partition_column: Column of the rows that ``dirichlet`` and ``column`` split by (a label or task).
             test: Rows for ``test`` (perplexity and token accuracy, and answers generated for each row's last user
                 turn scored against its last assistant turn), same forms as ``train``; default: the validation rows.
+            system: ``fold`` merges a row's system message into its first user turn (for chat formats without a
+                system role, e.g. Gemma's, whose template refuses one); ``keep`` leaves it to the template.
         """
+        if system not in ("keep", "fold"):
+            raise ValueError(f"data.system must be 'keep' or 'fold', got {system!r}")
         super().__init__()
         _check_partition(partition, partition_alpha, partition_column)
         if train == "quickstart":  # the embedded data set: its own validation rows unless told otherwise
@@ -435,11 +433,15 @@ class InstructionDataModule(L.LightningDataModule):
             from .quickstart import TOKENIZER_DIR
 
             tokenizer = str(TOKENIZER_DIR)
+        elif tokenizer.startswith("tiny-") and not Path(tokenizer).exists():  # a tiny recipe model's own
+            from .quickstart import TINY_PREFIX, tiny_dir
+
+            tokenizer = str(tiny_dir(tokenizer.removeprefix(TINY_PREFIX)))
         self.save_hyperparameters({"train": train, "tokenizer": tokenizer, "val": val, "chat_template": chat_template,
                                    "max_length": max_length, "batch_size": batch_size, "packing": packing,
                                    "val_size": val_size, "seed": seed, "num_workers": num_workers, "limit": limit,
                                    "partition": partition, "partition_alpha": partition_alpha,
-                                   "partition_column": partition_column, "test": test})
+                                   "partition_column": partition_column, "test": test, "system": system})
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.chat_template = resolve_chat_template(self.tokenizer, chat_template)  # fail now, not after loading data
         # Tokenizers without a pad token (Llama) pad with eos: padded positions are masked and unlabelled anyway.
@@ -530,7 +532,7 @@ class InstructionDataModule(L.LightningDataModule):
 
     def _tokenize(self, rows: Any) -> Any:
         encode = partial(_encode_row, tokenizer=self.tokenizer, max_length=self.hparams.max_length,
-                         chat_template=self.chat_template)
+                         chat_template=self.chat_template, fold=self.hparams.system == "fold")
         # datasets fingerprints library functions by name only: hash this module's source and the transformers
         # version too, so changed tokenization code re-tokenizes instead of reusing a stale cache.
         fingerprint = Hasher.hash([rows._fingerprint, encode, Path(__file__).read_text(), transformers.__version__])
@@ -573,6 +575,8 @@ class InstructionDataModule(L.LightningDataModule):
         out = []
         for row in self._rows[split]:
             messages = to_messages(row)
+            if self.hparams.system == "fold":
+                messages = fold_system(messages)
             last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
             if last is None or last == 0:
                 continue
@@ -583,8 +587,9 @@ class InstructionDataModule(L.LightningDataModule):
 
 
 def _encode_row(row: Mapping[str, Any], index: int, tokenizer: Any, max_length: int,
-                chat_template: str) -> dict[str, Any]:
-    return {"row": index, **tokenize_conversation(tokenizer, to_messages(row), max_length=max_length,
+                chat_template: str, fold: bool = False) -> dict[str, Any]:
+    messages = fold_system(to_messages(row)) if fold else to_messages(row)
+    return {"row": index, **tokenize_conversation(tokenizer, messages, max_length=max_length,
                                                   chat_template=chat_template)}
 
 

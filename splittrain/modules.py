@@ -41,11 +41,14 @@ __all__ = ["ClientModule", "OptimSettings", "SafetensorsCheckpointIO", "TrunkSet
 
 
 def resolve_model(model: str) -> str:
-    """``"quickstart"`` names the embedded tiny model (built on first use); anything else is a hub id/folder."""
-    if model == "quickstart":
-        from .quickstart import model_dir
+    """``"quickstart"`` names the embedded tiny model and ``"tiny-<recipe>"`` (``tiny-gemma3``) a tiny random
+    model of a recipe family (both built on first use); anything else is a hub id or folder."""
+    from .quickstart import TINY_PREFIX, model_dir, tiny_dir
 
+    if model == "quickstart":
         return str(model_dir())
+    if model.startswith(TINY_PREFIX) and not Path(model).exists():
+        return str(tiny_dir(model.removeprefix(TINY_PREFIX)))
     return model
 
 
@@ -53,7 +56,8 @@ class ClientModule(L.LightningModule):
     """The client's side: bottom + top segments, loss on its own labels, metrics and the client optimizer.
 
     Args:
-        model: hub id or local folder of the base checkpoint, or ``"quickstart"`` for the embedded tiny model.
+        model: hub id or local folder of the base checkpoint, ``"quickstart"`` for the embedded tiny model, or
+            ``"tiny-<recipe>"`` for a tiny random model of a recipe family (``tiny-gemma3``).
         cuts: the two cut layers (bottom = layers before the first, top = layers from the second).
         client: how the client's segments train: ``frozen``, ``lora`` or ``full``.
         client_lora: LoRA settings for the client's layers when ``client="lora"``.

@@ -11,12 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from recipes import get_recipe
 from splittrain import quickstart
 from splittrain.data import (
     CHAT_TEMPLATES,
     IGNORE_INDEX,
     InstructionDataModule,
     collate,
+    fold_system,
     render,
     resolve_chat_template,
     to_messages,
@@ -92,7 +94,8 @@ def test_resolve_chat_template():
     tokenizer = chatml_tokenizer()
     assert resolve_chat_template(tokenizer, "gemma") == CHAT_TEMPLATES["chatml"]  # the tokenizer's own wins
     tokenizer.chat_template = None
-    assert resolve_chat_template(tokenizer, "gemma") == CHAT_TEMPLATES["gemma"]
+    assert resolve_chat_template(tokenizer, "gemma") == get_recipe("gemma").chat_template
+    assert resolve_chat_template(tokenizer, "chatml") == CHAT_TEMPLATES["chatml"]
     assert resolve_chat_template(tokenizer, "{{ messages }}") == "{{ messages }}"
     with pytest.raises(ValueError, match="no chat template and no fallback.*chat_template="):
         resolve_chat_template(tokenizer, None)
@@ -114,16 +117,18 @@ def test_chatml_labels_are_the_assistant_turns_through_end_of_turn():
 
 def test_gemma_labels_are_the_model_turns_through_end_of_turn():
     tokenizer = gemma_tokenizer()
-    example = tokenize_conversation(tokenizer, CONVERSATION, chat_template="gemma")
+    with pytest.raises(Exception, match="System role not supported"):  # as Gemma's official template
+        tokenize_conversation(tokenizer, CONVERSATION, chat_template="gemma")
+    example = tokenize_conversation(tokenizer, fold_system(CONVERSATION), chat_template="gemma")
     text = tokenizer.decode(example["input_ids"], skip_special_tokens=False)
-    # System merged into the first user turn, `model` for the assistant, bos written by the template exactly once.
+    # System merged into the first user turn (data.system: fold), `model` for the assistant, bos written by the template exactly once.
     assert text == ("<bos><start_of_turn>user\nAnswer briefly.\n\nWhat colour is a blorp?<end_of_turn>\n"
                     "<start_of_turn>model\nA blorp is purple.<end_of_turn>\n<start_of_turn>user\n"
                     'Now write "rose" in capital letters.<end_of_turn>\n<start_of_turn>model\nROSE<end_of_turn>\n')
     assert trained_runs(tokenizer, example) == ["A blorp is purple.<end_of_turn>", "ROSE<end_of_turn>"]
     assert example["labels"][-1] == IGNORE_INDEX
-    prompt = tokenizer.apply_chat_template(CONVERSATION[:2], chat_template=CHAT_TEMPLATES["gemma"], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(fold_system(CONVERSATION[:2]), chat_template=get_recipe("gemma").chat_template,
+                                           tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("What colour is a blorp?<end_of_turn>\n<start_of_turn>model\n")
 
 

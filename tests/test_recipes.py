@@ -164,3 +164,27 @@ def test_generation_stops_at_the_end_of_turn_token_by_default():
     gemma = tokenizer_for("gemma")
     assert _stop_ids(GenerationOptions(), gemma) == stop_token_ids(gemma, "gemma")
     assert _stop_ids(GenerationOptions(eos_token_id=[7]), gemma) == [7]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "gemma3"])
+def test_tiny_config_fits_then_tests(family, tmp_path, monkeypatch):
+    """configs/<family>/tiny.yaml as its first lines say: fit, then test from the last checkpoint."""
+    import json
+    from pathlib import Path
+
+    from splittrain.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / family / "tiny.yaml")
+    monkeypatch.chdir(tmp_path)  # the config's run folder, runs/<family>-tiny, lands here
+    main(["fit", "--config", config, "--trainer.enable_progress_bar", "false"])
+    run = tmp_path / "runs" / f"{family}-tiny"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["train_loss_last"] < summary["train_loss_first"]
+    (run / "eval.json").unlink(missing_ok=True)
+    main(["test", "--config", config, "--ckpt_path", "last", "--trainer.enable_progress_bar", "false"])
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert evaluated["metrics"]["rows"] == 16 and {"exact_match", "rouge_l", "bleu", "test_perplexity"} <= set(
+        evaluated["metrics"])
+    model_config = json.loads((Path(json.loads((run / "run.json").read_text())["model"]) / "config.json").read_text())
+    assert model_config["model_type"] == get_recipe(family).sizes[min(get_recipe(family).sizes)].model_type

@@ -134,26 +134,32 @@ def write_jsonl(rows: Iterable[dict], path: Path) -> None:
             file.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def train_tokenizer(rows: Iterable[dict], vocab_size: int = VOCAB_SIZE):
-    """A byte-level BPE (digits split one by one) trained on the rows, as a transformers fast tokenizer with the
-    ChatML template: eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos."""
+def train_tokenizer(rows: Iterable[dict], vocab_size: int = VOCAB_SIZE, special_tokens: list[str] | None = None,
+                    eos: str = "<|im_end|>", pad: str = "<|endoftext|>", bos: str | None = None,
+                    chat_template: str | None = "chatml"):
+    """A byte-level BPE (digits split one by one) trained on the rows, as a transformers fast tokenizer. By default
+    the quickstart's: ChatML template, eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos; ``chat_template=None``
+    leaves it without a template (a recipe's fallback then renders)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from splittrain.data import CHAT_TEMPLATES
+
+    specials = special_tokens or SPECIAL_TOKENS
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets cover whole tokens, for label masking
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = (f"{m['role']}\n{m['content']}\n" for row in rows for m in row["messages"])
     bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        extra_special_tokens=["<|im_start|>"], model_max_length=512)
-    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    named = {"eos_token": eos, "pad_token": pad, **({"bos_token": bos} if bos else {})}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **named, model_max_length=512,
+                                        extra_special_tokens=[t for t in specials if t not in named.values()])
+    tokenizer.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template) if chat_template else None
     return tokenizer
 
 
