@@ -22,7 +22,7 @@ from .segments import Activations, Segment
 from .splitlearn import ModelFactory, SplitModel  # SplitLearn's API
 
 # Training classes pull in Lightning and peft (seconds to import): loaded on first use only.
-_LAZY = {"ClientModule": "modules", "TrunkServer": "server", "load_trunk": "server"}
+_LAZY = {"ClientModule": "modules", "TrunkServer": "server", "load_trunk": "server", "estimate_memory": "estimate"}
 
 
 def __getattr__(name: str):
@@ -46,6 +46,7 @@ __all__ = [
     "SplitModel",
     "SplitParts",
     "TrunkServer",
+    "estimate_memory",
     "get_family",
     "load_trunk",
     "load_segment",

@@ -139,6 +139,14 @@ def _tools_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop_token_id", type=int, action="append", default=None, dest="eos_token_id",
                           help="stop a row at this token id (repeatable; default: the tokenizer's EOS)")
     generate.add_argument("--seed", type=int, default=None, help="seed of sampling")
+    estimate = commands.add_parser(
+        "estimate", help="memory per party of a config (weights, adapters, gradients, optimizer, activations)",
+        epilog="needs no weights: parameter counts come from the model's config (a recipe's, a local config.json, "
+               "or the hub's config.json alone); --model.* and --data.* overrides apply as for fit")
+    estimate.add_argument("--config", required=True, action="append", help="a fit config")
+    estimate.add_argument("--device", default=None,
+                          help="cpu or cuda (default: cuda when the config's trainer.accelerator is gpu/cuda)")
+    estimate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     token = commands.add_parser("token", help="add a client with a fresh random token to a tokens file")
     token.add_argument("--tokens", required=True, help="tokens.json to create or extend (mode 600)")
     token.add_argument("--client", required=True, help="the client's name")
@@ -147,9 +155,9 @@ def _tools_parser() -> argparse.ArgumentParser:
 
 
 def client_settings(configs: Sequence[str], overrides: Sequence[str] = (), with_data: bool = False):
-    """The ``model`` section of fit configs as a :class:`ClientModule` (nothing loaded) and the ``trainer`` dict
-    (and the ``data`` section as an :class:`~splittrain.data.InstructionDataModule`, rows not loaded, when
-    ``with_data``)."""
+    """The ``model`` section of fit configs as a :class:`ClientModule` (nothing loaded), the ``trainer`` dict and
+    the ``data`` section: a dict, or an :class:`~splittrain.data.InstructionDataModule` (rows not loaded) when
+    ``with_data``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from .modules import ClientModule
@@ -166,10 +174,8 @@ def client_settings(configs: Sequence[str], overrides: Sequence[str] = (), with_
         parser.add_argument("--data", type=dict, default={})
     words = [w for config in configs for w in ("--config", _sections(config))] + list(overrides)
     config = parser.parse_args(words)
-    built = parser.instantiate_classes(config)
-    if with_data:
-        return built.model, dict(config.trainer), built.data
-    return built.model, dict(config.trainer)
+    built = parser.instantiate(config)
+    return built.model, dict(config.trainer), built.data if with_data else dict(config.data)
 
 
 def _sections(config: str) -> str:
@@ -200,7 +206,7 @@ def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1
         raise ValueError("TLS needs both --tls_cert and --tls_key")
     known = load_tokens(tokens)
     tls = server_tls_context(tls_cert, tls_key) if tls_cert else None
-    module, trainer = client_settings(configs, overrides)
+    module, trainer, _ = client_settings(configs, overrides)
     run = Path(run_dir or trainer.get("default_root_dir") or "runs/server")
     max_steps = trainer.get("max_steps") or -1
     server = module.build_server(max_steps if max_steps > 0 else None, run, limits, save_every=save_every)
@@ -274,6 +280,27 @@ def generate_command(configs: Sequence[str], prompt: str | None = None, prompts:
         return answers
     finally:
         module.close()
+
+
+def estimate_command(configs: Sequence[str], device: str | None = None, as_json: bool = False,
+                     overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Print the memory estimate per party of the ``fit`` config(s); returns it."""
+    from .estimate import estimate_json, estimate_memory, format_estimate
+
+    module, trainer, data = client_settings(configs, overrides, with_data=False)
+    data = {**{"batch_size": 8, "max_length": 512}, **data}
+    if device is None:
+        device = "cuda" if str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda") else "cpu"
+    parties = estimate_memory(module.model_name, module.cuts, int(data["batch_size"]), int(data["max_length"]),
+                              module.dtype_name, module.client_mode, module.client_lora.r,
+                              module.trunk_settings.lora.r, module.trunk_settings.lora.targets, device)
+    if as_json:
+        print(estimate_json(parties))
+    else:
+        print(format_estimate(parties, f"{module.model_name} cut at {list(module.cuts)}, batch {data['batch_size']} "
+                                       f"x {data['max_length']} tokens, {module.dtype_name or 'checkpoint'} weights, "
+                                       f"client {module.client_mode}, on {device}"))
+    return {name: party.as_dict() for name, party in parties.items()}
 
 
 def _read_prompts(path: str | Path) -> list[dict[str, Any]]:
@@ -422,7 +449,8 @@ def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
     if command in LIGHTNING_COMMANDS or isinstance(words, dict):
         return _lightning_cli(args)  # None: LightningCLI reads sys.argv itself
     ns, overrides = _tools_parser().parse_known_args(list(words))
-    allowed = {"serve": ("--model.",), "generate": ("--model.", "--data.")}.get(ns.command, ())
+    allowed = {"serve": ("--model.",), "generate": ("--model.", "--data."),
+               "estimate": ("--model.", "--data.")}.get(ns.command, ())
     if overrides and not (allowed and all(w.startswith(allowed) for w in overrides[::2])):
         _tools_parser().parse_args(list(words))  # reports the unknown arguments and exits
     if ns.command == "split":
@@ -440,6 +468,8 @@ def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
                              ns.run_dir, limits, ns.max_connections, overrides)
     if ns.command == "token":
         return token_command(ns.tokens, ns.client, ns.out)
+    if ns.command == "estimate":
+        return estimate_command(ns.config, ns.device, ns.json, overrides)
     if ns.command == "generate":
         options = {k: getattr(ns, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature",
                                                 "top_k", "top_p", "repetition_penalty", "stop_strings",

@@ -188,3 +188,48 @@ def test_tiny_config_fits_then_tests(family, tmp_path, monkeypatch):
         evaluated["metrics"])
     model_config = json.loads((Path(json.loads((run / "run.json").read_text())["model"]) / "config.json").read_text())
     assert model_config["model_type"] == get_recipe(family).sizes[min(get_recipe(family).sizes)].model_type
+
+
+REAL_CONFIGS = ["gemma/2b_lora", "gemma/7b_lora", "gemma3/4b_it_lora", "qwen2/1.5b_lora", "qwen2/7b_lora"]
+
+
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_real_size_configs_print_and_estimate_without_downloading(name, capsys, monkeypatch):
+    from pathlib import Path
+
+    from splittrain.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a download attempt fails
+    config = str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_.value.code in (0, None) and "model:" in capsys.readouterr().out
+    text = Path(config).read_text()
+    assert text.startswith("# ") and "splittrain fit --config" in text and "torchrun" in text and "serve" in text
+    estimate = main(["estimate", "--config", config])
+    family, size = name.split("/")
+    spec = get_recipe(family).size(size.split("_")[0])
+    layers = spec.architecture["num_hidden_layers"]
+    assert len(estimate["client"]["layers"]) + len(estimate["server"]["layers"]) == layers
+    for party in ("client", "server"):
+        assert estimate[party]["weights"] == 2 * estimate[party]["parameters"]  # bfloat16
+        assert 0 < estimate[party]["trainable"] < estimate[party]["parameters"] / 50  # LoRA
+    assert "client" in capsys.readouterr().out
+
+
+def test_estimate_counts_exactly_the_parameters_each_party_loads(checkpoint):
+    from splittrain import split_model
+    from splittrain.estimate import estimate_memory
+
+    for family in ("qwen2", "gemma"):
+        _, folder = checkpoint(family)
+        parts = split_model(folder, cuts=(1, 3))
+        estimate = estimate_memory(str(folder), (1, 3), 2, 16, client="full", trunk_lora_r=4)
+        client = {id(p): p for part in ("bottom", "top") for p in parts[part].parameters()}  # a tied head once
+        assert estimate["client"].parameters == sum(
+            p.numel() for p in client.values())
+        assert estimate["server"].parameters == sum(p.numel() for p in parts["trunk"].parameters())
+        assert estimate["client"].trainable == estimate["client"].parameters
+        assert estimate["client"].optimizer == 2 * estimate["client"].weights  # AdamW's two moments
+    with pytest.raises(ValueError, match="cuts \\[3, 1\\] must satisfy"):
+        estimate_memory(str(folder), (3, 1), 2, 16)

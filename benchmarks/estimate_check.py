@@ -1,0 +1,160 @@
+"""How close ``splittrain estimate`` comes to the measured peak memory of each party.
+
+    python benchmarks/estimate_check.py              # ~123M and ~347M-param Qwen2 shapes (~5 min on 2 cores)
+    python benchmarks/estimate_check.py --sizes medium
+
+For each shape, a random Qwen2-shaped model is built and saved with ``save_pretrained`` into a temporary folder,
+then trained split over tcp on loopback: ``python -m splittrain serve`` (the trunk, LoRA r16) and ``python -m
+splittrain fit`` (bottom + top, ``client: lora`` r8) are separate child processes, 2 steps of batch 4 x 128 packed
+quickstart tokens, one validation batch. Each child's peak RSS is the kernel's (``os.wait4``'s ``ru_maxrss``: anon
+plus touched file-backed pages of the memory-mapped weights; the script builds the model in a child too, since a
+child's figure starts from the spawning process's own peak). The estimate is
+``splittrain.estimate_memory(model, cuts, 4, 128, client="lora", client_lora_r=8, trunk_lora_r=16)`` on CPU.
+
+Target: every party within 15% of its measured peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from machine import machine  # this folder is on sys.path when a script here runs
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CONFIG = ROOT / "configs" / "quickstart.yaml"
+SHAPES = {  # Qwen2, fp32, tied embeddings (the head touches the whole matrix, as on a GPU)
+    "medium": (dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                    num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True), (2, 6)),
+    "large": (dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
+                   num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True), (3, 9)),
+}
+BATCH, LENGTH, TARGET = 4, 128, 0.15
+
+
+BUILD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(Qwen2Config(**json.loads(sys.argv[2])), dtype=torch.float32)
+model.save_pretrained(sys.argv[1], max_shard_size="200MB")
+print(sum(p.numel() for p in model.parameters()))
+"""
+
+
+def build(folder: Path, shape: dict) -> int:
+    """Build and save the model in a child process: a child's ``ru_maxrss`` starts from this process's peak (the
+    kernel carries the spawning process's high-water mark across vfork + exec), so this process stays small."""
+    done = subprocess.run([sys.executable, "-c", BUILD, str(folder), json.dumps(shape)], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
+def reap(proc: subprocess.Popen, timeout: float) -> int:
+    """Wait for ``proc`` (at most ``timeout`` s, then kill it by pid); its peak RSS in bytes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_maxrss * 1024
+        if time.monotonic() > deadline:
+            proc.kill()
+        time.sleep(0.2)
+
+
+def measure(work: Path, name: str, model: Path, cuts: tuple[int, int]) -> dict[str, int]:
+    token = secrets.token_hex(32)
+    (work / "tokens.json").write_text(json.dumps({"client0": token}))
+    (work / "client0.token").write_text(token + "\n")
+    common = ["--model.model", str(model), "--model.cuts", json.dumps(list(cuts)), "--model.client", "lora",
+              "--model.client_lora.r", "8", "--model.trunk.lora.r", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    log = (work / f"{name}-serve.log").open("w")
+    serve = subprocess.Popen([sys.executable, "-m", "splittrain", "serve", "--config", str(CONFIG), "--address",
+                              "127.0.0.1:0", "--tokens", str(work / "tokens.json"), "--run_dir", str(work / "server"),
+                              "--save_every", "0", *common], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    try:
+        address = None
+        deadline = time.monotonic() + 300
+        while address is None and time.monotonic() < deadline:
+            line = serve.stdout.readline()
+            if not line and serve.poll() is not None:
+                raise RuntimeError(f"serve exited: see {log.name}")
+            match = re.search(r"listening on (\S+)", line)
+            address = match.group(1) if match else None
+        if address is None:
+            raise RuntimeError("serve did not start within 300 s")
+        with (work / f"{name}-fit.log").open("w") as out:
+            fit = subprocess.Popen(
+                [sys.executable, "-m", "splittrain", "fit", "--config", str(CONFIG), *common,
+                 "--model.transport", "tcp", "--model.address", address, "--model.token_file",
+                 str(work / "client0.token"), "--model.eval_generate", "false", "--model.sample_prompt", "null",
+                 "--trainer.default_root_dir", str(work / "client"), "--trainer.max_steps", "2",
+                 "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.num_sanity_val_steps", "0", "--trainer.callbacks", "[]",
+                 "--trainer.enable_progress_bar", "false", "--data.batch_size", str(BATCH), "--data.packing", "true",
+                 "--data.max_length", str(LENGTH), "--data.limit", "400"], stdout=out, stderr=subprocess.STDOUT,
+                env=env)
+            client = reap(fit, 1800)
+        if fit.returncode != 0:
+            raise RuntimeError(f"fit exited with {fit.returncode}: see {out.name}")
+        serve.send_signal(signal.SIGTERM)
+        server = reap(serve, 120)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(timeout=30)
+        log.close()
+    return {"client": client, "server": server}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SHAPES), default=["medium", "large"])
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "estimate_check.json")
+    args = parser.parse_args()
+
+    rows = []
+    for size in args.sizes:
+        shape, cuts = SHAPES[size]
+        with tempfile.TemporaryDirectory(prefix="splittrain-estimate-") as tmp:
+            work = Path(tmp)
+            params = build(work / "model", shape)
+            measured = measure(work, size, work / "model", cuts)
+            (work / "config.json").write_text((work / "model" / "config.json").read_text())
+            # imported only now: every child above started from this process's small high-water mark
+            from splittrain.estimate import GiB, estimate_memory
+
+            estimate = estimate_memory(str(work), cuts, BATCH, LENGTH, client="lora", client_lora_r=8,
+                                       trunk_lora_r=16, device="cpu")
+        for party in ("client", "server"):
+            est = estimate[party].as_dict()
+            ratio = est["total"] / measured[party]
+            rows.append({"size": size, "params": params, "cuts": list(cuts), "party": party,
+                         "measured_bytes": measured[party], "estimate": est, "estimate_over_measured": ratio,
+                         "within_target": abs(ratio - 1) <= TARGET})
+            print(f"{size:<7} {params / 1e6:6.1f}M {party:<7} measured {measured[party] / GiB:6.3f} GiB  estimate "
+                  f"{est['total'] / GiB:6.3f} GiB (weights {est['weights'] / GiB:.3f}, activations "
+                  f"{est['activations'] / GiB:.3f}, runtime {est['runtime'] / GiB:.3f})  ratio {ratio:.3f}", flush=True)
+    met = all(r["within_target"] for r in rows)
+    print(f"target: every party within {TARGET:.0%} of its measured peak: {'met' if met else 'MISSED'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine(), "batch": BATCH, "length": LENGTH, "target": TARGET,
+                                    "shapes": {s: {"config": SHAPES[s][0], "cuts": SHAPES[s][1]} for s in args.sizes},
+                                    "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
