@@ -89,6 +89,9 @@ class ClientModule(L.LightningModule):
         eval_generate: after ``fit``, run the ``test`` evaluation (perplexity, token accuracy, and exact match,
             ROUGE-L and BLEU of answers generated for the test rows; ``eval.json``/``eval.md`` in the run folder).
         eval_max_rows: rows answered by that evaluation (null: every test row).
+        recipe: the model's family recipe (:mod:`recipes`): its LoRA targets become both parties' defaults, and
+            the model must be of that family (checked once it is loaded). Its chat template is the data's
+            ``chat_template`` fallback, named there.
     """
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
@@ -100,7 +103,8 @@ class ClientModule(L.LightningModule):
                  reconnect_timeout: float = 300.0, seed: int = 0, dtype: str | None = None,
                  sample_prompt: str | None = None, device_map: dict[str, str] | str | None = None,
                  federated: FederatedSettings = FederatedSettings(), generation: GenerationOptions = GenerationOptions(),
-                 eval_generate: bool = False, eval_max_rows: int | None = 200) -> None:
+                 eval_generate: bool = False, eval_max_rows: int | None = 200,
+                 recipe: Literal["qwen2", "gemma", "gemma3"] | None = None) -> None:
         super().__init__()
         if len(cuts) != 2:
             raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
@@ -113,6 +117,17 @@ class ClientModule(L.LightningModule):
         if wire_dtype not in FLOAT_DTYPES:
             raise ValueError(f"wire_dtype must be float32, bfloat16 or float16, got {wire_dtype!r}")
         self.model_name, self.cuts, self.client_mode = model, tuple(cuts), client
+        self.recipe = None
+        if recipe is not None:
+            from dataclasses import replace
+
+            from recipes import get_recipe
+
+            self.recipe = get_recipe(recipe)
+            targets = list(self.recipe.lora_targets)
+            client_lora = client_lora if client_lora.targets else replace(client_lora, targets=targets)
+            if not trunk.lora.targets:
+                trunk = replace(trunk, lora=replace(trunk.lora, targets=targets))
         self.client_lora, self.optim, self.trunk_settings = client_lora, optim, trunk
         self.transport, self.address, self.client_name = transport, address, client_name
         self.token_file, self.tls_ca, self.wire_dtype = token_file, tls_ca, wire_dtype
@@ -153,6 +168,9 @@ class ClientModule(L.LightningModule):
         path = resolve_model(self.model_name)
         bottom, top = split_model(path, cuts=self.cuts, parts=("bottom", "top"), dtype=self.dtype_name,
                                   device_map=self.device_map)
+        if self.recipe is not None and top.family.name != self.recipe.name:
+            raise ValueError(f"model.recipe is {self.recipe.name!r} but {self.model_name} is a {top.family.name!r} "
+                             f"model: name its own family's recipe, or none")
         self.bottom = prepare(bottom, self.client_mode, self.client_lora, self.seed)
         self.top = prepare(top, self.client_mode, self.client_lora, self.seed)
         sync = self.transport != "dist"  # rank 0 (the trunk server) takes no part in the client's metrics

@@ -233,3 +233,14 @@ def test_estimate_counts_exactly_the_parameters_each_party_loads(checkpoint):
         assert estimate["client"].optimizer == 2 * estimate["client"].weights  # AdamW's two moments
     with pytest.raises(ValueError, match="cuts \\[3, 1\\] must satisfy"):
         estimate_memory(str(folder), (3, 1), 2, 16)
+
+
+def test_model_recipe_sets_lora_targets_and_checks_the_family(checkpoint):
+    from splittrain.modules import ClientModule
+
+    _, folder = checkpoint("qwen2")
+    module = ClientModule(model=str(folder), cuts=(1, 3), recipe="qwen2")
+    assert module.client_lora.targets == module.trunk_settings.lora.targets == list(get_recipe("qwen2").lora_targets)
+    module.configure_model()  # a qwen2 model: accepted
+    with pytest.raises(ValueError, match="model.recipe is 'gemma' but .* is a 'qwen2' model"):
+        ClientModule(model=str(folder), cuts=(1, 3), recipe="gemma").configure_model()
