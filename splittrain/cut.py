@@ -16,7 +16,7 @@ bytes and the positions as int32, whatever the transport, so every transport com
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -124,30 +124,35 @@ class Cut(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, anchor: torch.Tensor | None, link: TrunkLink, key: Hashable,
                 attention_mask: torch.Tensor | None, position_ids: torch.Tensor, training: bool,
-                step: int | None) -> torch.Tensor:
-        ctx.link, ctx.key = link, key
+                step: int | None, defend: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        ctx.link, ctx.key, ctx.defend = link, key, defend
         need_input_grad = ctx.needs_input_grad[0]
         out = link.forward(Activations(hidden, attention_mask, position_ids), key, training, need_input_grad, step)
         return out.to(device=hidden.device, dtype=hidden.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
+        if ctx.defend is not None:  # the gradient leaves the client defended (clip + noise, see privacy.py)
+            grad = ctx.defend(grad)
         grad_in = ctx.link.backward(ctx.key, grad)
         if grad_in is not None:
             grad_in = grad_in.to(device=grad.device, dtype=grad.dtype)
-        return grad_in, None, None, None, None, None, None, None
+        return grad_in, None, None, None, None, None, None, None, None
 
 
-def cross(link: TrunkLink, state: Activations, key: Hashable, step: int | None = None) -> Activations:
+def cross(link: TrunkLink, state: Activations, key: Hashable, step: int | None = None,
+          defend_gradient: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Activations:
     """Run the trunk on ``state`` through ``link``; differentiable when grad mode is on.
 
     In grad mode the trunk's graph waits on the server under ``key`` until the backward pass arrives, and
     ``step`` (the client's optimizer steps so far) must match the server's; otherwise (validation,
-    generation) the server keeps nothing.
+    generation) the server keeps nothing. ``defend_gradient`` transforms dL/dh of the trunk's output before it is
+    sent back (the cut-2 defense of :mod:`splittrain.privacy`).
     """
     hidden = state.hidden_states
     training = torch.is_grad_enabled()
     anchor = torch.empty(0, requires_grad=True) if training and not hidden.requires_grad else None
-    out = Cut.apply(hidden, anchor, link, key, state.attention_mask, state.position_ids, training, step)
+    out = Cut.apply(hidden, anchor, link, key, state.attention_mask, state.position_ids, training, step,
+                    defend_gradient)
     return Activations(out, state.attention_mask, state.position_ids)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -178,12 +178,14 @@ def _stop_ids(options: GenerationOptions, tokenizer: Any) -> list[int]:
 @torch.no_grad()
 def generate(bottom: Segment, trunk: Any, top: Segment, input_ids: torch.Tensor,
              attention_mask: torch.Tensor | None = None, *, options: GenerationOptions | None = None,
-             tokenizer: Any = None, streamer: Any = None, **overrides: Any) -> torch.Tensor:
+             tokenizer: Any = None, streamer: Any = None, defend: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             **overrides: Any) -> torch.Tensor:
     """Generate through bare segments: ``trunk`` is a :class:`Segment` (run here) or a
     :class:`~splittrain.cut.TrunkLink` (run on its server). Returns prompt + new ids, (B, T + new), finished rows
     padded, as ``model.generate`` does. ``input_ids`` (B, T) are left-padded when rows differ in length
     (``attention_mask`` 0 on the padding). ``streamer`` (e.g. transformers' ``TextStreamer``) receives the prompt,
-    then each new token (batch of one)."""
+    then each new token (batch of one). ``defend`` transforms the bottom's hidden states before they reach the
+    trunk (the cut-1 defense of :mod:`splittrain.privacy`)."""
     options = GenerationOptions.of(options, **overrides)
     device = bottom.device
     input_ids = input_ids.to(device)
@@ -217,7 +219,8 @@ def generate(bottom: Segment, trunk: Any, top: Segment, input_ids: torch.Tensor,
     try:
         while True:
             state = bottom(step_ids, attention_mask=mask, position_ids=positions, cache=bottom_cache)
-            hidden = runner(state.hidden_states, new_mask, positions)
+            sent = state.hidden_states if defend is None else defend(state.hidden_states)
+            hidden = runner(sent, new_mask, positions)
             logits = top(hidden, attention_mask=mask, position_ids=positions, cache=top_cache,
                          logits_to_keep=1).logits[:, -1, :].float()
             scores = processors(sequences, logits)
@@ -280,7 +283,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 def answers(bottom: Segment, trunk: Any, top: Segment, tokenizer: Any,
             prompts: Sequence[str | Sequence[dict[str, str]]], *, batch_size: int = 16,
             options: GenerationOptions | None = None, streamer: Any = None, progress: bool = False,
-            chat_template: str | None = None, **overrides: Any) -> list[str]:
+            chat_template: str | None = None, defend: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            **overrides: Any) -> list[str]:
     """Answer each prompt (a user message or a conversation) through the chat template; decoded new text,
     special tokens skipped. Prompts run in batches of ``batch_size``, left-padded."""
     options = GenerationOptions.of(options, **overrides)
@@ -294,6 +298,7 @@ def answers(bottom: Segment, trunk: Any, top: Segment, tokenizer: Any,
         starts = tqdm(starts, desc="generating", unit="batch")
     for start in starts:
         ids, mask = left_pad(rows[start:start + batch_size], pad)
-        sequences = generate(bottom, trunk, top, ids, mask, options=options, tokenizer=tokenizer, streamer=streamer)
+        sequences = generate(bottom, trunk, top, ids, mask, options=options, tokenizer=tokenizer, streamer=streamer,
+                             defend=defend)
         out += [tokenizer.decode(s[ids.shape[1]:], skip_special_tokens=True).strip() for s in sequences.tolist()]
     return out

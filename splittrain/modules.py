@@ -28,6 +28,7 @@ from .federated import FederatedSettings, LocalAverager, flatten, release_freed_
 from .generate import GenerationOptions
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
 from .metrics import TokenMetrics
+from .privacy import Defense, PrivacySettings
 from .segments import Activations, Segment
 from .server import OptimSettings, TrunkSettings, build_optimizer
 from .state import load_state, save_state
@@ -92,6 +93,9 @@ class ClientModule(L.LightningModule):
         recipe: the model's family recipe (:mod:`recipes`): its LoRA targets become both parties' defaults, and
             the model must be of that family (checked once it is loaded). Its chat template is the data's
             ``chat_template`` fallback, named there.
+        privacy: defenses applied on the client before anything crosses (see :mod:`splittrain.privacy`): the
+            hidden states at cut 1 (training, validation and generation alike) and the gradients sent back at
+            cut 2 are clipped per example and noised; off by default.
     """
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
@@ -104,7 +108,8 @@ class ClientModule(L.LightningModule):
                  sample_prompt: str | None = None, device_map: dict[str, str] | str | None = None,
                  federated: FederatedSettings = FederatedSettings(), generation: GenerationOptions = GenerationOptions(),
                  eval_generate: bool = False, eval_max_rows: int | None = 200,
-                 recipe: Literal["qwen2", "gemma", "gemma3"] | None = None) -> None:
+                 recipe: Literal["qwen2", "gemma", "gemma3"] | None = None,
+                 privacy: PrivacySettings = PrivacySettings()) -> None:
         super().__init__()
         if len(cuts) != 2:
             raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
@@ -117,6 +122,8 @@ class ClientModule(L.LightningModule):
         if wire_dtype not in FLOAT_DTYPES:
             raise ValueError(f"wire_dtype must be float32, bfloat16 or float16, got {wire_dtype!r}")
         self.model_name, self.cuts, self.client_mode = model, tuple(cuts), client
+        self.privacy = privacy
+        self.defense = Defense(privacy) if privacy.enabled else None
         self.recipe = None
         if recipe is not None:
             from dataclasses import replace
@@ -383,8 +390,10 @@ class ClientModule(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
+            defend = self.defense.activations if self.defense is not None else None
             out = answers(self.bottom, self.link, self.top, self.tokenizer, prompts, batch_size=batch_size,
-                          streamer=streamer, progress=progress, chat_template=self.chat_template, **options)
+                          streamer=streamer, progress=progress, chat_template=self.chat_template, defend=defend,
+                          **options)
         finally:
             self.train(was_training)
         return out[0] if single else out
@@ -404,7 +413,10 @@ class ClientModule(L.LightningModule):
         """bottom -> trunk (across the cut) -> top; returns the top's output (``logits``, ``loss``)."""
         state: Activations = self.bottom(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                          position_ids=batch.get("position_ids"))
-        state = cross(self.link, state, key, self.global_step)
+        defense = self.defense
+        if defense is not None:
+            state = Activations(defense.activations(state.hidden_states), state.attention_mask, state.position_ids)
+        state = cross(self.link, state, key, self.global_step, defense.gradients if defense is not None else None)
         return self.top(state, labels=batch.get("labels"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -508,6 +520,8 @@ class ClientModule(L.LightningModule):
         """Keep only the client's trainable tensors and have the trunk save its own state beside."""
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self.defense is not None:
+            checkpoint["privacy"] = self.defense.state_dict()
         tag = f"step-{self.global_step}"
         self.link.save(tag)
         checkpoint["trunk_checkpoint"] = tag
@@ -520,6 +534,8 @@ class ClientModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
         self.link.load(checkpoint["trunk_checkpoint"])
+        if self.defense is not None and "privacy" in checkpoint:
+            self.defense.load_state_dict(checkpoint["privacy"])
         if self.federated.enabled:
             if "federated" not in checkpoint:
                 raise ValueError("this checkpoint was written by a run with one client; a federated run resumes "
