@@ -147,6 +147,15 @@ def _tools_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--device", default=None,
                           help="cpu or cuda (default: cuda when the config's trainer.accelerator is gpu/cuda)")
     estimate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    audit = commands.add_parser(
+        "audit", help="play the honest-but-curious server against a run: token recovery, label inference",
+        epilog="the server's side learns only from public rows and the frames; --model.* and --data.* overrides "
+               "apply as for fit; the trunk must run in this process (model.transport local)")
+    audit.add_argument("--config", required=True, action="append", help="the run's config")
+    audit.add_argument("--ckpt_path", default=None, help="'last' or a checkpoint file")
+    audit.add_argument("--public", default=None, help="public rows for the attacks (default: the validation rows)")
+    audit.add_argument("--client_rows", type=int, default=200, help="client training rows attacked")
+    audit.add_argument("--public_rows", type=int, default=600, help="public rows the attacks learn from")
     token = commands.add_parser("token", help="add a client with a fresh random token to a tokens file")
     token.add_argument("--tokens", required=True, help="tokens.json to create or extend (mode 600)")
     token.add_argument("--client", required=True, help="the client's name")
@@ -235,29 +244,9 @@ def generate_command(configs: Sequence[str], prompt: str | None = None, prompts:
     """Answer ``prompt`` (streamed to stdout) or every line of the ``prompts`` .jsonl file with the split model that
     ``configs`` describe, from ``ckpt_path`` (``last``: the run folder's ``checkpoints/last.ckpt``); ``options``
     override the config's ``model.generation``. Writes ``out`` (.jsonl) or prints the answers; returns them."""
-    import logging
-
-    import lightning as L
-
-    module, trainer_args, data = client_settings(configs, overrides, with_data=True)
-    root = Path(trainer_args.get("default_root_dir") or ".")
-    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # no trainer banners: this trainer only names the run folder and step count
-    try:
-        module.trainer = L.Trainer(default_root_dir=root, max_steps=trainer_args.get("max_steps") or -1, logger=False,
-                                   enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
-    finally:
-        quiet.setLevel(level)
-    module.tokenizer, module.chat_template = data.tokenizer, data.chat_template
-    if ckpt_path is not None:
-        path = root / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint {path}" + (" (has `fit` run with this config?)"
-                                                              if ckpt_path == "last" else ""))
-        module.restore(path)
     from dataclasses import asdict
 
+    module, data = _load_run(configs, overrides, ckpt_path)
     options = {**asdict(module.generation), **{k: v for k, v in options.items() if v is not None}}
     try:
         if prompt is not None:
@@ -301,6 +290,53 @@ def estimate_command(configs: Sequence[str], device: str | None = None, as_json:
                                        f"x {data['max_length']} tokens, {module.dtype_name or 'checkpoint'} weights, "
                                        f"client {module.client_mode}, on {device}"))
     return {name: party.as_dict() for name, party in parties.items()}
+
+
+def _load_run(configs: Sequence[str], overrides: Sequence[str], ckpt_path: str | None) -> tuple[Any, Any]:
+    """The client module and data module of a run's config(s), outside a trainer's loop, restored from
+    ``ckpt_path`` (``last``: the run folder's ``checkpoints/last.ckpt``) when given."""
+    import logging
+
+    import lightning as L
+
+    module, trainer_args, data = client_settings(configs, overrides, with_data=True)
+    root = Path(trainer_args.get("default_root_dir") or ".")
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # no trainer banners: this trainer only names the run folder and step count
+    try:
+        module.trainer = L.Trainer(default_root_dir=root, max_steps=trainer_args.get("max_steps") or -1, logger=False,
+                                   enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    finally:
+        quiet.setLevel(level)
+    module.tokenizer, module.chat_template = data.tokenizer, data.chat_template
+    if ckpt_path is not None:
+        path = root / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint {path}" + (" (has `fit` run with this config?)"
+                                                              if ckpt_path == "last" else ""))
+        module.restore(path)
+    return module, data
+
+
+def audit_command(configs: Sequence[str], ckpt_path: str | None = None, public: str | None = None,
+                  client_rows: int = 200, public_rows: int = 600, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Play the honest-but-curious server against the run of ``configs`` (see :func:`splittrain.privacy.audit`);
+    prints the report and writes audit.json / audit.md in the run folder."""
+    from .privacy import AuditSettings, audit
+
+    module, data = _load_run(configs, overrides, ckpt_path)
+    try:
+        module.configure_model()
+        data.setup("fit")
+        report = audit(module, data, AuditSettings(public=public, client_rows=client_rows, public_rows=public_rows),
+                       module.run_dir)
+    finally:
+        module.close()
+    for key, value in report.items():
+        print(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
+    print(f"audit: {module.run_dir / 'audit.md'}")
+    return report
 
 
 def _read_prompts(path: str | Path) -> list[dict[str, Any]]:
@@ -450,7 +486,7 @@ def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
         return _lightning_cli(args)  # None: LightningCLI reads sys.argv itself
     ns, overrides = _tools_parser().parse_known_args(list(words))
     allowed = {"serve": ("--model.",), "generate": ("--model.", "--data."),
-               "estimate": ("--model.", "--data.")}.get(ns.command, ())
+               "estimate": ("--model.", "--data."), "audit": ("--model.", "--data.")}.get(ns.command, ())
     if overrides and not (allowed and all(w.startswith(allowed) for w in overrides[::2])):
         _tools_parser().parse_args(list(words))  # reports the unknown arguments and exits
     if ns.command == "split":
@@ -468,6 +504,8 @@ def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
                              ns.run_dir, limits, ns.max_connections, overrides)
     if ns.command == "token":
         return token_command(ns.tokens, ns.client, ns.out)
+    if ns.command == "audit":
+        return audit_command(ns.config, ns.ckpt_path, ns.public, ns.client_rows, ns.public_rows, overrides)
     if ns.command == "estimate":
         return estimate_command(ns.config, ns.device, ns.json, overrides)
     if ns.command == "generate":

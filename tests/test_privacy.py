@@ -144,3 +144,41 @@ def test_a_defended_fit_is_reproducible_and_resumes_exactly(tmp_path):
     fit(tmp_path / "c", "--trainer.max_steps", "3")
     resumed = fit(tmp_path / "c", "--ckpt_path", "last")
     assert resumed == first[3:]
+
+
+@pytest.mark.slow
+def test_the_audit_recovers_tokens_without_defenses_and_less_with_them(tmp_path, capsys):
+    """A frozen one-layer bottom and no defense: the server recovers the client's tokens and labels; clipping and
+    noise cut both and cost validation loss. The server's side sees public rows and frames only."""
+    import inspect
+
+    from splittrain.cli import main
+    from splittrain.privacy import ServerAttacker
+
+    import yaml
+
+    reports = {}
+    for name, privacy in {"open": {}, "defended": dict(activation_clip=20, activation_noise=1.0, gradient_clip=0.01,
+                                                       gradient_noise=2.0)}.items():
+        run = yaml.safe_load(open("configs/quickstart.yaml"))
+        run["trainer"].update(default_root_dir=str(tmp_path / name), max_steps=30, val_check_interval=30,
+                              limit_val_batches=2, enable_progress_bar=False)
+        run["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 30
+        run["model"].update(cuts=[1, 4], client="frozen", privacy=privacy, eval_generate=False, sample_prompt=None)
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(run))
+        main(["fit", "--config", str(config)])
+        reports[name] = main(["audit", "--config", str(config), "--ckpt_path", "last", "--client_rows", "60",
+                              "--public_rows", "200"])
+        assert json.loads((tmp_path / name / "audit.json").read_text())["token_recovery"] == reports[name]["token_recovery"]
+    open_, defended = reports["open"], reports["defended"]
+    assert open_["token_recovery"] >= 0.9 and open_["rows_half_recovered_decoder"] >= 0.9
+    assert open_["label_inference"] >= 0.5
+    assert defended["token_recovery"] < 0.5 * open_["token_recovery"]
+    assert defended["label_inference"] < 0.5 * open_["label_inference"]
+    assert defended["val_loss"] > open_["val_loss"]
+    assert "token_recovery" in capsys.readouterr().out
+    # the attacker's interface takes public batches, its own trunk and frames: no client rows
+    assert list(inspect.signature(ServerAttacker.invert).parameters) == ["self", "frames"]
+    assert list(inspect.signature(ServerAttacker.infer_labels).parameters) == ["self", "grads"]
+    assert list(inspect.signature(ServerAttacker.learn).parameters) == ["self", "batches", "trunk"]
