@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+NAMES = ("qwen2", "gemma", "gemma3")
+"""The recipes, by name (each is the module ``recipes.<name>``)."""
 LLAMA_LIKE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -96,12 +98,11 @@ class Recipe:
 
 def get_recipe(name: str) -> Recipe:
     """The recipe of a family by name (``qwen2``, ``gemma``, ``gemma3``); a clear error lists them."""
-    from . import gemma, gemma3, qwen2
+    import importlib
 
-    recipes = {module.RECIPE.name: module.RECIPE for module in (qwen2, gemma, gemma3)}
-    if name not in recipes:
-        raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(sorted(recipes))}")
-    return recipes[name]
+    if name not in NAMES:
+        raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(sorted(NAMES))}")
+    return importlib.import_module(f"{__name__}.{name}").RECIPE
 
 
 def chat_template_for(tokenizer: Any, recipe: Recipe | str) -> str:

@@ -35,9 +35,10 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
+from recipes import NAMES as RECIPE_NAMES
+
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 PARTITIONS = ("iid", "dirichlet", "column")  # the methods of `partition`
-RECIPE_NAMES = ("qwen2", "gemma", "gemma3")  # recipes whose fallback chat templates `chat_template` may name
 
 # Jinja chat templates, rendered by transformers' `apply_chat_template` (trim_blocks and lstrip_blocks on); the
 # families' official instruct formats are the recipes' (`chat_template: qwen2 | gemma | gemma3`, see `recipes`).

@@ -72,9 +72,9 @@ def model_config(model: str) -> Any:
     from .modules import resolve_model
 
     if not Path(model).exists() and not model.startswith(("quickstart", "tiny-")):
-        from recipes import get_recipe
+        from recipes import NAMES, get_recipe
 
-        for name in ("qwen2", "gemma", "gemma3"):
+        for name in NAMES:
             for size in get_recipe(name).sizes.values():
                 if model in (size.hub_id, size.instruct_id):
                     return size.config()

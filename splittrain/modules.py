@@ -409,14 +409,16 @@ class ClientModule(L.LightningModule):
                              f"{result.unexpected_keys[:3]}: was it written with another model or cuts?")
 
     # ---------------------------------------------------------------------------------------- forward
-    def forward(self, batch: dict[str, torch.Tensor], key: tuple = ("eval", 0)) -> Any:
-        """bottom -> trunk (across the cut) -> top; returns the top's output (``logits``, ``loss``)."""
+    def forward(self, batch: dict[str, torch.Tensor], key: tuple = ("eval", 0), step: int | None = None) -> Any:
+        """bottom -> trunk (across the cut) -> top; returns the top's output (``logits``, ``loss``). A training pass
+        tells the server the client's optimizer ``step`` (default: Lightning's count)."""
         state: Activations = self.bottom(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                          position_ids=batch.get("position_ids"))
         defense = self.defense
         if defense is not None:
             state = Activations(defense.activations(state.hidden_states), state.attention_mask, state.position_ids)
-        state = cross(self.link, state, key, self.global_step, defense.gradients if defense is not None else None)
+        state = cross(self.link, state, key, self.global_step if step is None else step,
+                      defense.gradients if defense is not None else None)
         return self.top(state, labels=batch.get("labels"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

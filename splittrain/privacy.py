@@ -245,10 +245,8 @@ def audit(module: Any, datamodule: Any, settings: AuditSettings, run_dir: str | 
     import json
     import math
 
-    from .cut import cross
     from .loading import split_model
     from .modules import resolve_model
-    from .segments import Activations
 
     if module.server is None:
         raise ValueError("the audit plays the server in this process: run it with model.transport local")
@@ -275,15 +273,8 @@ def audit(module: Any, datamodule: Any, settings: AuditSettings, run_dir: str | 
     try:
         module.train()
         for number, batch in enumerate(datamodule._loader(rows, shuffle=False, seed=settings.seed)):
-            state = module.bottom(batch["input_ids"], attention_mask=batch["attention_mask"])
-            defense = module.defense
-            if defense is not None:
-                state = Activations(defense.activations(state.hidden_states), state.attention_mask,
-                                    state.position_ids)
             # a training pass at the server's step (it keeps the graph for the backward; nothing steps)
-            state = cross(module.link, state, ("audit", number, 0), module.server.steps,
-                          defense.gradients if defense is not None else None)
-            module.top(state, labels=batch["labels"]).loss.backward()
+            module(batch, key=("audit", number, 0), step=module.server.steps).loss.backward()
             module.zero_grad(set_to_none=True)
             sent, grads = frames["forward"].pop(), frames["backward"].pop()
             mask = batch["attention_mask"].bool()
