@@ -79,6 +79,17 @@ def client_fingerprint(folder: str) -> dict:
     return fingerprint(AutoConfig.from_pretrained(folder), "qwen2", CUTS, torch.float32)
 
 
+def make_model() -> tuple[str, int]:
+    """The benchmark's model (seeded random weights) saved in a temporary folder; (folder, parameter count)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    folder = tempfile.mkdtemp(prefix="splittrain-overhead-")
+    model = Qwen2ForCausalLM(Qwen2Config(**SHAPE))
+    model.save_pretrained(folder)
+    return folder, sum(p.numel() for p in model.parameters())
+
+
 # ================================================================================================ timed loops
 def unsplit(folder: str, batches, warmup: int) -> dict:
     from peft import inject_adapter_in_model
@@ -105,17 +116,23 @@ def unsplit(folder: str, batches, warmup: int) -> dict:
     return {"times": times[warmup:], "losses": losses, "wire_bytes": 0}
 
 
-def split_loop(link, bottom, top, batches, warmup: int) -> dict:
-    from splittrain.cut import cross
+def split_loop(link, bottom, top, batches, warmup: int, pipeline: int = 1) -> dict:
+    """Timed split training steps; ``pipeline`` > 1 sends each batch as that many micro-batches in flight."""
+    from splittrain.cut import cross, pipelined_loss
 
     times, losses, wire_at = [], [], 0
     for step, batch in enumerate(batches):
         if step == warmup:
             wire_at = link.wire_bytes
         began = time.perf_counter()
-        state = bottom(batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = top(cross(link, state, ("bench", step, 0), step), labels=batch["labels"]).loss
-        loss.backward()
+        if pipeline > 1:
+            loss, pipe = pipelined_loss(link, bottom, top, batch, pipeline, ("bench", step, 0), step)
+            loss.backward()
+            pipe.finish()
+        else:
+            state = bottom(batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = top(cross(link, state, ("bench", step, 0), step), labels=batch["labels"]).loss
+            loss.backward()
         link.step(step + 1)
         times.append(time.perf_counter() - began)
         losses.append(loss.item())
@@ -135,23 +152,31 @@ def local(folder: str, batches, warmup: int, wire: str) -> dict:
         link.close()
 
 
-def tcp(folder: str, batches, warmup: int, wire: str, threads: int) -> dict:
+def start_server(folder: str, threads: int, *extra: str, token: str, prefix: tuple[str, ...] = ()):
+    """A tcp trunk server process on 127.0.0.1 (a free port); returns (process, address). ``prefix`` runs it under
+    another command (``ip netns exec NS``, ``taskset``)."""
+    env = {**os.environ, "SPLIT_OVERHEAD_TOKEN": token}
+    proc = subprocess.Popen([*prefix, sys.executable, str(HERE / "split_overhead.py"), "--role", "serve", "--folder",
+                             folder, "--threads", str(threads), *extra], stdout=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline().strip()
+    if not line.startswith("ADDRESS "):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the tcp trunk server did not start (said {line!r}, exit {proc.poll()})")
+    return proc, line.split(" ", 1)[1]
+
+
+def tcp(folder: str, batches, warmup: int, wire: str, threads: int, pipeline: int = 1) -> dict:
     from splittrain.cut import TrunkLink
     from splittrain.transport.tcp import TcpTransport, make_token
 
     token = make_token()
-    env = {**os.environ, "SPLIT_OVERHEAD_TOKEN": token}
-    proc = subprocess.Popen([sys.executable, __file__, "--role", "serve", "--folder", folder, "--threads", str(threads)],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc, address = start_server(folder, threads, token=token)
     try:
-        line = proc.stdout.readline().strip()
-        if not line.startswith("ADDRESS "):
-            raise RuntimeError(f"the tcp trunk server did not start (said {line!r}, exit {proc.poll()})")
-        address = line.split(" ", 1)[1]
         bottom, top = client_parts(folder)
         link = TrunkLink(TcpTransport(address, "bench", token, client_fingerprint(folder)), wire_dtype=wire)
         try:
-            return split_loop(link, bottom, top, batches, warmup)
+            return split_loop(link, bottom, top, batches, warmup, pipeline)
         finally:
             link.close()
     finally:
@@ -228,15 +253,8 @@ def main() -> None:
     if args.role == "dist":
         return role_dist(args)
 
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     began = time.perf_counter()
-    torch.manual_seed(0)
-    folder = tempfile.mkdtemp(prefix="splittrain-overhead-")
-    model = Qwen2ForCausalLM(Qwen2Config(**SHAPE))
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(folder)
-    del model
+    folder, params = make_model()
     batches = make_batches(args.warmup + args.steps, args.batch, args.length, SHAPE["vocab_size"])
     hidden, tokens = SHAPE["hidden_size"], args.batch * args.length
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Hashable
 import torch
 
 from .segments import Activations
-from .transport import Transport
+from .transport import Pending, Transport
 from .transport.wire import DTYPES, FLOAT_DTYPES
 
 
@@ -44,9 +44,10 @@ class TrunkLink:
     def _request(self, kind: str, header: dict[str, Any], tensors: dict[str, torch.Tensor]):
         return self.transport.request(kind, header, tensors)
 
-    def forward(self, state: Activations, key: Hashable, training: bool, need_input_grad: bool,
-                step: int | None = None) -> torch.Tensor:
-        """Run the trunk on ``state``; in training the server keeps the graph under ``key`` for ``step``."""
+    def send_forward(self, state: Activations, key: Hashable, training: bool, need_input_grad: bool,
+                     step: int | None = None) -> Pending:
+        """Start the trunk on ``state`` (the reply's ``hidden_states`` are its output); in training the server
+        keeps the graph under ``key`` for ``step``."""
         tensors = {"hidden_states": state.hidden_states.detach().to(self.wire_dtype),
                    "position_ids": state.position_ids.to(torch.int32)}
         if state.attention_mask is not None:
@@ -57,7 +58,12 @@ class TrunkLink:
             if step is None:
                 raise ValueError("a training forward pass needs the client's optimizer step")
             header["step"] = int(step)
-        return self._request("forward", header, tensors)[1]["hidden_states"]
+        return self.transport.submit("forward", header, tensors)
+
+    def forward(self, state: Activations, key: Hashable, training: bool, need_input_grad: bool,
+                step: int | None = None) -> torch.Tensor:
+        """Run the trunk on ``state``; in training the server keeps the graph under ``key`` for ``step``."""
+        return self.send_forward(state, key, training, need_input_grad, step).result()[1]["hidden_states"]
 
     def generate(self, generation: str, start: bool, hidden: torch.Tensor, new_mask: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
@@ -75,9 +81,13 @@ class TrunkLink:
         """Free the server's KV cache of ``generation``."""
         self._request("end_generation", {"generation": generation}, {})
 
+    def send_backward(self, key: Hashable, grad: torch.Tensor) -> Pending:
+        """Start the trunk's backward pass of ``key`` with dL/dy ``grad`` (the reply's ``grad`` is dL/dx, when the
+        forward pass asked for it)."""
+        return self.transport.submit("backward", {"key": list(key)}, {"grad": grad.detach().to(self.wire_dtype)})
+
     def backward(self, key: Hashable, grad: torch.Tensor) -> torch.Tensor | None:
-        reply = self._request("backward", {"key": list(key)}, {"grad": grad.detach().to(self.wire_dtype)})[1]
-        return reply.get("grad")
+        return self.send_backward(key, grad).result()[1].get("grad")
 
     def grad_sq_norm(self) -> torch.Tensor:
         """Sum over trunk parameters of their squared gradient norms (for global-norm clipping)."""
@@ -156,3 +166,108 @@ def cross(link: TrunkLink, state: Activations, key: Hashable, step: int | None =
                     defend_gradient)
     return Activations(out, state.attention_mask, state.position_ids)
 
+
+
+class Pipeline:
+    """One training batch crossing the cut as micro-batches in flight at once, so that the transfer of one
+    overlaps the compute of another (the client's bottom and top and the server's trunk work on different
+    micro-batches at the same time)::
+
+        pipe = Pipeline(link, key, step)
+        for chunk in chunks:
+            pipe.send(bottom(chunk))                 # every micro-batch leaves before the first comes back
+        loss = sum(top(pipe.receive(i), ...).loss for i in range(len(chunks)))   # weighted as its share
+        loss.backward()                              # each dL/dh leaves as soon as autograd has it
+        pipe.finish()                                # every dL/dh_in is back and has gone into the bottom
+
+    Micro-batch ``i`` is the trunk's graph ``(*key, i)``; its gradients accumulate on the server until the step,
+    as the client's do, so a step makes the whole batch's update. The bottom's backward waits for ``finish``:
+    autograd cannot wait for a reply without holding up the micro-batches behind it.
+    """
+
+    def __init__(self, link: TrunkLink, key: tuple, step: int,
+                 defend_gradient: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.link, self.key, self.step, self.defend_gradient = link, tuple(key), step, defend_gradient
+        self.sent: list[tuple[Activations, Pending]] = []
+        self.returning: list[tuple[int, Pending]] = []
+
+    def send(self, state: Activations) -> None:
+        """Send the next micro-batch's hidden states (the bottom's output) to the trunk."""
+        need_input_grad = state.hidden_states.requires_grad
+        pending = self.link.send_forward(state, (*self.key, len(self.sent)), True, need_input_grad, self.step)
+        self.sent.append((state, pending))
+
+    def receive(self, i: int) -> Activations:
+        """The trunk's output for micro-batch ``i``, in the graph: its gradient goes back when autograd has it."""
+        state = self.sent[i][0]
+        out = _Returning.apply(torch.empty(0, requires_grad=True), self, i)
+        return Activations(out.to(device=state.hidden_states.device, dtype=state.hidden_states.dtype),
+                           state.attention_mask, state.position_ids)
+
+    def _send_grad(self, i: int, grad: torch.Tensor) -> None:
+        if self.defend_gradient is not None:
+            grad = self.defend_gradient(grad)
+        self.returning.append((i, self.link.send_backward((*self.key, i), grad)))
+
+    def finish(self) -> None:
+        """Wait for every backward reply (a refusal raises here) and run the bottom's backward on dL/dh_in."""
+        if len(self.returning) != len(self.sent):
+            raise RuntimeError(f"{len(self.sent)} micro-batches went to the trunk but {len(self.returning)} "
+                               "gradients came back from the top: backward the sum of every micro-batch's loss")
+        for i, pending in self.returning:
+            grad_in = pending.result()[1].get("grad")
+            hidden = self.sent[i][0].hidden_states
+            if hidden.requires_grad:
+                torch.autograd.backward(hidden, grad_in.to(device=hidden.device, dtype=hidden.dtype))
+        self.sent, self.returning = [], []
+
+
+class _Returning(torch.autograd.Function):
+    """The trunk's output of one micro-batch of a :class:`Pipeline`; backward sends dL/dy without waiting."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, pipeline: Pipeline, i: int) -> torch.Tensor:
+        ctx.pipeline, ctx.i = pipeline, i
+        return pipeline.sent[i][1].result()[1]["hidden_states"]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        ctx.pipeline._send_grad(ctx.i, grad)
+        return None, None, None
+
+
+def micro_batches(batch: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` split along its rows into ``count`` micro-batches (fewer when it has fewer rows)."""
+    rows = next(iter(batch.values())).shape[0]
+    parts = {name: torch.tensor_split(t, min(count, rows)) for name, t in batch.items()}
+    return [{name: chunks[i] for name, chunks in parts.items()} for i in range(min(count, rows))]
+
+
+def pipelined_loss(link: TrunkLink, bottom: Callable[..., Activations], top: Callable[..., Any],
+                   batch: dict[str, torch.Tensor], count: int, key: tuple, step: int,
+                   defend_activations: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   defend_gradient: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   each: Callable[[Any, dict[str, torch.Tensor]], None] | None = None) -> tuple[torch.Tensor, Pipeline]:
+    """The whole batch's training loss, computed as ``count`` pipelined micro-batches (see :class:`Pipeline`).
+
+    Each micro-batch's loss is its tokens' summed loss over the batch's number of trained tokens, so the sum is
+    the batch's mean loss and its gradients are the batch's. ``each(output, micro_batch)`` sees every
+    micro-batch's top output (metrics). Backward the loss, then call ``finish()`` on the pipeline.
+    """
+    chunks = micro_batches(batch, count)
+    labels = batch["labels"]
+    trained = (labels[..., 1:] != -100).sum()  # what transformers' causal-LM loss averages over (labels shifted)
+    pipe = Pipeline(link, key, step, defend_gradient)
+    for chunk in chunks:
+        state = bottom(chunk["input_ids"], attention_mask=chunk.get("attention_mask"),
+                       position_ids=chunk.get("position_ids"))
+        if defend_activations is not None:
+            state = Activations(defend_activations(state.hidden_states), state.attention_mask, state.position_ids)
+        pipe.send(state)
+    loss = None
+    for i, chunk in enumerate(chunks):
+        out = top(pipe.receive(i), labels=chunk["labels"], num_items_in_batch=trained)
+        if each is not None:
+            each(out, chunk)
+        loss = out.loss if loss is None else loss + out.loss
+    return loss, pipe

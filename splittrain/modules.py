@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
-from .cut import TrunkLink, cross
+from .cut import Pipeline, TrunkLink, cross, pipelined_loss
 from .federated import FederatedSettings, LocalAverager, flatten, release_freed_memory, unflatten_into
 from .generate import GenerationOptions
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
@@ -96,6 +96,11 @@ class ClientModule(L.LightningModule):
         privacy: defenses applied on the client before anything crosses (see :mod:`splittrain.privacy`): the
             hidden states at cut 1 (training, validation and generation alike) and the gradients sent back at
             cut 2 are clipped per example and noised; off by default.
+        pipeline: micro-batches each training batch is split into (by rows), all in flight across the cut at
+            once, so that over ``tcp`` the transfer of one overlaps the compute of another on either side (1: no
+            pipelining). The trunk accumulates them into one step and each micro-batch's loss counts as its share
+            of the batch's, so the numbers are the whole batch's (to float rounding). ``local`` and ``dist``
+            answer each micro-batch before the next leaves, so they gain nothing from it.
     """
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
@@ -109,8 +114,12 @@ class ClientModule(L.LightningModule):
                  federated: FederatedSettings = FederatedSettings(), generation: GenerationOptions = GenerationOptions(),
                  eval_generate: bool = False, eval_max_rows: int | None = 200,
                  recipe: Literal["qwen2", "gemma", "gemma3"] | None = None,
-                 privacy: PrivacySettings = PrivacySettings()) -> None:
+                 privacy: PrivacySettings = PrivacySettings(), pipeline: int = 1) -> None:
         super().__init__()
+        if pipeline < 1:
+            raise ValueError(f"pipeline is the number of micro-batches per batch (>= 1), got {pipeline}")
+        if pipeline > 1 and federated.enabled:
+            raise ValueError("pipeline > 1 is not available with several clients (model.federated) yet")
         if len(cuts) != 2:
             raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
         if client not in ("frozen", "lora", "full"):
@@ -141,7 +150,9 @@ class ClientModule(L.LightningModule):
         self.timeout, self.reconnect_timeout = timeout, reconnect_timeout
         self.seed, self.dtype_name = seed, dtype
         self.sample_prompt, self.device_map = sample_prompt, device_map
-        self.federated = federated
+        self.federated, self.pipeline = federated, pipeline
+        self._pipeline: Pipeline | None = None
+        """The pipelined batch whose backward pass is under way (see :meth:`backward`)."""
         self.generation, self.eval_generate = generation, eval_generate
         if eval_max_rows is not None and eval_max_rows < 1:
             raise ValueError(f"eval_max_rows must be >= 1 or null (every row), got {eval_max_rows}")
@@ -424,12 +435,29 @@ class ClientModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.federated.enabled:
             return self._federated_step(batch)
-        out = self(batch, key=("train", self.global_step, batch_idx))
-        self.train_metrics.update(out.logits.detach(), batch["labels"])
-        self.log("train_loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        key = ("train", self.global_step, batch_idx)
+        if self.pipeline > 1:
+            defense = self.defense
+            loss, self._pipeline = pipelined_loss(
+                self.link, self.bottom, self.top, batch, self.pipeline, key, self.global_step,
+                defense.activations if defense is not None else None, defense.gradients if defense is not None else None,
+                lambda out, chunk: self.train_metrics.update(out.logits.detach(), chunk["labels"]))
+        else:
+            out = self(batch, key=key)
+            self.train_metrics.update(out.logits.detach(), batch["labels"])
+            loss = out.loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self._stats["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        self._stats["losses"].append(out.loss.item())
-        return out.loss
+        self._stats["losses"].append(loss.item())
+        return loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Backward through the top (dL/dh leaves for the trunk); a pipelined batch then backs the returned
+        dL/dh_in through the bottom."""
+        super().backward(loss, *args, **kwargs)
+        if self._pipeline is not None:
+            pipeline, self._pipeline = self._pipeline, None
+            pipeline.finish()
 
     def on_train_epoch_end(self) -> None:
         self.log_dict({f"train_{k}": v for k, v in self.train_metrics.compute().items()})

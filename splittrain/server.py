@@ -81,6 +81,8 @@ class ServerLimits:
     """Largest payload an authenticated client may send."""
     session_timeout: float = 120.0
     """Seconds a disconnected client's session (graphs, unapplied gradients) waits for it to reconnect."""
+    max_unacknowledged: int = 64
+    """Replies kept for a client until it acknowledges them (the micro-batches a pipelining client has in flight)."""
     max_generations: int = 8
     """Generations whose KV cache the server keeps, per client (the least recently used goes first)."""
     max_generation_bytes: int = 2 * 2**30
@@ -146,7 +148,9 @@ class Session:
     id: str
     graphs: OrderedDict = field(default_factory=OrderedDict)
     last_seq: int = 0
-    last_reply: tuple[Header, Tensors] | None = None
+    replies: OrderedDict = field(default_factory=OrderedDict)
+    """seq -> reply of the requests whose reply the client has not acknowledged yet (a pipelining client has
+    several in flight; a repeated request gets its reply again)."""
     connections: int = 0
     idle_since: float = field(default_factory=time.monotonic)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -215,6 +219,8 @@ class TrunkServer:
         self.fingerprint = fingerprint(trunk.config, trunk.family.name, (trunk.start, trunk.stop), trunk.dtype)
         self.instance = uuid.uuid4().hex
         self.steps = 0
+        self.busy_seconds = 0.0
+        """Seconds spent running the trunk's forward and backward passes (its compute: the rest is waiting)."""
         self.saved_step: int | None = None
         self.sessions: dict[str, Session] = {}
         self.counters = {"forward": 0, "backward": 0, "steps_applied": 0, "steps_repeated": 0,
@@ -347,15 +353,26 @@ class TrunkServer:
                 raise ProtocolError(f"this connection's session of client {client!r} was replaced by a newer one")
             seq = header.get("seq")
             if seq is not None:
-                if seq == session.last_seq and session.last_reply is not None:
+                # The client acknowledges the replies it has (by default every one before this request).
+                acked = header.get("ack", seq - 1)
+                while session.replies and next(iter(session.replies)) <= acked:
+                    session.replies.popitem(last=False)
+                if seq in session.replies:
                     self.count("replies_repeated")
-                    return session.last_reply
+                    return session.replies[seq]
                 if seq <= session.last_seq:
-                    raise ProtocolError(f"request {seq} is older than the last one answered ({session.last_seq})")
+                    raise ProtocolError(f"request {seq} is older than the last one answered ({session.last_seq}) "
+                                        "and its reply is gone")
             self._block = block
+            began = time.perf_counter()
             reply = handler(session, header, tensors)
+            if kind in ("forward", "backward"):
+                self.busy_seconds += time.perf_counter() - began
             if seq is not None:
-                session.last_seq, session.last_reply = seq, reply
+                session.last_seq = seq
+                session.replies[seq] = reply
+                while len(session.replies) > self.limits.max_unacknowledged:
+                    session.replies.popitem(last=False)
             return reply
 
     def check(self, client: str, header: Header, specs: list[TensorSpec]) -> None:
@@ -368,6 +385,8 @@ class TrunkServer:
             raise ProtocolError(f"unknown message kind {kind!r}; expected one of {sorted(self._handlers)}")
         if type(header.get("seq")) is not int or header["seq"] < 1:
             raise ProtocolError("every request needs a positive integer 'seq'")
+        if "ack" in header and (type(header["ack"]) is not int or not 0 <= header["ack"] < header["seq"]):
+            raise ProtocolError("'ack' must be an integer in 0..seq-1")
         spec = {s.name: s for s in specs}
         hidden = int(self.trunk.config.hidden_size)
         if kind == "forward":
@@ -853,6 +872,7 @@ class TrunkServer:
         with self.lock:
             return {
                 "instance": self.instance, "step": self.steps, "saved_step": self.saved_step,
+                "busy_seconds": self.busy_seconds,
                 "counters": self._counters(), "rss_bytes": rss_bytes(),
                 "gradients_waiting": any(s.grads for s in self.sessions.values()),
                 "federated_step": self.federated_step, "dropped": sorted(self.dropped),

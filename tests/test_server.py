@@ -54,11 +54,32 @@ def test_a_repeated_request_is_answered_not_reapplied(make_server):
     backward(server, "alice", 0, seq=2)
     once = trunk_grads(server)
     again = backward(server, "alice", 0, seq=2)  # the reply was lost; the client sends the same request again
-    assert torch.equal(again["grad"], server.sessions["alice"].last_reply[1]["grad"])
+    assert torch.equal(again["grad"], server.sessions["alice"].replies[2][1]["grad"])
     assert all(torch.equal(once[k], v) for k, v in trunk_grads(server).items())
     assert server.counters["replies_repeated"] == 1 and server.counters["backward"] == 1
     with pytest.raises(ProtocolError, match="older than the last one answered"):
         backward(server, "alice", 0, seq=1)
+
+
+def test_replies_in_flight_are_kept_until_acknowledged(make_server):
+    """A pipelining client has several requests in flight (it acknowledges the replies it has): after a lost
+    connection each of them is answered again from the cache, and an acknowledged reply is forgotten."""
+    server = make_server()
+    header = lambda micro, seq, ack: {"key": ["train", 0, micro], "training": True, "need_input_grad": True,
+                                      "step": 0, "seq": seq, "ack": ack}
+    hidden = {m: {"hidden_states": torch.randn(2, 5, HIDDEN), "position_ids": torch.arange(5)[None]} for m in range(3)}
+    replies = [server.handle("alice", "forward", header(m, m + 1, 0), hidden[m])[1]["hidden_states"] for m in range(3)]
+    assert sorted(server.sessions["alice"].replies) == [1, 2, 3] and server.counters["forward"] == 3
+    # the client had read only the first reply when the connection dropped: it sends the other two again
+    for m in (1, 2):
+        again = server.handle("alice", "forward", header(m, m + 1, 1), hidden[m])[1]["hidden_states"]
+        assert torch.equal(again, replies[m])
+    assert server.counters["forward"] == 3 and server.counters["replies_repeated"] == 2
+    assert sorted(server.sessions["alice"].replies) == [2, 3]
+    server.handle("alice", "backward", {"key": ["train", 0, 0], "seq": 4, "ack": 3}, {"grad": torch.ones(2, 5, HIDDEN)})
+    assert sorted(server.sessions["alice"].replies) == [4]
+    with pytest.raises(ProtocolError, match="its reply is gone"):
+        server.handle("alice", "forward", header(2, 3, 3), hidden[2])
 
 
 def test_each_step_is_applied_once(make_server):
@@ -219,3 +240,40 @@ def test_tcp_server_in_a_thread_serves_a_link(make_server, host, tmp_path):
         tcp.stop()
         thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_requests_in_flight_survive_a_lost_connection(make_server):
+    """Three training forward passes in flight when the connection drops, before any reply was read: the client
+    reconnects, sends them again, and the server answers each from its reply cache without running it twice."""
+    import threading
+
+    from splittrain.cut import TrunkLink
+    from splittrain.segments import Activations
+    from splittrain.transport.tcp import TcpServer, TcpTransport
+
+    server = make_server()
+    tcp = TcpServer(server, "127.0.0.1:0", {"alice": "a" * 32})
+    thread = threading.Thread(target=tcp.serve_forever, daemon=True)
+    thread.start()
+    try:
+        transport = TcpTransport(tcp.address, "alice", "a" * 32, server.fingerprint, reconnect_timeout=10)
+        link = TrunkLink(transport)
+        g = torch.Generator().manual_seed(0)
+        states = [Activations(torch.randn(2, 5, HIDDEN, generator=g), torch.ones(2, 5, dtype=torch.long),
+                              torch.arange(5)[None]) for _ in range(3)]
+        pending = [link.send_forward(state, ("train", 0, i), True, False, 0) for i, state in enumerate(states)]
+        deadline = time.monotonic() + 10
+        while server.counters["forward"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        transport.sock.close()  # the replies waiting in its buffer are lost with it
+        outs = [p.result()[1]["hidden_states"] for p in pending]
+        assert server.counters["forward"] == 3 and server.counters["replies_repeated"] == 3
+        for state, out in zip(states, outs):  # each reply is that micro-batch's trunk output
+            assert torch.equal(out, link.forward(state, ("eval", 0), training=False, need_input_grad=False))
+        for i in range(3):
+            link.backward(("train", 0, i), torch.ones(2, 5, HIDDEN))
+        assert link.step(1)["step"] == 1 and server.counters["backward"] == 3
+        link.close()
+    finally:
+        tcp.stop()
+        thread.join(timeout=10)

@@ -32,12 +32,15 @@ def trainer(tmp_path, accumulate: int = 1, clip: float | None = None, **kwargs) 
                      **kwargs)
 
 
-def split_run(folder, tmp_path, client: str, accumulate: int = 1, clip: float | None = None):
+def split_run(folder, tmp_path, client: str, accumulate: int = 1, clip: float | None = None, server=None,
+              **options):
+    """Split training through ClientModule; the trunk in this process, or ``server``'s (a TrunkServer behind
+    the transport that ``options`` name)."""
     module = ClientModule(model=str(folder), cuts=CUTS, client=client, client_lora=LORA, optim=OPTIM,
-                          trunk=TrunkSettings(lora=LORA, optim=OPTIM), seed=3)
+                          trunk=TrunkSettings(lora=LORA, optim=OPTIM), seed=3, **options)
     data = DataLoader(batches(STEPS * accumulate), batch_size=None)
     trainer(tmp_path, accumulate, clip).fit(module, train_dataloaders=data)
-    weights = {**module.client_adapters(), **adapter_state_dict(module.server.trunk)}
+    weights = {**module.client_adapters(), **adapter_state_dict((server or module.server).trunk)}
     if client == "full":
         weights.update({k: v for s in (module.bottom, module.top) for k, v in s.state_dict().items()})
     return module, weights
@@ -130,6 +133,36 @@ def test_accumulation_and_clipping_equal_monolithic(checkpoint, tmp_path, family
     # clipping really bit: without it the weights differ
     _, unclipped = monolithic_run(folder, "lora", accumulate=2)
     assert max((unclipped[k] - mono[k]).abs().max().item() for k in mono) > 1e-3
+
+
+@pytest.mark.parametrize("transport", ["local", "tcp"])
+def test_pipelined_micro_batches_equal_monolithic(checkpoint, tmp_path, monkeypatch, transport):
+    """Each batch as 2 micro-batches in flight at once (the bottom's backward deferred until both gradients are
+    back), with accumulation and clipping: the losses and weights of monolithic training of the whole batches."""
+    import threading
+
+    from splittrain.transport.tcp import TcpServer
+
+    _, folder = checkpoint("qwen2")
+    options, server, tcp = {"pipeline": 2}, None, None
+    if transport == "tcp":
+        token = "p" * 32
+        monkeypatch.setenv("SPLITTRAIN_TOKEN", token)
+        owner = ClientModule(model=str(folder), cuts=CUTS, trunk=TrunkSettings(lora=LORA, optim=OPTIM), seed=3)
+        server = owner.build_server(STEPS, tmp_path / "server")
+        tcp = TcpServer(server, "127.0.0.1:0", {"client0": token})
+        threading.Thread(target=tcp.serve_forever, daemon=True).start()
+        options.update(transport="tcp", address=tcp.address)
+    try:
+        module, weights = split_run(folder, tmp_path, "lora", accumulate=2, clip=0.5, server=server, **options)
+    finally:
+        if tcp is not None:
+            tcp.stop()
+    counters = (server or module.server).counters
+    assert counters["forward"] == counters["backward"] == 2 * 2 * STEPS  # 2 micro-batches of each batch
+    assert counters["steps_applied"] == STEPS
+    losses, mono = monolithic_run(folder, "lora", accumulate=2, clip=0.5)
+    assert_same(module._stats["losses"], weights, losses, mono)
 
 
 def test_frozen_client_trains_only_the_trunk(checkpoint, tmp_path):

@@ -5,6 +5,11 @@ JSON-able header and a dict of tensors; the reply has the same shape. Transports
 bytes move: ``local`` hands them to an in-process :class:`~splittrain.server.TrunkServer` untouched; ``tcp``
 and ``dist`` serialize them with :mod:`splittrain.transport.wire`.
 
+``submit`` sends a message without waiting for its reply, so a client can keep several micro-batches in flight
+(pipelining): the server answers one connection's requests in order, and ``result()`` of a later request waits
+for the earlier ones too. Over ``tcp`` the frame leaves from a sender thread while the caller computes; ``local``
+and ``dist`` answer before ``submit`` returns.
+
 Before any message, a client and a server compare :func:`fingerprint` s, so a client never trains against a
 trunk cut from another model or at other layers.
 """
@@ -28,6 +33,24 @@ _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torc
                          "_experts_implementation", "tokenizer_class"}
 
 
+class Pending(Protocol):
+    """A request on its way to the trunk server."""
+
+    def result(self) -> tuple[Header, Tensors]:
+        """The server's reply (waits for it; raises :class:`RemoteError` if the server refused the request)."""
+        ...
+
+
+class Answered:
+    """A :class:`Pending` whose reply is already here (transports that answer before ``submit`` returns)."""
+
+    def __init__(self, reply: tuple[Header, Tensors]) -> None:
+        self.reply = reply
+
+    def result(self) -> tuple[Header, Tensors]:
+        return self.reply
+
+
 class Transport(Protocol):
     """Client side of a connection to a trunk server."""
 
@@ -36,6 +59,10 @@ class Transport(Protocol):
 
     def request(self, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         """Send one message and return the server's reply."""
+        ...
+
+    def submit(self, kind: str, header: Header, tensors: Tensors) -> Pending:
+        """Send one message; its reply comes from ``result()``. The tensors must not change until then."""
         ...
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from . import Header, RemoteError, Tensors, fingerprint_mismatch
+from . import Answered, Header, RemoteError, Tensors, fingerprint_mismatch
 from .wire import ST_HEADER_LIMIT, Frame, ProtocolError, TensorSpec, encode, frame_bytes, read_frame
 
 SERVER_RANK = 0
@@ -72,26 +72,36 @@ def _device() -> torch.device:
 
 
 class DistReader:
-    """Exact reads of one frame's parts from a peer (the first read may come from any rank)."""
+    """Exact reads of one frame's parts from a peer (the first read may come from any rank); what it returns is
+    the received tensor's own memory."""
 
     def __init__(self, src: int | None) -> None:
         self.src, self.received = src, 0
 
-    def read(self, n: int) -> bytearray:
+    def read(self, n: int) -> memoryview:
+        return self.read_payload(n, [n])
+
+    def read_payload(self, n: int, parts: list[int]) -> memoryview:
+        """``n`` bytes that arrive as messages of ``parts`` bytes (the sender's buffers), received in place."""
         buffer = torch.empty(n, dtype=torch.uint8, device=_device())
-        sender = dist.recv(buffer, src=self.src)
-        self.src = sender if self.src is None else self.src
+        offset = 0
+        for size in parts:
+            sender = dist.recv(buffer[offset:offset + size], src=self.src)
+            self.src = sender if self.src is None else self.src
+            offset += size
         self.received += n
-        return bytearray(buffer.cpu().numpy().tobytes()) if buffer.is_cuda else bytearray(buffer.numpy())
+        return memoryview((buffer.cpu() if buffer.is_cuda else buffer).numpy())
 
 
 def send_frame(buffers: list, dst: int) -> int:
-    """Send an encoded frame as its three parts (preamble, header, payload)."""
+    """Send an encoded frame as preamble, header, the payload's safetensors header, then each tensor straight
+    from its memory (the receiver knows the sizes from the frame's header: :func:`~.wire.payload_parts`)."""
     device = _device()
-    parts = [b"".join(buffers[:1]), b"".join(buffers[1:2]), b"".join(buffers[2:])]
+    parts = [buffers[0], buffers[1], b"".join(buffers[2:4]), *buffers[4:]] if len(buffers) > 2 else buffers
     for part in parts:
-        if part:
-            dist.send(torch.frombuffer(bytearray(part), dtype=torch.uint8).to(device), dst=dst)
+        if len(part):
+            data = torch.frombuffer(part if not isinstance(part, bytes) else bytearray(part), dtype=torch.uint8)
+            dist.send(data.to(device), dst=dst)
     return frame_bytes(buffers)
 
 
@@ -222,6 +232,9 @@ class DistTransport:
         if frame.header.get("seq") != self.seq:
             raise ProtocolError(f"reply to request {frame.header.get('seq')} while waiting for {self.seq}")
         return {k: v for k, v in frame.header.items() if k not in ("kind", "tensors", "seq")}, frame.tensors
+
+    def submit(self, kind: str, header: Header, tensors: Tensors) -> Answered:
+        return Answered(self.request(kind, header, tensors))
 
     def close(self) -> None:
         """Say goodbye: the server stops once every client rank has."""

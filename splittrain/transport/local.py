@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import Header, Tensors
+from . import Answered, Header, Tensors
 
 if TYPE_CHECKING:
     from ..server import TrunkServer
@@ -26,6 +26,9 @@ class LocalTransport:
         reply_header, reply = self.server.handle(self.client, kind, header, tensors, block=False)
         self.wire_bytes += sum(t.nbytes for t in tensors.values()) + sum(t.nbytes for t in reply.values())
         return reply_header, reply
+
+    def submit(self, kind: str, header: Header, tensors: Tensors) -> Answered:
+        return Answered(self.request(kind, header, tensors))
 
     def close(self) -> None:
         self.server.end_session(self.client)

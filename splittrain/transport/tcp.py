@@ -25,12 +25,14 @@ import hmac
 import ipaddress
 import logging
 import os
+import queue
 import secrets
 import socket
 import ssl
 import sys
 import threading
 import time
+from collections import deque
 from hashlib import sha256
 from pathlib import Path
 from typing import Any, Callable
@@ -146,15 +148,67 @@ class SocketReader:
 
 
 def send_frame(sock: socket.socket, buffers: list) -> int:
-    """Send an encoded frame: small frames in one write, large ones without joining their tensors."""
+    """Send an encoded frame straight from its buffers (the tensors' own memory): one gathering ``sendmsg`` per
+    kernel write on a plain socket; over TLS the small parts are joined and the tensors written one by one."""
     total = frame_bytes(buffers)
-    if total <= 1 << 20:
-        sock.sendall(b"".join(buffers))
-    else:
+    if isinstance(sock, ssl.SSLSocket):
         sock.sendall(b"".join(buffers[:4]))  # preamble, header, safetensors length and header
         for buffer in buffers[4:]:
             sock.sendall(buffer)
+        return total
+    views = [memoryview(b) for b in buffers if len(b)]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent:
+            if sent >= views[0].nbytes:
+                sent -= views.pop(0).nbytes
+            else:
+                views[0], sent = views[0][sent:], 0
     return total
+
+
+SOCKET_BUFFER = 4 << 20
+"""Send and receive buffer asked of the kernel per connection (it caps them at net.core.[rw]mem_max): a whole
+micro-batch of activations can be on its way while both sides compute."""
+
+
+def tune(sock: socket.socket) -> None:
+    """No Nagle delay (replies are small and awaited), large buffers, keepalive probes."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        if sock.getsockopt(socket.SOL_SOCKET, option) < SOCKET_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+    _keepalive(sock)
+
+
+class FrameSender:
+    """Sends one connection's frames in order from a thread of its own, so the caller computes and reads replies
+    while a frame is on its way. A failed send shuts the socket down, so the reader sees the connection end."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def put(self, buffers: list) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(buffers)
+
+    def _run(self) -> None:
+        while (buffers := self.queue.get()) is not None:
+            try:
+                send_frame(self.sock, buffers)
+            except OSError as exc:
+                self.error = exc
+                _cut_off(self.sock)
+                return
+
+    def stop(self) -> None:
+        """No more frames (one being sent fails once the socket closes)."""
+        self.queue.put(None)
 
 
 def _keepalive(sock: socket.socket) -> None:
@@ -287,8 +341,7 @@ class TcpServer:
         where = f"{peer[0]}:{peer[1]}"
         client = session_id = None
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _keepalive(sock)  # a peer that vanishes without closing is noticed in about two minutes
+            tune(sock)  # keepalive: a peer that vanishes without closing is noticed in about two minutes
             sock.settimeout(HANDSHAKE_TIMEOUT)
             # The whole handshake (TLS included) gets HANDSHAKE_TIMEOUT, however slowly a peer trickles bytes.
             watchdog = threading.Timer(HANDSHAKE_TIMEOUT, _cut_off, args=(sock,))
@@ -404,6 +457,23 @@ class TcpServer:
 
 
 # ================================================================================================ client
+class _Request:
+    """A request of a :class:`TcpTransport` in flight; ``result()`` reads replies until its own is there."""
+
+    def __init__(self, transport: "TcpTransport", kind: str, header: Header, tensors: Tensors,
+                 entry: tuple | None) -> None:
+        self.transport, self.kind, self.header, self.tensors, self.entry = transport, kind, header, tensors, entry
+        self.frame: Frame | None = None
+
+    def result(self) -> tuple[Header, Tensors]:
+        return self.transport._wait(self)
+
+    def reply(self) -> tuple[Header, Tensors]:
+        if self.frame.kind == "error":
+            raise RemoteError(f"trunk server: {self.frame.header.get('error')}")
+        return {k: v for k, v in self.frame.header.items() if k not in ("kind", "tensors", "seq")}, self.frame.tensors
+
+
 class TcpTransport:
     """Client side of the TCP transport: authenticated, optionally TLS, reconnecting with backoff.
 
@@ -435,6 +505,11 @@ class TcpTransport:
         self.replay_from = 0
         """The replay log covers every step after this one (the server's last durable step)."""
         self.replay: list[tuple[int, str, Header, Tensors]] = []
+        self.outstanding: deque[_Request] = deque()
+        """Requests sent whose replies have not been read yet, oldest first."""
+        self.acked = 0
+        """The last seq whose reply this client has (the server may forget the replies up to it)."""
+        self.sender: FrameSender | None = None
         self.closed = False
         self._connect_with_retry(None)
 
@@ -445,8 +520,7 @@ class TcpTransport:
     def _open(self) -> dict[str, Any]:
         sock = socket.create_connection((self.host, self.port), timeout=min(self.timeout, 30.0))
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _keepalive(sock)
+            tune(sock)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_hostname=self.host)
             sock.settimeout(self.timeout)
@@ -512,11 +586,15 @@ class TcpTransport:
         if cause is None:  # a new session: the server's step is where this client starts
             self.server_step = self.replay_from = int(welcome["step"])
             self.replay.clear()
+            self.acked = self.seq
         elif announced:
             print(f"splittrain: reconnected to the trunk server at {self.address}", file=sys.stderr, flush=True)
         return welcome
 
     def _drop(self) -> None:
+        if self.sender is not None:
+            self.sender.stop()
+            self.sender = None
         if self.sock is not None:
             try:
                 self.sock.close()
@@ -526,47 +604,94 @@ class TcpTransport:
 
     # ------------------------------------------------------------------------------------------ requests
     def request(self, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        return self.submit(kind, header, tensors).result()
+
+    def submit(self, kind: str, header: Header, tensors: Tensors) -> "_Request":
+        """Send a request without waiting for its reply; replies come back in the order requests were sent.
+
+        Over plain TCP the frame leaves from a sender thread, so the caller computes (and reads replies) while it
+        is on its way; over TLS a request waits for the replies of the earlier ones first (one SSL connection is
+        not written and read from two threads)."""
         if self.closed:  # used again after close(): a new session
             self.closed, self.session = False, secrets.token_hex(16)
             self._connect_with_retry(None)
+        if self.tls is not None and self.outstanding:
+            self.outstanding[-1].result()
         self.seq += 1
-        header = {**header, "seq": self.seq}
+        header = {**header, "seq": self.seq, "ack": self.acked}
         entry = None
         if kind in _LOGGED_KINDS and (kind != "forward" or header.get("training")):
             entry = (self.server_step, kind, header, tensors)
             self.replay.append(entry)
-        while True:
-            try:
-                frame = self._exchange(kind, header, tensors)
-                break
-            except (OSError, PeerClosed) as exc:
-                self._drop()
-                welcome = self._connect_with_retry(exc)
-                if not welcome["known"]:
-                    done = self._resume_restarted(welcome, entry)
-                    if done is not None:
-                        frame = done
-                        break
-                    if entry is None:  # not part of the replay: send it again on the new session
-                        self.seq += 1
-                        header = {**header, "seq": self.seq}
-        return self._result(kind, frame)
+        request = _Request(self, kind, header, tensors, entry)
+        self.outstanding.append(request)
+        try:
+            self._send(encode(kind, header, tensors))
+        except (OSError, PeerClosed) as exc:
+            self._recover(exc)
+        return request
 
-    def _result(self, kind: str, frame: Frame) -> tuple[Header, Tensors]:
-        if frame.kind == "error":
-            raise RemoteError(f"trunk server: {frame.header.get('error')}")
-        reply = {k: v for k, v in frame.header.items() if k not in ("kind", "tensors", "seq")}
-        if kind in ("step", "load"):
-            self.server_step = int(reply["step"])
-            durable = self.server_step if kind == "load" else reply.get("saved")
-            self.replay_from = max(self.replay_from, durable if durable is not None else self.server_step)
-            self.replay = [e for e in self.replay if e[0] >= self.replay_from]
-        return reply, frame.tensors
-
-    def _exchange(self, kind: str, header: Header, tensors: Tensors) -> Frame:
+    def _send(self, buffers: list) -> None:
         if self.sock is None:
             raise ConnectionError("not connected")
-        self.wire_bytes += send_frame(self.sock, encode(kind, header, tensors))
+        if self.tls is None:
+            if self.sender is None:
+                self.sender = FrameSender(self.sock, f"splittrain-send-{self.client_name}")
+            self.sender.put(buffers)
+        else:
+            send_frame(self.sock, buffers)
+        self.wire_bytes += frame_bytes(buffers)
+
+    def _wait(self, request: "_Request") -> tuple[Header, Tensors]:
+        """Read replies, in order, until ``request`` has its own; reconnect (and resend) when the link fails."""
+        while request.frame is None:
+            head = self.outstanding[0]
+            try:
+                frame = self._read_reply(head.kind, head.header, head.tensors)
+            except (OSError, PeerClosed) as exc:
+                self._recover(exc)
+                continue
+            self.outstanding.popleft()
+            self._answer(head, frame)
+        return request.reply()
+
+    def _answer(self, request: "_Request", frame: Frame) -> None:
+        request.frame = frame
+        self.acked = max(self.acked, request.header["seq"])
+        if frame.kind == "reply" and request.kind in ("step", "load"):
+            reply = frame.header
+            self.server_step = int(reply["step"])
+            durable = self.server_step if request.kind == "load" else reply.get("saved")
+            self.replay_from = max(self.replay_from, durable if durable is not None else self.server_step)
+            self.replay = [e for e in self.replay if e[0] >= self.replay_from]
+
+    def _recover(self, cause: BaseException) -> None:
+        """The connection failed with requests in flight: reconnect, then get every one of them answered, in
+        order. A server that kept our session answers the ones it handled from its reply cache (never applying one
+        twice); a restarted server gets the replay of the steps it had not saved."""
+        while True:
+            self._drop()
+            welcome = self._connect_with_retry(cause)
+            try:
+                if not welcome["known"]:
+                    return self._resume_restarted(welcome)
+                while self.outstanding:
+                    head = self.outstanding[0]
+                    frame = self._exchange(head.kind, head.header, head.tensors)
+                    self.outstanding.popleft()
+                    self._answer(head, frame)
+                return
+            except (OSError, PeerClosed) as exc:  # lost again while catching up
+                cause = exc
+
+    def _exchange(self, kind: str, header: Header, tensors: Tensors) -> Frame:
+        """One request and its reply, nothing else in flight."""
+        self._send(encode(kind, header, tensors))
+        return self._read_reply(kind, header, tensors)
+
+    def _read_reply(self, kind: str, header: Header, tensors: Tensors) -> Frame:
+        if self.reader is None:
+            raise ConnectionError("not connected")
         limit = sum(t.nbytes for t in tensors.values()) + 1024 + ST_HEADER_LIMIT
         frame = read_frame(self.reader, limit, self._reply_check(kind, header, tensors))
         self.wire_bytes += frame.nbytes
@@ -598,14 +723,13 @@ class TcpTransport:
 
         return check
 
-    def _resume_restarted(self, welcome: Header, pending: tuple | None) -> Frame | None:
-        """The server lost this session (it restarted): replay the steps it had not saved.
-
-        Returns the reply to the pending request when the replay covered it, else None.
-        """
+    def _resume_restarted(self, welcome: Header) -> None:
+        """The server lost this session (it restarted): replay the steps it had not saved, and answer every
+        request in flight (from the replay, or sent again when it is not part of it)."""
         restarted_at = int(welcome["step"])
-        if restarted_at < self.replay_from or restarted_at > self.server_step + (pending is not None and
-                                                                                 pending[1] == "step"):
+        in_flight = list(self.outstanding)
+        steps_in_flight = sum(1 for r in in_flight if r.kind == "step")
+        if restarted_at < self.replay_from or restarted_at > self.server_step + steps_in_flight:
             raise RuntimeError(
                 f"the trunk server at {self.address} came back at step {restarted_at} but this client is at step "
                 f"{self.server_step} and can replay only the steps after {self.replay_from}: restart the server "
@@ -614,23 +738,32 @@ class TcpTransport:
         print(f"splittrain: the trunk server restarted at step {restarted_at}; replaying "
               f"{sum(1 for e in self.replay if e[0] >= restarted_at)} requests of the steps it had not saved",
               file=sys.stderr, flush=True)
-        reply = None
+        waiting = {id(r.entry): r for r in in_flight if r.entry is not None}
+        answers: dict[int, Frame] = {}
         for entry in list(self.replay):
             tag, kind, header, tensors = entry
             if tag < restarted_at:
                 continue
             self.seq += 1
-            frame = self._exchange(kind, {**header, "seq": self.seq}, tensors)
+            frame = self._exchange(kind, {**header, "seq": self.seq, "ack": self.seq - 1}, tensors)
             if frame.kind == "error":
                 raise RemoteError(f"trunk server (replaying {kind} of step {tag + 1}): {frame.header.get('error')}")
-            if entry is pending:
-                reply = frame
-        self.server_step = restarted_at if self.server_step < restarted_at else self.server_step
-        if pending is not None and reply is None:
-            if pending[1] == "step" and pending[0] < restarted_at:  # applied and saved before the server died
-                return Frame({"kind": "reply", "step": restarted_at, "saved": restarted_at}, {}, 0)
-            raise RuntimeError("lost a request while the trunk server restarted")  # pending always replays
-        return reply
+            if id(entry) in waiting:
+                answers[id(waiting[id(entry)])] = frame
+        self.server_step = max(self.server_step, restarted_at)
+        for request in in_flight:
+            frame = answers.get(id(request))
+            if frame is None and request.entry is None:  # not part of the replay: send it again on the new session
+                self.seq += 1
+                frame = self._exchange(request.kind, {**request.header, "seq": self.seq, "ack": self.seq - 1},
+                                       request.tensors)
+            if frame is None and request.kind == "step" and request.entry[0] < restarted_at:
+                frame = Frame({"kind": "reply", "step": restarted_at, "saved": restarted_at}, {}, 0)  # saved before
+            if frame is None:
+                raise RuntimeError("lost a request while the trunk server restarted")  # in flight always replays
+            self.outstanding.popleft()
+            self._answer(request, frame)
+        self.acked = self.seq
 
     def close(self) -> None:
         """Say goodbye (the server frees this client's session) and close the socket."""
@@ -638,11 +771,14 @@ class TcpTransport:
             return
         self.closed = True
         try:
+            if self.outstanding:
+                self.outstanding[-1].result()
             self.seq += 1
-            self._exchange("bye", {"seq": self.seq}, {})
+            self._exchange("bye", {"seq": self.seq, "ack": self.acked}, {})
         except (OSError, PeerClosed, ProtocolError, RemoteError):
             pass
         finally:
+            self.outstanding.clear()
             self._drop()
 
     def __del__(self) -> None:

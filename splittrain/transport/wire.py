@@ -209,6 +209,13 @@ def check_payload_size(specs: list[TensorSpec], payload_len: int) -> int:
     return data
 
 
+def payload_parts(specs: list[TensorSpec], payload_len: int) -> list[int]:
+    """Sizes of the buffers :func:`encode` makes of a payload: the safetensors length and header, then each
+    non-empty tensor in the header's order."""
+    data = [spec.nbytes for spec in specs if spec.nbytes]
+    return [payload_len - sum(data), *data]
+
+
 def parse_payload(payload: bytearray | memoryview, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors payload that must hold exactly ``specs`` and tile its data exactly."""
     if not specs:
@@ -263,7 +270,13 @@ def read_frame(reader: Reader, max_payload: int,
     if check is not None:
         check(header, specs)
     check_payload_size(specs, payload_len)
-    payload = reader.read(payload_len) if payload_len else bytearray()
+    read_payload = getattr(reader, "read_payload", None)
+    if not payload_len:
+        payload = bytearray()
+    elif read_payload is not None:  # a transport of messages rather than a stream (dist)
+        payload = read_payload(payload_len, payload_parts(specs, payload_len))
+    else:
+        payload = reader.read(payload_len)
     if isinstance(payload, bytes):
         payload = bytearray(payload)
     tensors = parse_payload(payload, specs)
