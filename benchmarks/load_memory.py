@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import machine  # this folder is on sys.path when a script here runs
+
 HERE = Path(__file__).resolve().parent
 SIZES = {  # Qwen2 shapes; fp32, tied embeddings
     "default": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -169,7 +171,7 @@ def main() -> None:
               f"{r['peak_rss_over_baseline'] / mib:>9.1f} {r['ratio']:>9.3f} {r['naive_ratio_for_this_party']:>10.3f} "
               f"{target:>7}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"checkpoint_bytes": total, "cuts": args.cuts, "size": args.size,
+    args.out.write_text(json.dumps({"machine": machine(), "checkpoint_bytes": total, "cuts": args.cuts, "size": args.size,
                                     "plain_warm_up": args.plain_warm_up, "target": TARGET, "rows": rows},
                                    indent=2) + "\n")
     print(f"wrote {args.out}")

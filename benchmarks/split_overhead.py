@@ -37,6 +37,7 @@ from pathlib import Path
 
 from machine import machine  # this folder is on sys.path when a script here runs
 
+import splittrain  # noqa: F401  (before torch: it sets the OpenMP runtime's idle spin, as the CLI does)
 import torch
 
 from train_speed import make_batches  # this folder is on sys.path when a script here runs

@@ -9,8 +9,16 @@ computes, each party loading only its own weights::
     out.logits
 """
 
-from .families import FAMILIES, Family, get_family
-from .loading import (
+import os
+
+# Idle OpenMP threads (GNU libgomp, as in PyTorch's pip wheels) spin for about 300,000 iterations before they sleep.
+# When client and server processes share cores, the waiting side's spinning threads slow the computing side: about
+# 10% per step over loopback, and pipelining gains nothing. A short spin costs a lone process nothing measurable.
+# Read once, when torch loads its OpenMP runtime: import splittrain first. A value the user set is kept.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+from .families import FAMILIES, Family, get_family  # noqa: E402
+from .loading import (  # noqa: E402
     PartReport,
     SplitParts,
     load_segment,
@@ -18,8 +26,8 @@ from .loading import (
     save_segments,
     split_model,
 )
-from .segments import Activations, Segment
-from .splitlearn import ModelFactory, SplitModel  # SplitLearn's API
+from .segments import Activations, Segment  # noqa: E402
+from .splitlearn import ModelFactory, SplitModel  # noqa: E402  (SplitLearn's API)
 
 # Training classes pull in Lightning and peft (seconds to import): loaded on first use only.
 _LAZY = {"ClientModule": "modules", "TrunkServer": "server", "load_trunk": "server", "estimate_memory": "estimate"}

@@ -206,6 +206,8 @@ class TrunkServer:
                  run_dir: str | Path | None = None, limits: ServerLimits | None = None, save_every: int = 0,
                  federation: FederatedSettings | None = None) -> None:
         self.trunk = trunk
+        self.trainable = [(n, p) for n, p in trunk.named_parameters() if p.requires_grad]
+        """The trunk's trainable parameters by name (looked up once: every backward pass and step uses them)."""
         self.federation = federation if federation is not None and federation.enabled else None
         if self.federation is not None and self.federation.trunk_update == "sequential" and total_steps:
             # every participant's step is a trunk step: the schedule spans them all
@@ -254,10 +256,6 @@ class TrunkServer:
         """Add one to a status counter (safe from any thread)."""
         with self._count_lock:
             self.counters[counter] += 1
-
-    @property
-    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.trunk.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------ sessions
     def open_session(self, client: str, session_id: str) -> dict[str, Any]:

@@ -1,0 +1,237 @@
+"""What the split costs, in one report: rerun the cost benchmarks and regenerate ``benchmarks/RESULTS.md``.
+
+    python benchmarks/report.py              # reruns split_overhead, clients, slow_link, load_memory (~15 min on 2 cores)
+    python benchmarks/report.py --quick      # the same with each benchmark's smoke run
+    python benchmarks/report.py --no-run     # RESULTS.md and the plot from the JSON already in results/
+
+``slow_link.py`` needs Linux and root (a network namespace shaped with tc); elsewhere its section says why it was
+skipped. The report holds every table, each target with the figure that meets or misses it, the machine and date
+of each run, and ``results/ratios.png`` (matplotlib): every ratio beside its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BENCHMARKS = {  # script -> (its JSON, extra arguments of a full run)
+    "split_overhead.py": ("split_overhead.json", ["--rounds", "2"]),
+    "clients.py": ("clients.json", []),
+    "slow_link.py": ("slow_link.json", []),
+    "load_memory.py": ("load_memory.json", []),
+}
+
+
+def rerun(quick: bool) -> None:
+    for script, (_, extra) in BENCHMARKS.items():
+        args = ["--quick"] if quick and script != "load_memory.py" else ([] if quick else extra)
+        if quick and script == "load_memory.py":
+            args = ["--size", "small"]
+        print(f"== {script} {' '.join(args)}", flush=True)
+        began = time.perf_counter()
+        subprocess.run([sys.executable, str(HERE / script), *args], check=True)
+        print(f"== {script} took {time.perf_counter() - began:.0f} s", flush=True)
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def where(data: dict) -> str:
+    m = data.get("machine")
+    if not m:
+        return "machine not recorded"
+    return f"{m['date'][:10]}, {m['cpu_count']} cores, {m['platform']}, torch {m['torch']}, Python {m['python']}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+class Targets:
+    """Each target with its figure: the report's first table and the plot's reference lines."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[str]] = []
+
+    def add(self, what: str, figure: float | None, limit: float, at_most: bool = True, fmt: str = "{:.3f}") -> None:
+        if figure is None:
+            self.rows.append([what, "not measured", ("<= " if at_most else ">= ") + fmt.format(limit), "-"])
+            return
+        met = figure <= limit if at_most else figure >= limit
+        self.rows.append([what, fmt.format(figure), ("<= " if at_most else ">= ") + fmt.format(limit),
+                          "met" if met else f"**missed by {abs(figure - limit) / limit:.1%}**"])
+
+
+def overhead_section(data: dict, targets: Targets) -> list[str]:
+    runs = {r["run"]: r for r in data["runs"]}
+    local = runs["local/float32"]["median_ms"]
+    for name in ("local/float32", "local/bfloat16"):
+        targets.add(f"{name}: step time / unsplit floor", runs[name]["ratio_to_unsplit"], 1.02)
+    for name in ("tcp/float32", "dist/float32"):
+        targets.add(f"{name}: step time / in process", runs[name]["median_ms"] / local, 1.05)
+        targets.add(f"{name}: bytes / payload floor (hidden {data['shape']['hidden_size']})",
+                    runs[name]["wire_to_payload"], 1.02)
+    for transport in ("tcp", "dist"):
+        ratio = runs[f"{transport}/bfloat16"]["wire_bytes_per_step"] / runs[f"{transport}/float32"]["wire_bytes_per_step"]
+        targets.add(f"{transport}: bfloat16 bytes / float32 bytes", ratio, 0.505)
+    rows = [[r["run"], f"{r['median_ms']:.0f}", f"{r['ratio_to_unsplit']:.3f}", f"{r['median_ms'] / local:.3f}",
+             f"{r['tokens_per_s']:.0f}", f"{r['wire_bytes_per_step'] / 2**20:.2f}" if r["wire_bytes_per_step"] else "-",
+             f"{r['wire_to_payload']:.4f}" if r["wire_to_payload"] else "-", f"{r['max_loss_diff_vs_unsplit']:.1e}"]
+            for r in data["runs"]]
+    return [
+        "## Split vs unsplit (`split_overhead.py`)", "",
+        f"{data['params'] / 1e6:.1f}M-parameter Qwen2 shape (hidden {data['shape']['hidden_size']}, "
+        f"{data['shape']['num_hidden_layers']} layers), cuts {tuple(data['cuts'])}, LoRA r={data['lora_r']} on the "
+        f"trunk, frozen client, batch {data['batch']}x{data['length']}, fp32 compute, {data['threads']} torch threads "
+        f"per process, median of {data['steps'] * data['rounds']} steps ({data['rounds']} rounds). The payload floor "
+        f"is {data['payload_crossings']} crossings of B x T x H in the wire dtype. Ran {where(data)}.", "",
+        *table(["run", "ms/step", "x unsplit", "x in process", "tokens/s", "MiB/step", "x payload floor",
+                "max abs loss diff vs unsplit"], rows)]
+
+
+def clients_section(data: dict, targets: Targets) -> list[str]:
+    by = {r["clients"]: r for r in data["runs"]}
+    if 2 in by:
+        targets.add("2 clients over tcp: aggregate tokens/s / one client's", by[2]["ratio_to_one_client"], 1.5,
+                    at_most=False, fmt="{:.2f}")
+    rows = [[str(r["clients"]), f"{r['tokens_per_s']:.0f}", f"{r['ratio_to_one_client']:.2f}", f"{r['server_busy']:.2f}",
+             " / ".join(f"{m:.0f}" for m in r["client_median_ms"])] for r in data["runs"]]
+    return [
+        "## Several clients, one server (`clients.py`)", "",
+        f"The same model, cuts {tuple(data['cuts'])}, FedSGD over tcp on loopback (every client waits for the others "
+        f"at each step), {data['steps']} timed steps per client. Client i is pinned to core i (one thread), the server "
+        f"has one thread on any core. Ran {where(data)}.", "",
+        *table(["clients", "tokens/s", "x one client", "server busy", "ms/step per client"], rows)]
+
+
+def slow_link_section(data: dict, targets: Targets) -> list[str]:
+    head = ["## A slow link, pipelined (`slow_link.py`)", ""]
+    if "skipped" in data:
+        targets.add("100 Mbit/s: pipelined step <= in process + half the transfer", None, 1.0)
+        return [*head, f"Skipped on {where(data)}: {data['skipped']}.", ""]
+    for r in data["runs"]:
+        if r["rate"] == "100mbit" and r["pipeline"] > 1:
+            targets.add(f"100 Mbit/s, {r['wire']}, pipelined: step ms / (in process + half the transfer)",
+                        r["median_ms"] / r["target_ms"], 1.0)
+            if r["wire"] == "bfloat16":
+                targets.add("100 Mbit/s, bfloat16, pipelined: step time / in process", r["ratio_to_in_process"], 1.3)
+    rows = [[r["rate"], r["wire"], str(r["pipeline"]), r["omp_wait"], f"{r['median_ms']:.0f}",
+             f"{r['ratio_to_in_process']:.3f}", f"{r['added_ms']:.0f}", f"{r['wire_ms_at_rate']:.0f}",
+             f"{r['hidden_share']:.2f}" if r["hidden_share"] is not None else "-",
+             f"{r['target_ms']:.0f}" if r["target_ms"] is not None else "-",
+             f"{r['max_loss_diff_vs_unpipelined']:.1e}"] for r in data["runs"]]
+    return [
+        *head,
+        f"The same model and batches, server and client in a network namespace of their own whose loopback (MTU "
+        f"{data['mtu']}) is shaped by tbf; both directions share the rate. In process: {data['in_process_ms']:.0f} "
+        f"ms/step. Pipelined runs send each batch as {data['pipeline']} micro-batches in flight and use "
+        f"OMP_WAIT_POLICY=PASSIVE (client and server compute at once on the same cores). Ran {where(data)}.", "",
+        *table(["rate", "wire", "micro-batches", "OpenMP wait", "ms/step", "x in process", "added ms",
+                "bytes at rate, ms", "share hidden", "target ms", "max abs loss diff vs unpipelined"], rows),
+        "Added ms is the step time minus in process; the target is in process plus half of the unpipelined run's "
+        "added ms; the share hidden is how much of that added time pipelining removes.", ""]
+
+
+def memory_section(data: dict, targets: Targets) -> list[str]:
+    for r in data["rows"]:
+        if r["mode"] == "selective":
+            targets.add(f"loading, {r['part']}: peak RSS / its own bytes", r["ratio"], data["target"])
+    rows = [[r["mode"], r["part"], f"{r['own_bytes'] / 2**20:.0f}", f"{r['bytes_read'] / 2**20:.0f}",
+             f"{r['peak_rss_over_baseline'] / 2**20:.0f}", f"{r['ratio']:.3f}", f"{r['naive_ratio_for_this_party']:.3f}"]
+            for r in data["rows"]]
+    return [
+        "## Loading each party's part (`load_memory.py`)", "",
+        f"A {data['checkpoint_bytes'] / 2**20:.0f} MiB sharded checkpoint, cuts {tuple(data['cuts'])}; peak RSS over "
+        f"the baseline after a 32-token forward pass, each in a fresh interpreter. Ran {where(data)}.", "",
+        *table(["path", "part", "own MiB", "read MiB", "peak MiB", "peak / own", "naive peak / own"], rows)]
+
+
+def plot(sections: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    if "overhead" in sections:
+        runs = {r["run"]: r for r in sections["overhead"]["runs"]}
+        local = runs["local/float32"]["median_ms"]
+        panels.append(("step time: split / unsplit, remote / in process",
+                       [("in process / unsplit", runs["local/float32"]["ratio_to_unsplit"], 1.02),
+                        ("tcp f32 / in process", runs["tcp/float32"]["median_ms"] / local, 1.05),
+                        ("dist f32 / in process", runs["dist/float32"]["median_ms"] / local, 1.05),
+                        ("tcp bf16 / in process", runs["tcp/bfloat16"]["median_ms"] / local, None)]))
+    if "clients" in sections:
+        panels.append(("aggregate tokens/s / one client's",
+                       [(f"{r['clients']} clients", r["ratio_to_one_client"], 1.5 if r["clients"] == 2 else None)
+                        for r in sections["clients"]["runs"]]))
+    if "slow" in sections and "skipped" not in sections["slow"]:
+        panels.append(("slow link: step time / in process",
+                       [(f"{r['rate']} {r['wire'][:4]} x{r['pipeline']}", r["ratio_to_in_process"],
+                         r["target_ms"] / sections["slow"]["in_process_ms"] if r["target_ms"] else None)
+                        for r in sections["slow"]["runs"]]))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, bars) in zip(axes[0], panels):
+        names = [b[0] for b in bars]
+        ax.bar(range(len(bars)), [b[1] for b in bars], color="#4c72b0")
+        for i, (_, _, limit) in enumerate(bars):
+            if limit is not None:
+                ax.hlines(limit, i - 0.4, i + 0.4, colors="#c44e52", linestyles="--",
+                          label="target" if i == next(j for j, b in enumerate(bars) if b[2] is not None) else None)
+        ax.set_xticks(range(len(bars)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.axhline(1.0, color="grey", linewidth=0.6)
+        if any(b[2] is not None for b in bars):
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-run", action="store_true", help="only regenerate RESULTS.md from results/*.json")
+    parser.add_argument("--quick", action="store_true", help="each benchmark's smoke run")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    if not args.no_run:
+        rerun(args.quick)
+
+    targets, body, sections = Targets(), [], {}
+    for key, name, section in (("overhead", "split_overhead.json", overhead_section),
+                               ("clients", "clients.json", clients_section),
+                               ("slow", "slow_link.json", slow_link_section),
+                               ("memory", "load_memory.json", memory_section)):
+        data = load(name)
+        if data is None:
+            body += [f"`results/{name}` is missing: run `python benchmarks/report.py`.", ""]
+            continue
+        sections[key] = data
+        body += section(data, targets)
+    plot(sections, RESULTS / "ratios.png")
+    lines = [
+        "# What the split costs", "",
+        "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; each section names the machine "
+        "and date of its run. Ratios are within one run (split vs unsplit, remote vs in process, on the same "
+        "batches): absolute times depend on the machine.", "",
+        "## Targets", "",
+        *table(["what", "measured", "target", ""], targets.rows),
+        "![ratios](results/ratios.png)", "",
+        *body]
+    args.out.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {args.out} and {RESULTS / 'ratios.png'}")
+
+
+if __name__ == "__main__":
+    main()
