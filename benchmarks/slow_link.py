@@ -89,9 +89,9 @@ class Namespace:
         sh("ip", "netns", "exec", self.name, "tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate,
            "burst", str(burst), "latency", "200ms")
 
-    def run(self, args: list[str], timeout: float, env: dict[str, str]) -> None:
+    def run(self, args: list[str], timeout: float) -> None:
         """Run a command inside the namespace; on timeout its whole process group (server included) is killed."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *args], start_new_session=True, env=env)
+        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *args], start_new_session=True)
         try:
             if proc.wait(timeout=timeout):
                 raise RuntimeError(f"{' '.join(args[:4])} ... exited with {proc.returncode}")
@@ -152,16 +152,12 @@ def main() -> None:
             for wire in WIRES:
                 for pipeline in (1, args.pipeline):
                     out = Path(tmp) / f"{rate}-{wire}-{pipeline}.json"
-                    # Pipelined, client and server compute at once on the same cores: their OpenMP threads must
-                    # sleep when idle instead of spinning (about 3% slower alone, so the others keep the default).
-                    wait = os.environ.get("OMP_WAIT_POLICY", "default")
-                    env = dict(os.environ)
                     ns.run([sys.executable, __file__, "--role", "inside", "--folder", folder, "--wire", wire,
                             "--pipeline", str(pipeline), "--steps", str(args.steps), "--warmup", str(args.warmup),
                             "--batch", str(args.batch), "--length", str(args.length), "--threads", str(args.threads),
-                            "--result", str(out)], timeout=900, env=env)
+                            "--result", str(out)], timeout=900)
                     run = json.loads(out.read_text())
-                    runs.append({"rate": rate, "wire": wire, "pipeline": pipeline, "omp_wait": wait, **run})
+                    runs.append({"rate": rate, "wire": wire, "pipeline": pipeline, **run})
     rows = []
     for run in runs:
         med = statistics.median(run["times"])
@@ -169,8 +165,7 @@ def main() -> None:
         plain_med = statistics.median(plain["times"])
         transfer = plain_med - in_process
         rows.append({
-            "rate": run["rate"], "wire": run["wire"], "pipeline": run["pipeline"], "omp_wait": run["omp_wait"],
-            "median_ms": med * 1e3,
+            "rate": run["rate"], "wire": run["wire"], "pipeline": run["pipeline"], "median_ms": med * 1e3,
             "wire_ms_at_rate": run["wire_bytes"] * 8 / rate_bits(run["rate"]) * 1e3,
             "ratio_to_in_process": med / in_process, "added_ms": (med - in_process) * 1e3,
             "unpipelined_transfer_ms": transfer * 1e3,
@@ -192,8 +187,7 @@ def main() -> None:
               f"{r['added_ms']:>8.1f} {r['wire_ms_at_rate']:>7.0f} {hidden:>7} {target:>9} "
               f"{r['wire_bytes_per_step'] / 2**20:>8.2f} {r['max_loss_diff_vs_unpipelined']:>11.2e}")
     print("added ms: step time minus in process; wire ms: the step's bytes at the link's rate; hidden: share of the "
-          "unpipelined run's added time that pipelining hides; target: in process + half of that added time. "
-          "Pipelined runs use OMP_WAIT_POLICY=PASSIVE (both processes compute at once).")
+          "unpipelined run's added time that pipelining hides; target: in process + half of that added time")
     elapsed = time.perf_counter() - began
     print(f"benchmark took {elapsed:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

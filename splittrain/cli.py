@@ -115,6 +115,12 @@ def _tools_parser() -> argparse.ArgumentParser:
                        help="bytes a client's trunk KV caches may hold")
     serve.add_argument("--generation_timeout", type=float, default=limits.generation_timeout,
                        help="seconds an idle generation's trunk KV cache is kept")
+    serve.add_argument("--max_unacknowledged", type=int, default=limits.max_unacknowledged,
+                       help="replies kept per client until it acknowledges them (a pipelining client's micro-batches "
+                            "in flight)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="torch threads for the trunk's compute (default: torch's, one per core); give the server "
+                            "its share of the cores when clients compute on the same machine")
     generate = commands.add_parser(
         "generate", help="answer prompts with a split model (after fit: --ckpt_path last)",
         epilog="--model.* and --data.* overrides are applied to the config as for fit; decoding defaults come from "
@@ -201,11 +207,19 @@ def _sections(config: str) -> str:
 
 def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1:7000", tls_cert: str | None = None,
                   tls_key: str | None = None, resume: bool = False, save_every: int = 1, run_dir: str | None = None,
-                  limits: Any = None, max_connections: int = 64, overrides: Sequence[str] = ()) -> None:
+                  limits: Any = None, max_connections: int = 64, overrides: Sequence[str] = (),
+                  threads: int | None = None) -> None:
     """Serve the trunk that ``configs`` describe on ``address`` until SIGTERM/SIGINT (then save and stop);
-    ``limits`` is a :class:`~splittrain.server.ServerLimits`."""
+    ``limits`` is a :class:`~splittrain.server.ServerLimits`; ``threads`` torch threads compute the trunk."""
     import logging
     import signal
+
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
 
     from .server import LATEST
     from .transport.tcp import TcpServer, load_tokens, server_tls_context
@@ -499,9 +513,9 @@ def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
                               max_graph_age=ns.max_graph_age, max_batch=ns.max_batch, max_seq=ns.max_seq,
                               max_frame_bytes=ns.max_frame_bytes, session_timeout=ns.session_timeout,
                               max_generations=ns.max_generations, max_generation_bytes=ns.max_generation_bytes,
-                              generation_timeout=ns.generation_timeout)
+                              generation_timeout=ns.generation_timeout, max_unacknowledged=ns.max_unacknowledged)
         return serve_command(ns.config, ns.tokens, ns.address, ns.tls_cert, ns.tls_key, ns.resume, ns.save_every,
-                             ns.run_dir, limits, ns.max_connections, overrides)
+                             ns.run_dir, limits, ns.max_connections, overrides, ns.threads)
     if ns.command == "token":
         return token_command(ns.tokens, ns.client, ns.out)
     if ns.command == "audit":

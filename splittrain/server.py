@@ -422,9 +422,10 @@ class TrunkServer:
             g = spec.get("grad")
             if set(spec) != {"grad"} or g.dtype not in FLOAT_DTYPES:
                 raise ProtocolError(f"backward carries one gradient 'grad' in one of {FLOAT_DTYPES}")
-            with self.lock:
-                session = self.sessions.get(client)
-                graph = session.graphs.get(tuple(header["key"])) if session is not None else None
+            # Without the lock: another client's trunk compute must not hold up reading this payload. A graph that
+            # goes meanwhile is refused by the handler.
+            session = self.sessions.get(client)
+            graph = session.graphs.get(tuple(header["key"])) if session is not None else None
             if graph is not None and list(g.shape) != list(graph.y.shape):
                 raise ProtocolError(f"gradient of shape {list(g.shape)} for an output of shape {list(graph.y.shape)}")
             if graph is None and (len(g.shape) != 3 or g.shape[2] != hidden or not (
@@ -870,7 +871,7 @@ class TrunkServer:
         with self.lock:
             return {
                 "instance": self.instance, "step": self.steps, "saved_step": self.saved_step,
-                "busy_seconds": self.busy_seconds,
+                "busy_seconds": self.busy_seconds, "threads": torch.get_num_threads(),
                 "counters": self._counters(), "rss_bytes": rss_bytes(),
                 "gradients_waiting": any(s.grads for s in self.sessions.values()),
                 "federated_step": self.federated_step, "dropped": sorted(self.dropped),

@@ -128,7 +128,8 @@ def server(tmp_path_factory):
     config = write_config(folder / "config.yaml", folder / "client")
     processes = Processes(folder)
     try:
-        proc, address = processes.serve(config, tokens, folder / "run", "--max_connections", "3", "--max_batch", "4")
+        proc, address = processes.serve(config, tokens, folder / "run", "--max_connections", "3", "--max_batch", "4",
+                                        "--threads", "1")
         yield {"address": address, "tokens": known, "run": folder / "run", "log": folder / "server.log",
                "proc": proc, "config": config}
     finally:
@@ -292,7 +293,9 @@ def test_connections_beyond_the_limit_are_told_and_closed(server):
 
 
 def test_serve_limits_come_from_the_command_line(server):
-    """This server runs with --max_batch 4: a larger forward pass is refused before its payload is read."""
+    """This server runs with --max_batch 4 (a larger forward pass is refused before its payload is read) and
+    --threads 1."""
+    assert read_status(server["run"])["threads"] == 1
     link = TrunkLink(TcpTransport(server["address"], "bob", server["tokens"]["bob"], quickstart_fingerprint()))
     hidden = torch.randn(5, 3, 128)
     with pytest.raises(RemoteError, match=r"batch 5 x sequence 3 is outside 1\.\.4"):

@@ -138,6 +138,35 @@ def test_round_trip_zero_d_empty_and_several_tensors():
         assert out.dtype == tensor.dtype and out.shape == tensor.shape and torch.equal(out, tensor), name
 
 
+class MessageReader:
+    """A message transport's reader (as dist's): each read must take exactly one message the sender sent."""
+
+    def __init__(self, buffers: list) -> None:
+        messages = [bytes(b) for b in buffers[:2]] + [b"".join(bytes(b) for b in buffers[2:4])]
+        self.messages = messages + [bytes(b) for b in buffers[4:] if len(b)]
+
+    def read(self, n: int) -> bytearray:
+        return self.read_payload(n, [n])
+
+    def read_payload(self, n: int, parts: list[int]) -> bytearray:
+        out = bytearray()
+        for size in parts:
+            message = self.messages.pop(0)
+            assert len(message) == size, f"read {size} bytes of a {len(message)}-byte message"
+            out += message
+        assert len(out) == n
+        return out
+
+
+def test_a_payload_read_as_messages_follows_the_senders_buffers():
+    """Each tensor leaves as a message of its own (dist): the reader sizes them from the header alone."""
+    tensors = mixed_tensors()
+    reader = MessageReader(encode("reply", {"seq": 1}, tensors))
+    frame = read_frame(reader, 2**30)
+    assert not reader.messages
+    assert all(torch.equal(frame.tensors[name], tensor) for name, tensor in tensors.items())
+
+
 def test_frame_without_tensors_has_no_payload():
     data = join(encode("grad_sq_norm", {"seq": 3}))
     _, _, _, header_len, payload_len = PREAMBLE.unpack(data[:PREAMBLE.size])

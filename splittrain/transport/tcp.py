@@ -616,7 +616,7 @@ class TcpTransport:
             self.closed, self.session = False, secrets.token_hex(16)
             self._connect_with_retry(None)
         if self.tls is not None and self.outstanding:
-            self.outstanding[-1].result()
+            self._read_until(self.outstanding[-1])
         self.seq += 1
         header = {**header, "seq": self.seq, "ack": self.acked}
         entry = None
@@ -643,7 +643,12 @@ class TcpTransport:
         self.wire_bytes += frame_bytes(buffers)
 
     def _wait(self, request: "_Request") -> tuple[Header, Tensors]:
-        """Read replies, in order, until ``request`` has its own; reconnect (and resend) when the link fails."""
+        self._read_until(request)
+        return request.reply()
+
+    def _read_until(self, request: "_Request") -> None:
+        """Read replies, in order, until ``request`` has its own; reconnect (and resend) when the link fails. A
+        refusal is kept with its request and raises when that request's ``result()`` is asked for."""
         while request.frame is None:
             head = self.outstanding[0]
             try:
@@ -653,7 +658,6 @@ class TcpTransport:
                 continue
             self.outstanding.popleft()
             self._answer(head, frame)
-        return request.reply()
 
     def _answer(self, request: "_Request", frame: Frame) -> None:
         request.frame = frame
@@ -772,7 +776,7 @@ class TcpTransport:
         self.closed = True
         try:
             if self.outstanding:
-                self.outstanding[-1].result()
+                self._read_until(self.outstanding[-1])
             self.seq += 1
             self._exchange("bye", {"seq": self.seq, "ack": self.acked}, {})
         except (OSError, PeerClosed, ProtocolError, RemoteError):
