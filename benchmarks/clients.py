@@ -31,9 +31,9 @@ import threading
 import time
 from pathlib import Path
 
-from machine import machine  # this folder is on sys.path when a script here runs
+from machine import write_result  # this folder is on sys.path when a script here runs
 
-import splittrain  # noqa: F401  (before torch: it sets the OpenMP runtime's idle spin, as the CLI does)
+import splittrain  # before torch: it sets the OpenMP runtime's idle spin, as the CLI does
 import torch
 
 from split_overhead import SHAPE, client_fingerprint, lora_settings, make_model, split_loop
@@ -89,7 +89,6 @@ def role_serve(args) -> None:
 
 def role_client(args) -> None:
     """Client ``--index``: the timed loop, its result as JSON."""
-    import splittrain
     from splittrain.cut import TrunkLink
     from splittrain.transport.tcp import TcpTransport
 
@@ -212,13 +211,10 @@ def main() -> None:
           "that time in trunk forward/backward passes; x one: within a round, the median round shown")
     elapsed = time.perf_counter() - began
     print(f"benchmark took {elapsed:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": machine(), "params": params, "shape": SHAPE, "cuts": args.cuts, "batch": args.batch,
-        "length": args.length, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "elapsed_s": elapsed,
-        "runs": rows, "every_round": rounds,
-    }, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, {
+        "params": params, "shape": SHAPE, "cuts": args.cuts, "batch": args.batch, "length": args.length,
+        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "elapsed_s": elapsed, "runs": rows,
+        "every_round": rounds})
 
 
 if __name__ == "__main__":

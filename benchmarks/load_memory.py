@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import machine  # this folder is on sys.path when a script here runs
+from machine import write_result  # this folder is on sys.path when a script here runs
 
 HERE = Path(__file__).resolve().parent
 SIZES = {  # Qwen2 shapes; fp32, tied embeddings
@@ -170,11 +170,8 @@ def main() -> None:
         print(f"{r['mode']:<10} {r['part']:<7} {r['own_bytes'] / mib:>8.1f} {r['bytes_read'] / mib:>9.1f} "
               f"{r['peak_rss_over_baseline'] / mib:>9.1f} {r['ratio']:>9.3f} {r['naive_ratio_for_this_party']:>10.3f} "
               f"{target:>7}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "checkpoint_bytes": total, "cuts": args.cuts, "size": args.size,
-                                    "plain_warm_up": args.plain_warm_up, "target": TARGET, "rows": rows},
-                                   indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, {"checkpoint_bytes": total, "cuts": args.cuts, "size": args.size,
+                            "plain_warm_up": args.plain_warm_up, "target": TARGET, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine  # this folder is on sys.path when a script here runs
+from machine import write_result  # this folder is on sys.path when a script here runs
 
 import splittrain  # noqa: F401  (before torch: it sets the OpenMP runtime's idle spin, as the CLI does)
 import torch
@@ -136,9 +136,7 @@ def main() -> None:
     why = cannot_run()
     if why is not None:
         print(f"slow_link: skipped: {why}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine(), "skipped": why}, indent=2) + "\n")
-        return
+        return write_result(args.out, {"skipped": why})
 
     began = time.perf_counter()
     folder, params = make_model()
@@ -190,14 +188,11 @@ def main() -> None:
           "unpipelined run's added time that pipelining hides; target: in process + half of that added time")
     elapsed = time.perf_counter() - began
     print(f"benchmark took {elapsed:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": machine(), "params": params, "shape": SHAPE, "batch": args.batch, "length": args.length,
-        "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "pipeline": args.pipeline, "mtu": MTU,
+    write_result(args.out, {
+        "params": params, "shape": SHAPE, "batch": args.batch, "length": args.length, "steps": args.steps,
+        "warmup": args.warmup, "threads": args.threads, "pipeline": args.pipeline, "mtu": MTU,
         "in_process_ms": in_process * 1e3, "in_process_all_ms": [t * 1e3 for t in reference["times"]],
-        "elapsed_s": elapsed, "runs": rows,
-    }, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        "elapsed_s": elapsed, "runs": rows})
 
 
 if __name__ == "__main__":

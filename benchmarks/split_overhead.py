@@ -35,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine  # this folder is on sys.path when a script here runs
+from machine import write_result  # this folder is on sys.path when a script here runs
 
-import splittrain  # noqa: F401  (before torch: it sets the OpenMP runtime's idle spin, as the CLI does)
+import splittrain  # before torch: it sets the OpenMP runtime's idle spin, as the CLI does
 import torch
 
 from train_speed import make_batches  # this folder is on sys.path when a script here runs
@@ -64,8 +64,6 @@ def trunk_server(folder: str):
 
 
 def client_parts(folder: str):
-    import splittrain
-
     bottom, top = splittrain.split_model(folder, cuts=CUTS, parts=("bottom", "top"))
     bottom.requires_grad_(False)
     top.requires_grad_(False)
@@ -313,15 +311,12 @@ def main() -> None:
     elapsed = time.perf_counter() - began
     print(f"benchmark took {elapsed:.0f} s")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": machine(),
+    write_result(args.out, {
         "params": params, "shape": SHAPE, "cuts": CUTS, "lora_r": 8, "batch": args.batch, "length": args.length,
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": args.threads, "payload_crossings": CROSSINGS,
         "unsplit_median_first_ms": floor["median_first_s"] * 1e3, "unsplit_median_last_ms": floor["median_last_s"] * 1e3,
         "elapsed_s": elapsed, "runs": rows,
-    }, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    })
 
 
 if __name__ == "__main__":
