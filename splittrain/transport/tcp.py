@@ -13,8 +13,11 @@ The token never crosses the wire and a replayed handshake fails on the other sid
 (:mod:`~splittrain.transport.wire`) go back and forth; the server checks each header against the session's
 model before it reads the payload, answers a bad frame with an error and closes that connection.
 
-A client whose server goes away reconnects with backoff and resumes its session: a request repeated on the new
-connection is answered from the server's reply cache, never applied twice. If the server itself restarted
+A client may keep several requests in flight (pipelined micro-batches): its frames leave from a sender thread,
+replies come back in order, and each request acknowledges the replies the client has, so the server keeps only
+the unacknowledged ones. A client whose server goes away reconnects with backoff and resumes its session: every
+request in flight is sent again on the new connection and answered from the server's reply cache, never applied
+twice. If the server itself restarted
 (``serve --resume``, from a checkpoint it writes every ``--save_every`` steps), the client replays the
 micro-batches of the steps the server had not yet saved, so no step is lost or repeated.
 """
