@@ -1,6 +1,6 @@
 """What the split costs, in one report: rerun the cost benchmarks and regenerate ``benchmarks/RESULTS.md``.
 
-    python benchmarks/report.py              # reruns split_overhead, clients, slow_link, load_memory (~15 min on 2 cores)
+    python benchmarks/report.py              # reruns split_overhead, clients, slow_link, load_memory (~18 min on 2 cores)
     python benchmarks/report.py --quick      # the same with each benchmark's smoke run
     python benchmarks/report.py --no-run     # RESULTS.md and the plot from the JSON already in results/
 
