@@ -16,7 +16,8 @@ and server take turns, so one client leaves the server idle while its top comput
 one client's trunk while another computes its top, and trunk work is serialized only where it must be (one trunk,
 one optimizer). The server's busy fraction is the share of the timed steps' wall time it spent in trunk forward
 and backward passes (``TrunkServer.busy_seconds``). Every count runs ``--rounds`` times (ratios within a round);
-the median round is reported, every round is in the JSON.
+the median round is reported, every round is in the JSON. A round ends with one client again, and the counts are
+compared with the mean of its two one-client runs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -189,6 +191,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="clients-") as tmp:
         for _ in range(args.rounds):
             runs = [run(folder, count, args, Path(tmp)) for count in args.counts]
+            if 1 in args.counts and len(args.counts) > 1:
+                # One client again at the round's end: the others are compared with the mean of both one-client
+                # runs, which cancels a drift of the machine's speed that is linear over the round.
+                again = run(folder, 1, args, Path(tmp))
+                one = next(r for r in runs if r["clients"] == 1)
+                one["tokens_per_s_each"] = [one["tokens_per_s"], again["tokens_per_s"]]
+                one["tokens_per_s"] = statistics.mean(one["tokens_per_s_each"])
             one = next((r for r in runs if r["clients"] == 1), runs[0])
             for r in runs:
                 r["ratio_to_one_client"] = r["tokens_per_s"] / one["tokens_per_s"]

@@ -1,6 +1,6 @@
 """What the split costs, in one report: rerun the cost benchmarks and regenerate ``benchmarks/RESULTS.md``.
 
-    python benchmarks/report.py              # reruns split_overhead, clients, slow_link, load_memory (~18 min on 2 cores)
+    python benchmarks/report.py              # reruns split_overhead, clients, slow_link, load_memory (~17 min on 2 cores)
     python benchmarks/report.py --quick      # the same with each benchmark's smoke run
     python benchmarks/report.py --no-run     # RESULTS.md and the plot from the JSON already in results/
 
@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BENCHMARKS = {  # script -> (its JSON, extra arguments of a full run)
-    "split_overhead.py": ("split_overhead.json", ["--rounds", "3"]),
+    "split_overhead.py": ("split_overhead.json", []),
     "clients.py": ("clients.json", []),
     "slow_link.py": ("slow_link.json", []),
     "load_memory.py": ("load_memory.json", []),
@@ -75,22 +75,31 @@ class Targets:
                           "met" if met else f"**missed by {abs(figure - limit) / limit:.1%}**"])
 
 
+def overhead_runs(data: dict) -> dict[str, dict]:
+    """Each figure's row: ``local``/``tcp`` runs of the one-process job, ``dist`` runs of their torchrun jobs."""
+    return {r["run"]: r for r in data["runs"] if r["job"] == "one process" or r["run"].startswith("dist/")}
+
+
 def overhead_section(data: dict, targets: Targets) -> list[str]:
-    runs = {r["run"]: r for r in data["runs"]}
-    local, local_min = runs["local/float32"]["median_ms"], runs["local/float32"]["min_ms"]
+    runs = overhead_runs(data)
     for name in ("local/float32", "local/bfloat16"):
         targets.add(f"{name}: step time / unsplit floor", runs[name]["ratio_to_unsplit"], 1.02,
                     fastest=runs[name]["min_ratio_to_unsplit"])
     for name in ("tcp/float32", "dist/float32"):
-        targets.add(f"{name}: step time / in process", runs[name]["median_ms"] / local, 1.05,
-                    fastest=runs[name]["min_ms"] / local_min)
+        targets.add(f"{name}: step time / in process", runs[name]["ratio_to_in_process"], 1.05,
+                    fastest=runs[name]["min_ratio_to_in_process"])
         targets.add(f"{name}: bytes / payload floor (hidden {data['shape']['hidden_size']})",
                     runs[name]["wire_to_payload"], 1.02)
     for transport in ("tcp", "dist"):
         ratio = runs[f"{transport}/bfloat16"]["wire_bytes_per_step"] / runs[f"{transport}/float32"]["wire_bytes_per_step"]
         targets.add(f"{transport}: bfloat16 bytes / float32 bytes", ratio, 0.505)
-    rows = [[r["run"], f"{r['median_ms']:.0f}", f"{r['ratio_to_unsplit']:.3f}", f"{r['median_ms'] / local:.3f}",
-             f"{r['min_ratio_to_unsplit']:.3f}", f"{r['tokens_per_s']:.0f}", f"{r['wire_bytes_per_step'] / 2**20:.2f}" if r["wire_bytes_per_step"] else "-",
+    near = {r["job"]: r["median_ms"] for r in data["runs"] if r["run"] == "local/float32"}
+    elsewhere = ", ".join(f"{near[job] / near['one process']:.3f}x in {job.split(', ')[1]}'s job"
+                          for job in near if job != "one process")
+    rows = [[r["job"], r["run"], f"{r['median_ms']:.0f}",
+             f"{r['ratio_to_unsplit']:.3f}" if r["ratio_to_unsplit"] is not None else "-",
+             f"{r['ratio_to_in_process']:.3f}", f"{r['min_ratio_to_in_process']:.3f}", f"{r['tokens_per_s']:.0f}",
+             f"{r['wire_bytes_per_step'] / 2**20:.2f}" if r["wire_bytes_per_step"] else "-",
              f"{r['wire_to_payload']:.4f}" if r["wire_to_payload"] else "-", f"{r['max_loss_diff_vs_unsplit']:.1e}"]
             for r in data["runs"]]
     return [
@@ -98,14 +107,17 @@ def overhead_section(data: dict, targets: Targets) -> list[str]:
         f"{data['params'] / 1e6:.1f}M-parameter Qwen2 shape (hidden {data['shape']['hidden_size']}, "
         f"{data['shape']['num_hidden_layers']} layers), cuts {tuple(data['cuts'])}, LoRA r={data['lora_r']} on the "
         f"trunk, frozen client, batch {data['batch']}x{data['length']}, fp32 compute, {data['threads']} torch threads "
-        f"per process, median of {data['steps'] * data['rounds']} steps ({data['rounds']} rounds; the floor runs first "
-        f"and after every round). The payload floor is {data['payload_crossings']} crossings of B x T x H in the wire "
-        f"dtype. Ran {where(data)}. The machine drifted during the run: the floor's median was "
-        f"{data['unsplit_median_first_ms']:.0f} ms first and {data['unsplit_median_last_ms']:.0f} ms last "
-        f"({data['unsplit_median_last_ms'] / data['unsplit_median_first_ms'] - 1:+.1%}); ratios closer than that "
-        f"to 1 are within its noise, and the fastest steps' ratios move less with it.", "",
-        *table(["run", "ms/step", "x unsplit", "x in process", "fastest step x unsplit", "tokens/s", "MiB/step",
-                "x payload floor", "max abs loss diff vs unsplit"], rows)]
+        f"per process, median of {data['steps']} timed steps. The runs of a job take turns batch by batch, so the "
+        f"machine's drift falls on all of them alike: one process runs unsplit, local and tcp (its server a "
+        f"subprocess); each torchrun job runs dist and local/float32 in its client rank, and dist is compared with "
+        f"that. The payload floor is {data['payload_crossings']} crossings of B x T x H in the wire dtype. Ran "
+        f"{where(data)}. The floor's median was {data['unsplit_median_first_half_ms']:.0f} ms over the first half "
+        f"of the steps and {data['unsplit_median_second_half_ms']:.0f} ms over the second "
+        f"({data['unsplit_median_second_half_ms'] / data['unsplit_median_first_half_ms'] - 1:+.1%}). The same "
+        f"in-process run took {elsewhere} as in the one process (separate runs, so the machine's drift is in "
+        f"that figure).", "",
+        *table(["job", "run", "ms/step", "x unsplit", "x in process", "fastest step x in process", "tokens/s",
+                "MiB/step", "x payload floor", "max abs loss diff vs unsplit"], rows)]
 
 
 def clients_section(data: dict, targets: Targets) -> list[str]:
@@ -120,7 +132,8 @@ def clients_section(data: dict, targets: Targets) -> list[str]:
         "## Several clients, one server (`clients.py`)", "",
         f"The same model, cuts {tuple(data['cuts'])}, FedSGD over tcp on loopback (every client waits for the others "
         f"at each step), {data['steps']} timed steps per client. Client i is pinned to core i (one thread), the server "
-        f"has one thread on any core. The median of {data.get('rounds', 1)} rounds (each ratio within its round). "
+        f"has one thread on any core. The median of {data.get('rounds', 1)} rounds; a round runs one client again at "
+        f"its end, and each count is compared with the mean of the round's two one-client runs. "
         f"Ran {where(data)}.", "",
         *table(["clients", "tokens/s", "x one client", "x one client, every round", "server busy",
                 "ms/step per client"], rows)]
@@ -137,7 +150,7 @@ def slow_link_section(data: dict, targets: Targets) -> list[str]:
                         r["median_ms"] / r["target_ms"], 1.0)
             if r["wire"] == "bfloat16":
                 targets.add("100 Mbit/s, bfloat16, pipelined: step time / in process", r["ratio_to_in_process"], 1.3)
-    rows = [[r["rate"], r["wire"], str(r["pipeline"]), f"{r['median_ms']:.0f}",
+    rows = [[r["rate"], r["wire"], str(r["pipeline"]), f"{r['median_ms']:.0f}", f"{r['in_process_ms']:.0f}",
              f"{r['ratio_to_in_process']:.3f}", f"{r['added_ms']:.0f}", f"{r['wire_ms_at_rate']:.0f}",
              f"{r['hidden_share']:.2f}" if r["hidden_share"] is not None else "-",
              f"{r['target_ms']:.0f}" if r["target_ms"] is not None else "-",
@@ -145,9 +158,11 @@ def slow_link_section(data: dict, targets: Targets) -> list[str]:
     return [
         *head,
         f"The same model and batches, server and client in a network namespace of their own whose loopback (MTU "
-        f"{data['mtu']}) is shaped by tbf; both directions share the rate. In process: {data['in_process_ms']:.0f} "
-        f"ms/step. Pipelined runs send each batch as {data['pipeline']} micro-batches in flight. Ran {where(data)}.", "",
-        *table(["rate", "wire", "micro-batches", "ms/step", "x in process", "added ms",
+        f"{data['mtu']}) is shaped by tbf; both directions share the rate. Per rate the in-process run and the tcp "
+        f"runs take turns batch by batch in one client process, so the machine's drift falls on all of them alike. "
+        f"Pipelined runs send each batch as {data['pipeline']} micro-batches in flight. Median of {data['steps']} "
+        f"steps. Ran {where(data)}.", "",
+        *table(["rate", "wire", "micro-batches", "ms/step", "in process, ms", "x in process", "added ms",
                 "bytes at rate, ms", "share hidden", "target ms", "max abs loss diff vs unpipelined"], rows),
         "Added ms is the step time minus in process; the target is in process plus half of the unpipelined run's "
         "added ms; the share hidden is how much of that added time pipelining removes.", ""]
@@ -170,11 +185,11 @@ def memory_section(data: dict, targets: Targets) -> list[str]:
 SHORT = {"float32": "f32", "bfloat16": "bf16"}
 
 
-def slow_target(run: dict, in_process_ms: float) -> float | None:
+def slow_target(run: dict) -> float | None:
     """The limit of a pipelined slow-link run as a ratio to in process (the tighter one for bfloat16 at 100 Mbit/s)."""
     if run["target_ms"] is None:
         return None
-    limit = run["target_ms"] / in_process_ms
+    limit = run["target_ms"] / run["in_process_ms"]
     return min(limit, 1.3) if run["rate"] == "100mbit" and run["wire"] == "bfloat16" else limit
 
 
@@ -186,14 +201,12 @@ def plot(sections: dict[str, dict], path: Path) -> None:
 
     panels = []
     if "overhead" in sections:
-        runs = {r["run"]: r for r in sections["overhead"]["runs"]}
-        local = runs["local/float32"]["median_ms"]
+        runs = overhead_runs(sections["overhead"])
         panels.append(("step time: split / unsplit, remote / in process",
                        [("in process / unsplit", runs["local/float32"]["ratio_to_unsplit"], 1.02),
-                        ("tcp f32 / in process", runs["tcp/float32"]["median_ms"] / local, 1.05),
-                        ("dist f32 / in process", runs["dist/float32"]["median_ms"] / local, 1.05),
-                        ("tcp bf16 / in process", runs["tcp/bfloat16"]["median_ms"] / local, None),
-                        ("dist bf16 / in process", runs["dist/bfloat16"]["median_ms"] / local, None)]))
+                        *((f"{name.replace('/float32', ' f32').replace('/bfloat16', ' bf16')} / in process",
+                           runs[name]["ratio_to_in_process"], 1.05 if name.endswith("float32") else None)
+                          for name in ("tcp/float32", "dist/float32", "tcp/bfloat16", "dist/bfloat16"))]))
     if "clients" in sections:
         panels.append(("aggregate tokens/s / one client's",
                        [(f"{r['clients']} clients", r["ratio_to_one_client"], 1.5 if r["clients"] == 2 else None)
@@ -201,7 +214,7 @@ def plot(sections: dict[str, dict], path: Path) -> None:
     if "slow" in sections and "skipped" not in sections["slow"]:
         panels.append(("slow link: step time / in process",
                        [(f"{r['rate']} {SHORT[r['wire']]}" + (f" x{r['pipeline']} micro" if r["pipeline"] > 1 else ""),
-                         r["ratio_to_in_process"], slow_target(r, sections["slow"]["in_process_ms"]))
+                         r["ratio_to_in_process"], slow_target(r))
                         for r in sections["slow"]["runs"]]))
     if not panels:
         return

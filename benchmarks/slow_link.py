@@ -10,9 +10,11 @@ end. Elsewhere it says why it cannot run and exits 0. Both directions share the 
 share a half-duplex link: the rate is the sum of what goes up and what comes down.
 
 The model and batches are ``split_overhead.py``'s (~20M-parameter Qwen2 shape, LoRA r=8 on the trunk, batch
-8x128, frozen client). Runs: the trunk in this process (the reference), then per rate and wire dtype the
-unpipelined run and the run with each batch sent as ``--pipeline`` micro-batches in flight at once
-(:class:`splittrain.cut.Pipeline`), whose losses must equal the unpipelined run's.
+8x128, frozen client). Per rate, one client process in the namespace runs, taking turns batch by batch (so a
+machine that slows down mid-run slows all of them alike, and only one of them uses the link at a time): the trunk
+in that process (the reference), and per wire dtype over tcp the unpipelined run and the run with each batch sent
+as ``--pipeline`` micro-batches in flight at once (:class:`splittrain.cut.Pipeline`), whose losses must equal the
+unpipelined run's. Every tcp run has a trunk server process of its own.
 
 The unpipelined run's transfer time is its step time minus the in-process step time (what the link adds);
 pipelining hides the share ``1 - (pipelined - in process) / (unpipelined - in process)`` of it.
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from machine import write_result  # this folder is on sys.path when a script here runs
@@ -37,7 +40,7 @@ from machine import write_result  # this folder is on sys.path when a script her
 import splittrain  # noqa: F401  (before torch: it sets the OpenMP runtime's idle spin, as the CLI does)
 import torch
 
-from split_overhead import SHAPE, local, make_model, tcp
+from split_overhead import SHAPE, Split, client_parts, interleave, local_link, make_model, tcp_link
 from train_speed import make_batches
 
 HERE = Path(__file__).resolve().parent
@@ -105,15 +108,25 @@ class Namespace:
 
 
 def role_inside(args) -> None:
-    """In the namespace: one tcp run (the server a child process here), its result as JSON."""
+    """In the namespace: the in-process reference and every tcp run of this rate, interleaved (the servers child
+    processes here); their results as JSON."""
     batches = make_batches(args.warmup + args.steps, args.batch, args.length, SHAPE["vocab_size"])
-    result = tcp(args.folder, batches, args.warmup, args.wire, args.threads, args.pipeline)
+    with ExitStack() as stack:
+        bottom, top = client_parts(args.folder)
+        near = local_link(args.folder, "float32")
+        stack.callback(near.close)
+        runs = [Split("in process", near, bottom, top)]
+        for wire in WIRES:
+            for pipeline in (1, args.pipeline):
+                link = tcp_link(stack, args.folder, wire, args.threads)
+                runs.append(Split(f"{wire} {pipeline}", link, bottom, top, pipeline))
+        result = interleave(runs, batches, args.warmup)
     Path(args.result).write_text(json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
@@ -124,7 +137,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "slow_link.json")
     parser.add_argument("--role", choices=("main", "inside"), default="main", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
-    parser.add_argument("--wire", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -140,48 +152,44 @@ def main() -> None:
 
     began = time.perf_counter()
     folder, params = make_model()
-    batches = make_batches(args.warmup + args.steps, args.batch, args.length, SHAPE["vocab_size"])
-    reference = local(folder, batches, args.warmup, "float32")
-    in_process = statistics.median(reference["times"])
-    runs = []
+    rows, in_process = [], {}
     with Namespace() as ns, tempfile.TemporaryDirectory(prefix="slow-link-") as tmp:
         for rate in args.rates:
             ns.shape(rate)
+            out = Path(tmp) / f"{rate}.json"
+            ns.run([sys.executable, __file__, "--role", "inside", "--folder", folder, "--pipeline", str(args.pipeline),
+                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+                    "--length", str(args.length), "--threads", str(args.threads), "--result", str(out)], timeout=1800)
+            runs = json.loads(out.read_text())
+            reference = statistics.median(runs["in process"]["times"])
+            in_process[rate] = {"median_ms": reference * 1e3, "all_ms": [t * 1e3 for t in runs["in process"]["times"]]}
             for wire in WIRES:
+                plain = runs[f"{wire} 1"]
+                transfer = statistics.median(plain["times"]) - reference
                 for pipeline in (1, args.pipeline):
-                    out = Path(tmp) / f"{rate}-{wire}-{pipeline}.json"
-                    ns.run([sys.executable, __file__, "--role", "inside", "--folder", folder, "--wire", wire,
-                            "--pipeline", str(pipeline), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                            "--batch", str(args.batch), "--length", str(args.length), "--threads", str(args.threads),
-                            "--result", str(out)], timeout=900)
-                    run = json.loads(out.read_text())
-                    runs.append({"rate": rate, "wire": wire, "pipeline": pipeline, **run})
-    rows = []
-    for run in runs:
-        med = statistics.median(run["times"])
-        plain = next(r for r in runs if r["rate"] == run["rate"] and r["wire"] == run["wire"] and r["pipeline"] == 1)
-        plain_med = statistics.median(plain["times"])
-        transfer = plain_med - in_process
-        rows.append({
-            "rate": run["rate"], "wire": run["wire"], "pipeline": run["pipeline"], "median_ms": med * 1e3,
-            "wire_ms_at_rate": run["wire_bytes"] * 8 / rate_bits(run["rate"]) * 1e3,
-            "ratio_to_in_process": med / in_process, "added_ms": (med - in_process) * 1e3,
-            "unpipelined_transfer_ms": transfer * 1e3,
-            "hidden_share": 1 - (med - in_process) / transfer if run["pipeline"] > 1 and transfer > 0 else None,
-            "target_ms": (in_process + 0.5 * transfer) * 1e3 if run["pipeline"] > 1 else None,
-            "wire_bytes_per_step": run["wire_bytes"],
-            "max_loss_diff_vs_unpipelined": max(abs(a - b) for a, b in zip(run["losses"], plain["losses"])),
-            "all_ms": [t * 1e3 for t in run["times"]], "losses": run["losses"]})
+                    run = runs[f"{wire} {pipeline}"]
+                    med = statistics.median(run["times"])
+                    rows.append({
+                        "rate": rate, "wire": wire, "pipeline": pipeline, "median_ms": med * 1e3,
+                        "in_process_ms": reference * 1e3, "wire_ms_at_rate": run["wire_bytes"] * 8 / rate_bits(rate) * 1e3,
+                        "ratio_to_in_process": med / reference, "added_ms": (med - reference) * 1e3,
+                        "unpipelined_transfer_ms": transfer * 1e3,
+                        "hidden_share": 1 - (med - reference) / transfer if pipeline > 1 and transfer > 0 else None,
+                        "target_ms": (reference + 0.5 * transfer) * 1e3 if pipeline > 1 else None,
+                        "wire_bytes_per_step": run["wire_bytes"],
+                        "max_loss_diff_vs_unpipelined": max(abs(a - b) for a, b in zip(run["losses"], plain["losses"])),
+                        "all_ms": [t * 1e3 for t in run["times"]], "losses": run["losses"]})
 
     print(f"Qwen2 shape {params / 1e6:.1f}M params, batch {args.batch}x{args.length}, {args.threads} torch threads "
-          f"per process, loopback MTU {MTU} shaped by tbf in a network namespace; in process "
-          f"{in_process * 1e3:.1f} ms/step (median of {args.steps})")
-    print(f"{'rate':<8} {'wire':<9} {'micro':>5} {'ms/step':>8} {'x in-proc':>9} {'added ms':>8} {'wire ms':>7} "
-          f"{'hidden':>7} {'target ms':>9} {'MiB/step':>8} {'max |dloss|':>11}")
+          f"per process, loopback MTU {MTU} shaped by tbf in a network namespace; medians of {args.steps} steps, "
+          f"the runs of a rate taking turns")
+    print(f"{'rate':<8} {'wire':<9} {'micro':>5} {'ms/step':>8} {'in-proc':>7} {'x in-proc':>9} {'added ms':>8} "
+          f"{'wire ms':>7} {'hidden':>7} {'target ms':>9} {'MiB/step':>8} {'max |dloss|':>11}")
     for r in rows:
         hidden = f"{r['hidden_share']:.2f}" if r["hidden_share"] is not None else "-"
         target = f"{r['target_ms']:.0f}" if r["target_ms"] is not None else "-"
-        print(f"{r['rate']:<8} {r['wire']:<9} {r['pipeline']:>5} {r['median_ms']:>8.1f} {r['ratio_to_in_process']:>9.3f} "
+        print(f"{r['rate']:<8} {r['wire']:<9} {r['pipeline']:>5} {r['median_ms']:>8.1f} {r['in_process_ms']:>7.0f} "
+              f"{r['ratio_to_in_process']:>9.3f} "
               f"{r['added_ms']:>8.1f} {r['wire_ms_at_rate']:>7.0f} {hidden:>7} {target:>9} "
               f"{r['wire_bytes_per_step'] / 2**20:>8.2f} {r['max_loss_diff_vs_unpipelined']:>11.2e}")
     print("added ms: step time minus in process; wire ms: the step's bytes at the link's rate; hidden: share of the "
@@ -191,8 +199,7 @@ def main() -> None:
     write_result(args.out, {
         "params": params, "shape": SHAPE, "batch": args.batch, "length": args.length, "steps": args.steps,
         "warmup": args.warmup, "threads": args.threads, "pipeline": args.pipeline, "mtu": MTU,
-        "in_process_ms": in_process * 1e3, "in_process_all_ms": [t * 1e3 for t in reference["times"]],
-        "elapsed_s": elapsed, "runs": rows})
+        "in_process": in_process, "elapsed_s": elapsed, "runs": rows})
 
 
 if __name__ == "__main__":
