@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
 import torch
 import yaml
 
@@ -175,6 +177,20 @@ def make_tokens(folder: Path, *names: str) -> tuple[Path, dict[str, str]]:
     path.write_text(json.dumps(tokens))
     path.chmod(0o600)
     return path, tokens
+
+
+def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by the openssl command (tests that need one skip
+    without it: ``needs_openssl``)."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test "
+                                   "certificate")
 
 
 def summary(run: Path) -> dict:

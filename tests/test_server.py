@@ -1,4 +1,5 @@
-"""TrunkServer on its own (no sockets): sessions, exactly-once replies and steps, bounded graphs, frame checks."""
+"""TrunkServer: sessions, exactly-once replies and steps, bounded graphs, frame checks (mostly without sockets; the
+requests in flight over a loopback connection)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 
 import pytest
 import torch
+from processes import needs_openssl, self_signed
 
 from splittrain.lora import LoraSettings
 from splittrain.server import OptimSettings, ServerLimits, TrunkServer, load_trunk
@@ -242,26 +244,31 @@ def test_tcp_server_in_a_thread_serves_a_link(make_server, host, tmp_path):
     assert not thread.is_alive()
 
 
-def test_requests_in_flight_survive_a_lost_connection(make_server):
-    """Three training forward passes in flight when the connection drops, before any reply was read: the client
-    reconnects, sends them again, and the server answers each from its reply cache without running it twice."""
+@pytest.mark.parametrize("tls", [False, pytest.param(True, marks=needs_openssl)], ids=["plain", "tls"])
+def test_requests_in_flight_survive_a_lost_connection(make_server, tmp_path, tls):
+    """Three training forward passes in flight when the connection drops, before any reply was read (over TLS
+    too): the client reconnects, sends them again, and the server answers each from its reply cache without
+    running it twice."""
     import threading
 
     from splittrain.cut import TrunkLink
     from splittrain.segments import Activations
-    from splittrain.transport.tcp import TcpServer, TcpTransport
+    from splittrain.transport.tcp import TcpServer, TcpTransport, server_tls_context
 
     server = make_server()
-    tcp = TcpServer(server, "127.0.0.1:0", {"alice": "a" * 32})
+    cert, key = self_signed(tmp_path, "server") if tls else (None, None)
+    tcp = TcpServer(server, "127.0.0.1:0", {"alice": "a" * 32}, tls=server_tls_context(str(cert), str(key)) if tls else None)
     thread = threading.Thread(target=tcp.serve_forever, daemon=True)
     thread.start()
     try:
-        transport = TcpTransport(tcp.address, "alice", "a" * 32, server.fingerprint, reconnect_timeout=10)
+        transport = TcpTransport(tcp.address, "alice", "a" * 32, server.fingerprint, reconnect_timeout=10,
+                                 tls_ca=str(cert) if tls else None)
         link = TrunkLink(transport)
         g = torch.Generator().manual_seed(0)
         states = [Activations(torch.randn(2, 5, HIDDEN, generator=g), torch.ones(2, 5, dtype=torch.long),
                               torch.arange(5)[None]) for _ in range(3)]
         pending = [link.send_forward(state, ("train", 0, i), True, False, 0) for i, state in enumerate(states)]
+        assert len(transport.outstanding) == 3  # all in flight at once: none waited for an earlier reply
         deadline = time.monotonic() + 10
         while server.counters["forward"] < 3 and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from splittrain.lora import LoraSettings, adapter_state_dict, init_lora, lora_config, model_family
 from splittrain.modules import ClientModule, OptimSettings, TrunkSettings, build_optimizer
 from conftest import batch
+from processes import needs_openssl, self_signed
 
 CUTS = (1, 3)
 STEPS = 5
@@ -135,22 +136,27 @@ def test_accumulation_and_clipping_equal_monolithic(checkpoint, tmp_path, family
     assert max((unclipped[k] - mono[k]).abs().max().item() for k in mono) > 1e-3
 
 
-@pytest.mark.parametrize("transport", ["local", "tcp"])
+@pytest.mark.parametrize("transport", ["local", "tcp", pytest.param("tls", marks=needs_openssl)])
 def test_pipelined_micro_batches_equal_monolithic(checkpoint, tmp_path, monkeypatch, transport):
     """Each batch as 2 micro-batches in flight at once (the bottom's backward deferred until both gradients are
     back), with accumulation and clipping: the losses and weights of monolithic training of the whole batches."""
     import threading
 
-    from splittrain.transport.tcp import TcpServer
+    from splittrain.transport.tcp import TcpServer, server_tls_context
 
     _, folder = checkpoint("qwen2")
     options, server, tcp = {"pipeline": 2}, None, None
-    if transport == "tcp":
+    if transport in ("tcp", "tls"):
         token = "p" * 32
         monkeypatch.setenv("SPLITTRAIN_TOKEN", token)
         owner = ClientModule(model=str(folder), cuts=CUTS, trunk=TrunkSettings(lora=LORA, optim=OPTIM), seed=3)
         server = owner.build_server(STEPS, tmp_path / "server")
-        tcp = TcpServer(server, "127.0.0.1:0", {"client0": token})
+        tls = None
+        if transport == "tls":
+            cert, key = self_signed(tmp_path, "server")
+            tls = server_tls_context(str(cert), str(key))
+            options["tls_ca"] = str(cert)
+        tcp = TcpServer(server, "127.0.0.1:0", {"client0": token}, tls=tls)
         threading.Thread(target=tcp.serve_forever, daemon=True).start()
         options.update(transport="tcp", address=tcp.address)
     try:

@@ -3,9 +3,7 @@ in-process run's numbers; the wire dtype halves the bytes; authentication, repla
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -13,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from processes import STEPS, Processes, free_port, assert_same_run, make_tokens, read_status, summary, wait_for, write_config
+from processes import (STEPS, Processes, assert_same_run, free_port, make_tokens, needs_openssl, read_status, self_signed,
+                       summary, wait_for, write_config)
 from splittrain.cli import main
 from splittrain.cut import TrunkLink
 from splittrain.segments import Activations
@@ -304,18 +303,10 @@ def test_serve_limits_come_from_the_command_line(server):
 
 
 # ------------------------------------------------------------------------------------------ TLS
-def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
-    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
+@needs_openssl
 def test_tls(procs, tmp_path):
-    cert, key = _self_signed(tmp_path, "server")
-    stranger, _ = _self_signed(tmp_path, "stranger")
+    cert, key = self_signed(tmp_path, "server")
+    stranger, _ = self_signed(tmp_path, "stranger")
     tokens, known = make_tokens(tmp_path, "alice")
     config = write_config(tmp_path / "config.yaml", tmp_path / "client")
     _, address = procs.serve(config, tokens, tmp_path / "run", "--tls_cert", str(cert), "--tls_key", str(key))

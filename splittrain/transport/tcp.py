@@ -135,7 +135,7 @@ class SocketReader:
     payload and sends nothing holds no memory.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket | TlsChannel) -> None:
         self.sock, self.received = sock, 0
 
     def read(self, n: int) -> memoryview:
@@ -150,11 +150,89 @@ class SocketReader:
         return view
 
 
-def send_frame(sock: socket.socket, buffers: list) -> int:
+class TlsChannel:
+    """A client's TLS connection over a plain socket through memory BIOs, so that one thread sends while another
+    receives (an ``ssl.SSLSocket`` must not be used from two threads at once). One lock guards the TLS state, held
+    only while it encrypts or decrypts; another keeps the ciphertext records in order on the socket. Has the socket
+    methods this module uses."""
+
+    CHUNK = 1 << 18
+    """Plaintext encrypted per step of a send: the ciphertext buffer stays small, whatever the tensor's size."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_hostname: str) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
+        self.state, self.sending = threading.Lock(), threading.Lock()
+        while True:
+            try:
+                with self.state:
+                    self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                if not self._fill():
+                    raise PeerClosed("connection closed during the TLS handshake") from None
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what the TLS state has written (handshake and post-handshake messages)."""
+        with self.sending:
+            with self.state:
+                data = self.outgoing.read()
+            if data:
+                self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        """Feed the next bytes from the socket to the TLS state; False at the end of the stream."""
+        data = self.sock.recv(self.CHUNK)
+        with self.state:
+            if data:
+                self.incoming.write(data)
+            else:
+                self.incoming.write_eof()
+        return bool(data)
+
+    def sendall(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        with self.sending:
+            for offset in range(0, view.nbytes, self.CHUNK):
+                with self.state:
+                    self.tls.write(view[offset:offset + self.CHUNK])
+                    out = self.outgoing.read()
+                self.sock.sendall(out)
+
+    def recv_into(self, view: memoryview, n: int) -> int:
+        """Like ``socket.recv_into``: up to ``n`` plaintext bytes into ``view``, 0 at the end of the stream. What
+        decrypting makes TLS write back (a key update's answer) leaves with the next send: this thread never waits
+        for the sending one, which may be blocked until the peer reads."""
+        eof = False
+        while True:
+            with self.state:
+                try:
+                    return self.tls.read(n, view)
+                except ssl.SSLWantReadError:
+                    if eof:
+                        return 0
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return 0
+            eof = not self._fill()
+
+    def settimeout(self, value: float | None) -> None:
+        self.sock.settimeout(value)
+
+    def shutdown(self, how: int) -> None:
+        self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def send_frame(sock: socket.socket | TlsChannel, buffers: list) -> int:
     """Send an encoded frame straight from its buffers (the tensors' own memory): one gathering ``sendmsg`` per
     kernel write on a plain socket; over TLS the small parts are joined and the tensors written one by one."""
     total = frame_bytes(buffers)
-    if isinstance(sock, ssl.SSLSocket):
+    if isinstance(sock, (ssl.SSLSocket, TlsChannel)):
         sock.sendall(b"".join(buffers[:4]))  # preamble, header, safetensors length and header
         for buffer in buffers[4:]:
             sock.sendall(buffer)
@@ -188,7 +266,7 @@ class FrameSender:
     """Sends one connection's frames in order from a thread of its own, so the caller computes and reads replies
     while a frame is on its way. A failed send shuts the socket down, so the reader sees the connection end."""
 
-    def __init__(self, sock: socket.socket, name: str) -> None:
+    def __init__(self, sock: socket.socket | TlsChannel, name: str) -> None:
         self.sock = sock
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
@@ -221,7 +299,7 @@ def _keepalive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
-def _cut_off(sock: socket.socket) -> None:
+def _cut_off(sock: socket.socket | TlsChannel) -> None:
     """End a connection from another thread: blocked reads return at once."""
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -502,7 +580,7 @@ class TcpTransport:
         self.session = secrets.token_hex(16)
         self.wire_bytes = 0
         self.seq = 0
-        self.sock: socket.socket | None = None
+        self.sock: socket.socket | TlsChannel | None = None
         self.reader: SocketReader | None = None
         self.server_step = 0
         self.replay_from = 0
@@ -525,7 +603,7 @@ class TcpTransport:
         try:
             tune(sock)
             if self.tls is not None:
-                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+                sock = TlsChannel(sock, self.tls, self.host)
             sock.settimeout(self.timeout)
             reader = SocketReader(sock)
             client_nonce = secrets.token_bytes(NONCE_BYTES)
@@ -612,14 +690,11 @@ class TcpTransport:
     def submit(self, kind: str, header: Header, tensors: Tensors) -> "_Request":
         """Send a request without waiting for its reply; replies come back in the order requests were sent.
 
-        Over plain TCP the frame leaves from a sender thread, so the caller computes (and reads replies) while it
-        is on its way; over TLS a request waits for the replies of the earlier ones first (one SSL connection is
-        not written and read from two threads)."""
+        The frame leaves from a sender thread, so the caller computes (and reads replies) while it is on its way
+        (over TLS too: :class:`TlsChannel`)."""
         if self.closed:  # used again after close(): a new session
             self.closed, self.session = False, secrets.token_hex(16)
             self._connect_with_retry(None)
-        if self.tls is not None and self.outstanding:
-            self._read_until(self.outstanding[-1])
         self.seq += 1
         header = {**header, "seq": self.seq, "ack": self.acked}
         entry = None
@@ -637,12 +712,9 @@ class TcpTransport:
     def _send(self, buffers: list) -> None:
         if self.sock is None:
             raise ConnectionError("not connected")
-        if self.tls is None:
-            if self.sender is None:
-                self.sender = FrameSender(self.sock, f"splittrain-send-{self.client_name}")
-            self.sender.put(buffers)
-        else:
-            send_frame(self.sock, buffers)
+        if self.sender is None:
+            self.sender = FrameSender(self.sock, f"splittrain-send-{self.client_name}")
+        self.sender.put(buffers)
         self.wire_bytes += frame_bytes(buffers)
 
     def _wait(self, request: "_Request") -> tuple[Header, Tensors]:
