@@ -66,7 +66,8 @@ def trunk_steps(args, clients: int, steps: int) -> int:
 
 def role_serve(args) -> None:
     """The trunk server of a federation of ``--clients``; prints its address, then samples (time, step, busy
-    seconds) until the last timed step is applied and writes them to ``--result``."""
+    seconds) until the last timed step is applied, writes them to ``--result``, and serves until every client
+    said goodbye."""
     from splittrain.federated import FederatedSettings
     from splittrain.server import OptimSettings, TrunkServer, load_trunk
     from splittrain.transport.tcp import TcpServer
@@ -85,6 +86,9 @@ def role_serve(args) -> None:
         time.sleep(0.002)
     samples.append((time.perf_counter(), server.steps, server.busy_seconds))
     Path(args.result).write_text(json.dumps(samples))
+    # The last step's replies may still be on their way: stop once every client said goodbye, not before.
+    while server.sessions and time.monotonic() < deadline:
+        time.sleep(0.01)
     tcp.stop()
     thread.join(timeout=10)
 
@@ -136,7 +140,8 @@ def run(folder: str, count: int, args, tmp: Path) -> dict:
         for proc in clients:
             if proc.wait(timeout=900):
                 raise RuntimeError(f"a client exited with {proc.returncode}")
-        server.wait(timeout=60)
+        if server.wait(timeout=60):
+            raise RuntimeError(f"the trunk server exited with {server.returncode}")
     finally:
         for proc in [*clients, server]:
             if proc.poll() is None:
