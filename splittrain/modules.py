@@ -118,8 +118,6 @@ class ClientModule(L.LightningModule):
         super().__init__()
         if pipeline < 1:
             raise ValueError(f"pipeline is the number of micro-batches per batch (>= 1), got {pipeline}")
-        if pipeline > 1 and federated.enabled:
-            raise ValueError("pipeline > 1 is not available with several clients (model.federated) yet")
         if len(cuts) != 2:
             raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
         if client not in ("frozen", "lora", "full"):
@@ -333,13 +331,14 @@ class ClientModule(L.LightningModule):
             self.use(client)
             if taking_part:
                 batch = batches[index]
-                out = self(batch, key=("train", step, 0))
-                self.manual_backward(out.loss)
-                losses.append(out.loss.detach())
-                client.record(batch, out.loss.item())
-                self.train_metrics.update(out.logits.detach(), batch["labels"])
-                self.log(f"client{index}/train_loss", out.loss.detach(), batch_size=batch["input_ids"].shape[0])
-                del out  # this client's logits go before the next client's forward pass
+                loss, pipeline = self._train_loss(batch, ("train", step, 0), step)
+                self.manual_backward(loss)
+                if pipeline is not None:
+                    pipeline.finish()
+                losses.append(loss.detach())
+                client.record(batch, loss.item())
+                self.log(f"client{index}/train_loss", loss.detach(), batch_size=batch["input_ids"].shape[0])
+                del loss, pipeline  # this client's graph goes before the next client's forward pass
                 if len(self.clients) > 1:
                     release_freed_memory()
             if fed.average == "weights":
@@ -435,21 +434,24 @@ class ClientModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.federated.enabled:
             return self._federated_step(batch)
-        key = ("train", self.global_step, batch_idx)
-        if self.pipeline > 1:
-            defense = self.defense
-            loss, self._pipeline = pipelined_loss(
-                self.link, self.bottom, self.top, batch, self.pipeline, key, self.global_step,
-                defense.activations if defense is not None else None, defense.gradients if defense is not None else None,
-                lambda out, chunk: self.train_metrics.update(out.logits.detach(), chunk["labels"]))
-        else:
-            out = self(batch, key=key)
-            self.train_metrics.update(out.logits.detach(), batch["labels"])
-            loss = out.loss
+        loss, self._pipeline = self._train_loss(batch, ("train", self.global_step, batch_idx), self.global_step)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self._stats["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         self._stats["losses"].append(loss.item())
         return loss
+
+    def _train_loss(self, batch: dict[str, torch.Tensor], key: tuple, step: int) -> tuple[torch.Tensor, Pipeline | None]:
+        """The training loss of ``batch`` (the training metrics updated); pipelined (``pipeline`` > 1) also the
+        :class:`~splittrain.cut.Pipeline` to ``finish()`` after the loss's backward pass."""
+        if self.pipeline > 1:
+            defense = self.defense
+            return pipelined_loss(
+                self.link, self.bottom, self.top, batch, self.pipeline, key, step,
+                defense.activations if defense is not None else None, defense.gradients if defense is not None else None,
+                lambda out, chunk: self.train_metrics.update(out.logits.detach(), chunk["labels"]))
+        out = self(batch, key=key, step=step)
+        self.train_metrics.update(out.logits.detach(), batch["labels"])
+        return out.loss, None
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Backward through the top (dL/dh leaves for the trunk); a pipelined batch then backs the returned

@@ -172,12 +172,8 @@ def test_pipelined_micro_batches_equal_monolithic(checkpoint, tmp_path, monkeypa
 
 
 def test_pipeline_settings_are_checked():
-    from splittrain.federated import FederatedSettings
-
     with pytest.raises(ValueError, match="number of micro-batches per batch"):
         ClientModule(pipeline=0)
-    with pytest.raises(ValueError, match="not available with several clients"):
-        ClientModule(pipeline=2, federated=FederatedSettings(clients=2))
 
 
 def test_frozen_client_trains_only_the_trunk(checkpoint, tmp_path):
