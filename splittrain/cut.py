@@ -236,6 +236,32 @@ class _Returning(torch.autograd.Function):
         return None, None, None
 
 
+def pipelined_outputs(link: TrunkLink, bottom: Callable[..., Activations], top: Callable[..., Any],
+                      batch: dict[str, torch.Tensor], count: int, key: tuple,
+                      defend_activations: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> list[tuple[Any, dict[str, torch.Tensor]]]:
+    """Evaluation without gradients: ``batch`` crosses the cut as ``count`` micro-batches in flight at once (the
+    server keeps nothing). Each micro-batch's top output with the micro-batch; its loss is weighted as in
+    :func:`pipelined_loss`, so the losses sum to the batch's."""
+    chunks = micro_batches(batch, count)
+    trained = (batch["labels"][..., 1:] != -100).sum() if "labels" in batch else None
+    sent = []
+    for i, chunk in enumerate(chunks):
+        state = bottom(chunk["input_ids"], attention_mask=chunk.get("attention_mask"),
+                       position_ids=chunk.get("position_ids"))
+        if defend_activations is not None:
+            state = Activations(defend_activations(state.hidden_states), state.attention_mask, state.position_ids)
+        sent.append((state, link.send_forward(state, (*key, i), False, False)))
+    outputs = []
+    for (state, pending), chunk in zip(sent, chunks):
+        hidden = pending.result()[1]["hidden_states"].to(device=state.hidden_states.device,
+                                                          dtype=state.hidden_states.dtype)
+        out = top(Activations(hidden, state.attention_mask, state.position_ids), labels=chunk.get("labels"),
+                  **({"num_items_in_batch": trained} if trained is not None else {}))
+        outputs.append((out, chunk))
+    return outputs
+
+
 def micro_batches(batch: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
     """``batch`` split along its rows into ``count`` micro-batches (fewer when it has fewer rows)."""
     rows = next(iter(batch.values())).shape[0]

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
-from .cut import Pipeline, TrunkLink, cross, pipelined_loss
+from .cut import Pipeline, TrunkLink, cross, pipelined_loss, pipelined_outputs
 from .federated import FederatedSettings, LocalAverager, flatten, release_freed_memory, unflatten_into
 from .generate import GenerationOptions
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
@@ -96,11 +96,11 @@ class ClientModule(L.LightningModule):
         privacy: defenses applied on the client before anything crosses (see :mod:`splittrain.privacy`): the
             hidden states at cut 1 (training, validation and generation alike) and the gradients sent back at
             cut 2 are clipped per example and noised; off by default.
-        pipeline: micro-batches each training batch is split into (by rows), all in flight across the cut at
-            once, so that over ``tcp`` the transfer of one overlaps the compute of another on either side (1: no
-            pipelining). The trunk accumulates them into one step and each micro-batch's loss counts as its share
-            of the batch's, so the numbers are the whole batch's (to float rounding). ``local`` and ``dist``
-            answer each micro-batch before the next leaves, so they gain nothing from it.
+        pipeline: micro-batches each training and validation batch is split into (by rows), all in flight
+            across the cut at once, so that over ``tcp`` the transfer of one overlaps the compute of another on
+            either side (1: no pipelining). The trunk accumulates them into one step and each micro-batch's loss
+            counts as its share of the batch's, so the numbers are the whole batch's (to float rounding).
+            ``local`` and ``dist`` answer each micro-batch before the next leaves, so they gain nothing from it.
     """
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
@@ -466,10 +466,23 @@ class ClientModule(L.LightningModule):
         self.train_metrics.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self(batch, key=("val", self.global_step, batch_idx))
-        self.val_metrics.update(out.logits, batch["labels"])
-        self.log("val_loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return out.loss
+        loss = self._eval_loss(batch, ("val", self.global_step, batch_idx))
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _eval_loss(self, batch: dict[str, torch.Tensor], key: tuple) -> torch.Tensor:
+        """The loss of ``batch`` without gradients (the validation metrics updated); pipelined as training is."""
+        if self.pipeline <= 1:
+            out = self(batch, key=key)
+            self.val_metrics.update(out.logits, batch["labels"])
+            return out.loss
+        defense = self.defense
+        loss = torch.zeros(())
+        for out, chunk in pipelined_outputs(self.link, self.bottom, self.top, batch, self.pipeline, key,
+                                            defense.activations if defense is not None else None):
+            self.val_metrics.update(out.logits, chunk["labels"])
+            loss = loss + out.loss
+        return loss
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val_{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)

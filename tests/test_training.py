@@ -171,6 +171,23 @@ def test_pipelined_micro_batches_equal_monolithic(checkpoint, tmp_path, monkeypa
     assert_same(module._stats["losses"], weights, losses, mono)
 
 
+def test_pipelined_validation_equals_whole_batches(checkpoint, tmp_path):
+    """Validation batches cross as 2 micro-batches in flight at once: the loss and metrics of whole batches."""
+    _, folder = checkpoint("qwen2")
+    results, forwards = {}, {}
+    for pipeline in (1, 2):
+        module = ClientModule(model=str(folder), cuts=CUTS, trunk=TrunkSettings(lora=LORA, optim=OPTIM), seed=3,
+                              pipeline=pipeline)
+        check = L.Trainer(max_steps=STEPS, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=tmp_path, accelerator="cpu")
+        results[pipeline] = check.validate(module, dataloaders=DataLoader(batches(3), batch_size=None), verbose=False)[0]
+        forwards[pipeline] = module.server.counters["forward"]
+    assert "val_loss" in results[1] and len(results[1]) > 1 and results[2].keys() == results[1].keys()
+    for name, value in results[1].items():
+        assert results[2][name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
+    assert forwards == {1: 3, 2: 6}
+
+
 def test_pipeline_settings_are_checked():
     with pytest.raises(ValueError, match="number of micro-batches per batch"):
         ClientModule(pipeline=0)
