@@ -93,9 +93,12 @@ def overhead_section(data: dict, targets: Targets) -> list[str]:
     for transport in ("tcp", "dist"):
         ratio = runs[f"{transport}/bfloat16"]["wire_bytes_per_step"] / runs[f"{transport}/float32"]["wire_bytes_per_step"]
         targets.add(f"{transport}: bfloat16 bytes / float32 bytes", ratio, 0.505)
-    near = {r["job"]: r["median_ms"] for r in data["runs"] if r["run"] == "local/float32"}
-    elsewhere = ", ".join(f"{near[job] / near['one process']:.3f}x in {job.split(', ')[1]}'s job"
-                          for job in near if job != "one process")
+    def elsewhere(run: str) -> str:
+        """``run``'s median in each torchrun job over its median in the one process."""
+        times = {r["job"]: r["median_ms"] for r in data["runs"] if r["run"] == run}
+        return ", ".join(f"{times[job] / times['one process']:.3f}x in {job.split(', ')[1]}'s job"
+                         for job in times if job != "one process")
+
     rows = [[r["job"], r["run"], f"{r['median_ms']:.0f}",
              f"{r['ratio_to_unsplit']:.3f}" if r["ratio_to_unsplit"] is not None else "-",
              f"{r['ratio_to_in_process']:.3f}", f"{r['min_ratio_to_in_process']:.3f}", f"{r['tokens_per_s']:.0f}",
@@ -109,13 +112,13 @@ def overhead_section(data: dict, targets: Targets) -> list[str]:
         f"trunk, frozen client, batch {data['batch']}x{data['length']}, fp32 compute, {data['threads']} torch threads "
         f"per process, median of {data['steps']} timed steps. The runs of a job take turns batch by batch, so the "
         f"machine's drift falls on all of them alike: one process runs unsplit, local and tcp (its server a "
-        f"subprocess); each torchrun job runs dist and local/float32 in its client rank, and dist is compared with "
-        f"that. The payload floor is {data['payload_crossings']} crossings of B x T x H in the wire dtype. Ran "
+        f"subprocess); each torchrun job runs unsplit, local/float32 and dist in its client rank, and dist is "
+        f"compared with those. The payload floor is {data['payload_crossings']} crossings of B x T x H in the wire dtype. Ran "
         f"{where(data)}. The floor's median was {data['unsplit_median_first_half_ms']:.0f} ms over the first half "
         f"of the steps and {data['unsplit_median_second_half_ms']:.0f} ms over the second "
         f"({data['unsplit_median_second_half_ms'] / data['unsplit_median_first_half_ms'] - 1:+.1%}). The same "
-        f"in-process run took {elsewhere} as in the one process (separate runs, so the machine's drift is in "
-        f"that figure).", "",
+        f"in-process run took {elsewhere('local/float32')} as in the one process, the unsplit floor "
+        f"{elsewhere('unsplit')} (separate runs, so the machine's drift is in those figures).", "",
         *table(["job", "run", "ms/step", "x unsplit", "x in process", "fastest step x in process", "tokens/s",
                 "MiB/step", "x payload floor", "max abs loss diff vs unsplit"], rows)]
 

@@ -14,8 +14,8 @@ from the same initial adapters; the client's bottom and top are frozen, as in ``
 
 each split run with a float32 and a bfloat16 wire. The runs of one job take turns batch by batch (each holds
 its own adapters and optimizer), so a machine that slows down mid-run slows all of them alike: this process runs
-unsplit, local and tcp; each torchrun job runs dist with one wire and local/float32 in its client rank, the
-in-process figure dist is compared with. Every process sets the same number of torch threads (``--threads``,
+unsplit, local and tcp; each torchrun job runs unsplit, local/float32 (the in-process figure dist is compared
+with) and dist with one wire in its client rank. Every process sets the same number of torch threads (``--threads``,
 default: all cores; torchrun's ``OMP_NUM_THREADS=1`` is overridden). Client and server take turns (the protocol
 is synchronous), so they never compute at the same time; a server whose client is not stepping waits in a
 blocking read.
@@ -243,7 +243,7 @@ def one_process(folder: str, batches, args) -> dict[str, dict]:
 
 
 def dist(folder: str, args, wire: str) -> dict[str, dict]:
-    """A torchrun job: dist with ``wire`` and in process (float32) interleaved in its client rank."""
+    """A torchrun job: unsplit, in process (float32) and dist with ``wire`` interleaved in its client rank."""
     with tempfile.TemporaryDirectory(prefix="split-overhead-") as tmp:
         out = Path(tmp) / "dist.json"
         env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": str(args.threads)}
@@ -266,8 +266,8 @@ def role_serve(args) -> None:
 
 
 def role_dist(args) -> None:
-    """One rank of the torchrun job: rank 0 serves the trunk; rank 1 runs dist and in process interleaved, and
-    writes their results."""
+    """One rank of the torchrun job: rank 0 serves the trunk; rank 1 runs unsplit, in process and dist
+    interleaved, and writes their results."""
     import torch.distributed as tdist
 
     from splittrain.cut import TrunkLink
@@ -282,8 +282,9 @@ def role_dist(args) -> None:
         remote = TrunkLink(DistTransport(client_fingerprint(args.folder)), wire_dtype=args.wire)
         near = local_link(args.folder, "float32")
         try:
-            result = interleave([Split("local/float32", near, bottom, top), Split(f"dist/{args.wire}", remote, bottom, top)],
-                                batches, args.warmup)
+            runs = [Unsplit(args.folder), Split("local/float32", near, bottom, top),
+                    Split(f"dist/{args.wire}", remote, bottom, top)]
+            result = interleave(runs, batches, args.warmup)
         finally:
             near.close()
             remote.close()
