@@ -29,8 +29,10 @@ down is not needed because nothing below the cut trains. Read the ratios: absolu
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,11 +85,13 @@ def client_fingerprint(folder: str) -> dict:
 
 
 def make_model() -> tuple[str, int]:
-    """The benchmark's model (seeded random weights) saved in a temporary folder; (folder, parameter count)."""
+    """The benchmark's model (seeded random weights) saved in a temporary folder, removed when this process exits;
+    (folder, parameter count)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     folder = tempfile.mkdtemp(prefix="splittrain-overhead-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     model = Qwen2ForCausalLM(Qwen2Config(**SHAPE))
     model.save_pretrained(folder)
     return folder, sum(p.numel() for p in model.parameters())
