@@ -16,7 +16,7 @@ bytes and the positions as int32, whatever the transport, so every transport com
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 
@@ -244,22 +244,33 @@ def pipelined_outputs(link: TrunkLink, bottom: Callable[..., Activations], top: 
     server keeps nothing). Each micro-batch's top output with the micro-batch; its loss is weighted as in
     :func:`pipelined_loss`, so the losses sum to the batch's."""
     chunks = micro_batches(batch, count)
-    trained = (batch["labels"][..., 1:] != -100).sum() if "labels" in batch else None
-    sent = []
-    for i, chunk in enumerate(chunks):
-        state = bottom(chunk["input_ids"], attention_mask=chunk.get("attention_mask"),
-                       position_ids=chunk.get("position_ids"))
-        if defend_activations is not None:
-            state = Activations(defend_activations(state.hidden_states), state.attention_mask, state.position_ids)
-        sent.append((state, link.send_forward(state, (*key, i), False, False)))
+    trained = _trained_tokens(batch["labels"])
+    sent = [(state, link.send_forward(state, (*key, i), False, False))
+            for i, state in enumerate(_bottom_states(bottom, chunks, defend_activations))]
     outputs = []
     for (state, pending), chunk in zip(sent, chunks):
         hidden = pending.result()[1]["hidden_states"].to(device=state.hidden_states.device,
                                                           dtype=state.hidden_states.dtype)
-        out = top(Activations(hidden, state.attention_mask, state.position_ids), labels=chunk.get("labels"),
-                  **({"num_items_in_batch": trained} if trained is not None else {}))
+        out = top(Activations(hidden, state.attention_mask, state.position_ids), labels=chunk["labels"],
+                  num_items_in_batch=trained)
         outputs.append((out, chunk))
     return outputs
+
+
+def _trained_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """What transformers' causal-LM loss averages over (labels shifted by one)."""
+    return (labels[..., 1:] != -100).sum()
+
+
+def _bottom_states(bottom: Callable[..., Activations], chunks: list[dict[str, torch.Tensor]],
+                   defend_activations: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[Activations]:
+    """The bottom's output of each micro-batch in turn (defended), each computed as the previous one leaves."""
+    for chunk in chunks:
+        state = bottom(chunk["input_ids"], attention_mask=chunk.get("attention_mask"),
+                       position_ids=chunk.get("position_ids"))
+        if defend_activations is not None:
+            state = Activations(defend_activations(state.hidden_states), state.attention_mask, state.position_ids)
+        yield state
 
 
 def micro_batches(batch: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
@@ -281,14 +292,9 @@ def pipelined_loss(link: TrunkLink, bottom: Callable[..., Activations], top: Cal
     micro-batch's top output (metrics). Backward the loss, then call ``finish()`` on the pipeline.
     """
     chunks = micro_batches(batch, count)
-    labels = batch["labels"]
-    trained = (labels[..., 1:] != -100).sum()  # what transformers' causal-LM loss averages over (labels shifted)
+    trained = _trained_tokens(batch["labels"])
     pipe = Pipeline(link, key, step, defend_gradient)
-    for chunk in chunks:
-        state = bottom(chunk["input_ids"], attention_mask=chunk.get("attention_mask"),
-                       position_ids=chunk.get("position_ids"))
-        if defend_activations is not None:
-            state = Activations(defend_activations(state.hidden_states), state.attention_mask, state.position_ids)
+    for state in _bottom_states(bottom, chunks, defend_activations):
         pipe.send(state)
     loss = None
     for i, chunk in enumerate(chunks):
