@@ -38,7 +38,7 @@ from machine import write_result  # this folder is on sys.path when a script her
 import splittrain  # before torch: it sets the OpenMP runtime's idle spin, as the CLI does
 import torch
 
-from split_overhead import SHAPE, client_fingerprint, lora_settings, make_model, split_loop
+from split_overhead import SHAPE, client_fingerprint, lora_settings, make_model, run_parser, split_loop
 from train_speed import make_batches
 
 HERE = Path(__file__).resolve().parent
@@ -163,11 +163,7 @@ def run(folder: str, count: int, args, tmp: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per client")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=128)
+    parser = run_parser(__doc__, steps=8, warmup=2, per="client")
     parser.add_argument("--cuts", type=int, nargs=2, default=[1, 7])
     parser.add_argument("--trunk_update", choices=("sync", "sequential"), default="sync",
                         help="model.federated.trunk_update of the federation")

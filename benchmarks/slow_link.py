@@ -40,7 +40,7 @@ from machine import write_result  # this folder is on sys.path when a script her
 import splittrain  # noqa: F401  (before torch: it sets the OpenMP runtime's idle spin, as the CLI does)
 import torch
 
-from split_overhead import SHAPE, Split, client_parts, interleave, local_link, make_model, tcp_link
+from split_overhead import SHAPE, Split, client_parts, interleave, local_link, make_model, run_parser, tcp_link
 from train_speed import make_batches
 
 HERE = Path(__file__).resolve().parent
@@ -125,11 +125,7 @@ def role_inside(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=128)
+    parser = run_parser(__doc__, steps=10, warmup=2)
     parser.add_argument("--pipeline", type=int, default=4, help="micro-batches per batch in the pipelined runs")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every process")
     parser.add_argument("--rates", nargs="+", default=list(RATES), help="link rates in tc's units")

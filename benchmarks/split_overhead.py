@@ -319,12 +319,18 @@ def rows_of(job: str, runs: dict[str, dict], floor: dict, tokens: int, hidden: i
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+def run_parser(doc: str, steps: int, warmup: int, per: str = "run") -> argparse.ArgumentParser:
+    """The cost benchmarks' shared options: timed and warm-up steps, batch rows and length."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps, help=f"timed steps per {per}")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps before them")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
+    return parser
+
+
+def main() -> None:
+    parser = run_parser(__doc__, steps=20, warmup=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every process")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up step, 3 timed steps")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "split_overhead.json")
