@@ -363,7 +363,9 @@ def split_model(
 
     Returns:
         :class:`SplitParts`: the segments in model order (unpackable), indexable by part name,
-        with a :class:`PartReport` per part in ``.reports``.
+        with a :class:`PartReport` per part in ``.reports``. Loaded parts are in eval mode, as
+        ``from_pretrained`` returns a model (call ``.train()`` to train with dropout); a loaded model's
+        segments keep its mode.
     """
     if cuts is None:
         cuts = tuple(c for c in (split_point_1, split_point_2) if c is not None)
@@ -466,6 +468,7 @@ def load_parts(
         bar.close()
         segment.load_state_dict(loaded, strict=False, assign=True)
         _materialize_buffers(segment, skeleton, target)
+        segment.eval()  # as from_pretrained returns a model: dropout off until training calls .train()
         report.seconds = time.perf_counter() - began
         report.peak_rss_delta = max(0, peak_rss_bytes() - rss0)
         if verbose:
@@ -493,6 +496,7 @@ def _split_loaded(model: nn.Module, cuts: Sequence[int] | int, parts: Sequence[s
     segments, reports = {}, {}
     for name, (start, stop) in wanted.items():
         segment = _segment_from(model, fam, config, name, start, stop, tied)
+        segment.train(model.training)  # the model's own modules: they keep its mode
         segments[name] = segment.to(device=devices[name], dtype=dtype) if dtype else segment.to(devices[name])
         reports[name] = PartReport(name, (start, stop))
     return SplitParts(segments, reports)

@@ -8,6 +8,17 @@ Code written for SplitLearn runs as it is::
     hidden_2 = trunk(hidden_1, attention_mask=mask)       # torch.Tensor (B, T, H)
     out = top(hidden_2, attention_mask=mask, labels=labels)  # out.logits, out.loss
 
+Parts come back in eval mode, as ``from_pretrained`` returns a model; call ``.train()`` on a part to train it with
+dropout. Cached decoding keeps one KV cache per part (a transformers ``DynamicCache`` of its own layers)::
+
+    h, past_1 = bottom(input_ids, use_cache=True)
+    h, past_2 = trunk(h, use_cache=True)
+    out = top(h, use_cache=True)                           # out.logits, out.past_key_values
+    token = out.logits[:, -1:].argmax(-1)
+    h, past_1 = bottom(token, past_key_values=past_1, use_cache=True)   # one new position per part
+    h, past_2 = trunk(h, past_key_values=past_2, use_cache=True)
+    out = top(h, past_key_values=out.past_key_values, use_cache=True)
+
 Each part is a :class:`SplitModel` over a native :class:`~splittrain.Segment` (``part.segment``), with the same
 modules, parameters and checkpoint-named ``state_dict()``; only the values crossing the cuts differ: bare hidden
 states here, :class:`~splittrain.Activations` (hidden states + mask + positions) in the native API. Parts are
@@ -19,7 +30,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +38,10 @@ from torch import nn
 from .families import FAMILIES, Family, get_family
 from .loading import SPLIT_FILE, Checkpoint, as_dtype, load_parts, load_segment, part_ranges
 from .segments import Activations, Segment
+
+if TYPE_CHECKING:
+    from transformers import Cache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -36,7 +51,8 @@ class SplitModel(nn.Module):
     ``CausalLMOutputWithPast`` (``logits``, and ``loss`` with ``labels``).
 
     It registers the segment's own child modules, so parameters are shared with ``self.segment`` and
-    ``state_dict()`` keys are the checkpoint's (``model.layers.7.mlp.up_proj.weight``).
+    ``state_dict()`` keys are the checkpoint's (``model.layers.7.mlp.up_proj.weight``). It starts in the segment's
+    mode (loaded parts: eval, as ``from_pretrained``), and ``.train()`` / ``.eval()`` switch both.
     """
 
     segment: Segment
@@ -46,6 +62,7 @@ class SplitModel(nn.Module):
         for name, child in segment.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "segment", segment)  # not a submodule: its modules are registered above
+        self.train(segment.training)
 
     @property
     def config(self) -> Any:
@@ -54,30 +71,71 @@ class SplitModel(nn.Module):
     def extra_repr(self) -> str:
         return self.segment.extra_repr()
 
+    def train(self, mode: bool = True) -> "SplitModel":
+        """Switch this part and ``self.segment`` (dropout on in training, off in eval)."""
+        super().train(mode)
+        self.segment.train(mode)
+        return self
+
     def forward(
         self,
         inputs: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        past_key_values: Cache | None = None,
         use_cache: bool | None = None,
-    ) -> torch.Tensor | Any:
+    ) -> torch.Tensor | tuple[torch.Tensor, Cache] | CausalLMOutputWithPast:
         """``input_ids`` (bottom) or hidden states (B, T, H) -> hidden states, or the top's causal-LM output.
 
         ``attention_mask`` (B, T) goes to every part, ``labels`` to the top. ``position_ids`` default to
         ``0..T-1``, as in the unsplit model.
+
+        With ``use_cache=True`` (or a ``past_key_values``) the part keeps a KV cache of its own layers: the bottom
+        and trunk return ``(hidden, present)``, the top's output carries it as ``past_key_values``. Pass each part
+        its own ``present`` back with the next positions only; ``position_ids`` then default to continuing from
+        what the cache holds, and ``attention_mask``, when given, covers the cached positions too, as in
+        transformers. ``present`` is a transformers ``DynamicCache``; legacy tuples of (key, value) are refused.
         """
-        if use_cache or past_key_values is not None:
-            raise NotImplementedError(
-                f"part {self.segment.name!r}: SplitLearn-style parts take no KV cache (use_cache=True / "
-                "past_key_values are refused rather than ignored). Generate with a KV cache per part through "
-                "splittrain.generate.generate(bottom.segment, trunk.segment, top.segment, input_ids, attention_mask, "
-                "max_new_tokens=...), which equals transformers' generate.")
         if labels is not None and not self.segment.is_last:
             raise TypeError(f"part {self.segment.name!r} is not the top: pass labels to the top")
-        out = self.segment(inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
-        return out.hidden_states if isinstance(out, Activations) else out
+        if past_key_values is None and not use_cache:
+            out = self.segment(inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+            return out.hidden_states if isinstance(out, Activations) else out
+        if use_cache is False:
+            raise ValueError(f"part {self.segment.name!r}: past_key_values with use_cache=False; pass use_cache=True "
+                             "to continue from the cache, or no past_key_values to run without one")
+        cache = self._own_cache(past_key_values)
+        cached, length = cache.get_seq_length(self.segment.start), inputs.shape[1]
+        if attention_mask is not None and attention_mask.shape[-1] != cached + length:
+            raise ValueError(f"part {self.segment.name!r}: attention_mask covers {attention_mask.shape[-1]} positions; "
+                             f"with {cached} cached and {length} new it must cover {cached + length}")
+        if position_ids is None:
+            position_ids = torch.arange(cached, cached + length, device=self.segment.device).unsqueeze(0)
+        out = self.segment(inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                           cache=cache)
+        if isinstance(out, Activations):
+            return out.hidden_states, cache
+        out.cache = cache  # transformers 5's name; ``out.past_key_values`` reads it
+        return out
+
+    def _own_cache(self, past_key_values: Cache | None) -> Cache:
+        """``past_key_values`` after checking it is a cache of this part's layers; a new one when None."""
+        from transformers import Cache, DynamicCache
+
+        segment = self.segment
+        if past_key_values is None:
+            return DynamicCache(config=segment.config)
+        if not isinstance(past_key_values, Cache):
+            raise TypeError(f"part {segment.name!r}: past_key_values must be the transformers cache that this part "
+                            f"returned as present, not {type(past_key_values).__name__}: legacy (key, value) tuples "
+                            "are not taken (transformers 5 no longer converts them)")
+        foreign = [i for i in range(len(past_key_values.layers))
+                   if not segment.start <= i < segment.stop and past_key_values.get_seq_length(i) > 0]
+        if foreign:
+            raise ValueError(f"part {segment.name!r} holds layers [{segment.start}, {segment.stop}) but was given a "
+                             f"cache of layers {foreign}: pass each part the present it returned")
+        return past_key_values
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write this part as a safetensors folder (config.json, model.safetensors, split.json)."""

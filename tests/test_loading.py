@@ -166,6 +166,38 @@ def test_save_and_load_segments_round_trip(checkpoint, tmp_path):
     assert splittrain.load_segment(tmp_path / "client", part="top").is_last
 
 
+GPT2_DROPOUTS = dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+
+
+def test_loaded_parts_come_back_in_eval_mode_like_from_pretrained(checkpoint, tmp_path):
+    """Dropout on in the saved config: every way of loading parts gives from_pretrained's (eval-mode) logits."""
+    from transformers import AutoModelForCausalLM
+
+    _, folder = checkpoint("gpt2", **GPT2_DROPOUTS)
+    reference = AutoModelForCausalLM.from_pretrained(folder)  # no .eval(): from_pretrained's own mode
+    assert not reference.training
+    split = splittrain.split_model(folder, cuts=(1, 3))
+    split[0].save(tmp_path / "bottom")
+    splittrain.save_segments([split[1], split[2]], tmp_path / "rest")
+    loaded = (splittrain.load_segment(tmp_path / "bottom"), *splittrain.load_segments(tmp_path / "rest"))
+    ids, mask = batch("left")
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        for parts in (split, loaded):
+            assert not any(m.training for part in parts for m in part.modules())
+            got = parts[2](parts[1](parts[0](ids, attention_mask=mask))).logits
+            assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_split_of_a_loaded_model_keeps_its_mode(training):
+    """Its segments are the model's own modules: splitting changes no module's mode."""
+    model = tiny_model("gpt2", **GPT2_DROPOUTS).train(training)
+    parts = splittrain.split_model(model, cuts=(1, 3))
+    assert {m.training for part in parts for m in part.modules()} == {training}
+    assert {m.training for m in model.modules()} == {training}
+
+
 def test_split_command_writes_one_folder_per_party(checkpoint, tmp_path, capsys):
     from splittrain.cli import main
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import VOCAB, batch
+from conftest import TINY, VOCAB, batch
 from splittrain import ModelFactory, SplitModel
 from test_loading import SafeOpenSpy
 
@@ -219,18 +219,137 @@ def test_attn_implementation_is_exact(real, implementation):
         assert (got - reference(ids, attention_mask=mask).logits).abs().max() <= TOL
 
 
-# ------------------------------------------------------------------------------------------ KV cache
-def test_kv_cache_calls_are_refused_not_ignored(real):
-    _, folder = real("qwen2-0.5b", sharded=False)
-    bottom, trunk, top = ModelFactory.create_split_models("qwen2", str(folder), 8, 16)
+# ------------------------------------------------------------------------------------------ modes and KV cache
+# The seeds' cuts of a 4-layer model and the other two places a one-layer part can sit (Gemma-3's layers are
+# sliding, sliding, full, sliding: each cut gives the parts another mix of kinds).
+TINY_CUTS = [(1, 3), (2, 3), (1, 2)]
+NEW_TOKENS = 6
+
+
+def with_dropout(family: str) -> dict[str, float]:
+    """Dropout on in the saved config: GPT-2's three, the attention dropout of the others."""
+    if family == "gpt2":
+        return dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    return dict(attention_dropout=0.1)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_parts_infer_as_from_pretrained_without_eval(checkpoint, family):
+    """SplitLearn's quick start with dropout in the config: neither side is put in eval mode by hand."""
+    _, folder = checkpoint(family, **with_dropout(family))
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    ids, mask = batch("left")
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        for cuts in TINY_CUTS:
+            bottom, trunk, top = ModelFactory.create_split_models(None, str(folder), *cuts)
+            assert not any(part.training or part.segment.training for part in (bottom, trunk, top))
+            for _ in range(2):  # the same logits on every call
+                got = top(trunk(bottom(ids, attention_mask=mask), attention_mask=mask), attention_mask=mask).logits
+                assert (got - expected).abs().max() <= TOL, cuts
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "gemma3"])
+def test_train_mode_has_the_unsplit_models_dropout(checkpoint, family):
+    """``.train()`` turns dropout on in every part, and under one seed the split draws the unsplit model's masks:
+    its modules run in the same order on the same shapes, so they consume the RNG alike."""
+    _, folder = checkpoint(family, **with_dropout(family))
+    reference = AutoModelForCausalLM.from_pretrained(folder).train()
+    parts = ModelFactory.create_split_models(None, str(folder), 1, 3)
+    for part in parts:
+        assert part.train() is part and part.segment.training
+        assert all(m.training for m in part.modules())
+    bottom, trunk, top = parts
+    ids, mask = batch("left")
+    labels = labels_for(ids, mask)
+
+    def split(seed: int):
+        torch.manual_seed(seed)
+        return top(trunk(bottom(ids, attention_mask=mask), attention_mask=mask), attention_mask=mask, labels=labels)
+
+    torch.manual_seed(7)
+    expected = reference(ids, attention_mask=mask, labels=labels)
+    got = split(7)
+    assert (got.logits - expected.logits).abs().max() <= TOL
+    assert abs(got.loss.item() - expected.loss.item()) <= TOL
+    assert (split(8).logits - expected.logits).abs().max() > 100 * TOL  # another seed, other dropout masks
+    for part in parts:
+        part.eval()
+        assert not part.segment.training and not any(m.training for m in part.modules())
+
+
+def decode_with_transformers(model, ids, mask):
+    """transformers' own cached decoding: the prompt with ``use_cache=True``, then one token at a time."""
+    out = model(ids, attention_mask=mask, use_cache=True)
+    logits, tokens = [out.logits], []
+    for _ in range(NEW_TOKENS):
+        token = out.logits[:, -1:].argmax(-1)
+        tokens.append(token)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        out = model(token, attention_mask=mask, cache=out.cache, use_cache=True)
+        logits.append(out.logits)
+    return logits, tokens
+
+
+def decode_splitlearn_style(bottom, trunk, top, ids, mask):
+    """The same loop as a SplitLearn user writes it (generate_with_cache.py): one cache per part."""
+    hidden, past_1 = bottom(ids, attention_mask=mask, use_cache=True)
+    hidden, past_2 = trunk(hidden, attention_mask=mask, use_cache=True)
+    out = top(hidden, attention_mask=mask, use_cache=True)
+    logits, tokens = [out.logits], []
+    for _ in range(NEW_TOKENS):
+        token = out.logits[:, -1:].argmax(-1)
+        tokens.append(token)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        hidden, past_1 = bottom(token, attention_mask=mask, past_key_values=past_1, use_cache=True)
+        hidden, past_2 = trunk(hidden, attention_mask=mask, past_key_values=past_2, use_cache=True)
+        out = top(hidden, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits)
+    return logits, tokens
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_cached_greedy_loop_equals_transformers(checkpoint, family):
+    """Each step's logits and token equal transformers' cached decoding: a left-padded batch with its mask, and
+    one prompt without a mask; prompts of 11 outgrow Gemma-2/3's sliding window of 4 and Mistral's of 5."""
+    _, folder = checkpoint(family, **with_dropout(family))
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    ids, mask = batch("left", length=11)
+    prompts = [(ids, mask), (ids[:1], None)]
+    with torch.no_grad():
+        expected = [decode_with_transformers(reference, *prompt) for prompt in prompts]
+        for cuts in TINY_CUTS:
+            parts = ModelFactory.create_split_models(None, str(folder), *cuts)
+            for prompt, (want_logits, want_tokens) in zip(prompts, expected):
+                logits, tokens = decode_splitlearn_style(*parts, *prompt)
+                assert len(logits) == len(want_logits) == NEW_TOKENS + 1
+                for step, (got, want) in enumerate(zip(logits, want_logits)):
+                    assert got.shape == want.shape and (got - want).abs().max() <= TOL, (cuts, step)
+                assert torch.equal(torch.cat(tokens, 1), torch.cat(want_tokens, 1)), cuts
+
+
+def test_cache_misuse_is_refused(checkpoint):
+    from transformers import DynamicCache
+
+    _, folder = checkpoint("gpt2")
+    bottom, trunk, top = ModelFactory.create_split_models("gpt2", str(folder), 1, 3)
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
-        hidden = trunk(bottom(ids, use_cache=False), use_cache=None)  # no cache asked: fine
-        for call in (lambda: bottom(ids, use_cache=True), lambda: trunk(hidden, use_cache=True),
-                     lambda: top(hidden, use_cache=True),  # generate_with_cache.py's first call
-                     lambda: top(hidden[:, -1:], past_key_values=((hidden, hidden),), use_cache=True),
-                     lambda: bottom(ids[:, -1:], past_key_values=object())):
-            with pytest.raises(NotImplementedError, match="take no KV cache.*splittrain.generate.generate"):
-                call()
+        hidden = trunk(bottom(ids, use_cache=False), use_cache=None)  # no cache asked: bare tensors as before
+        assert isinstance(hidden, torch.Tensor)
+        hidden, past_1 = bottom(ids, use_cache=True)
+        assert isinstance(past_1, DynamicCache) and past_1.get_seq_length() == 3
+        legacy = tuple((layer.keys, layer.values) for layer in past_1.layers if layer.get_seq_length())
+        with pytest.raises(TypeError, match="must be the transformers cache.*not tuple.*legacy"):
+            bottom(ids[:, -1:], past_key_values=legacy, use_cache=True)
+        with pytest.raises(ValueError, match=r"holds layers \[1, 3\) but was given a cache of layers \[0\]"):
+            trunk(hidden[:, -1:], past_key_values=past_1, use_cache=True)  # the bottom's present
+        with pytest.raises(ValueError, match="covers 1 positions; with 3 cached and 1 new it must cover 4"):
+            bottom(ids[:, -1:], attention_mask=torch.ones(1, 1), past_key_values=past_1, use_cache=True)
+        with pytest.raises(ValueError, match="past_key_values with use_cache=False"):
+            bottom(ids[:, -1:], past_key_values=past_1, use_cache=False)
+        assert past_1.get_seq_length() == 3  # nothing refused was cached
     with pytest.raises(TypeError, match="pass labels to the top"):
         trunk(hidden, labels=ids)
