@@ -27,18 +27,33 @@ Model owners and users of a finished run::
 
 Notebooks call the same entry point: ``splittrain.cli.main(["fit", "--config", "configs/quickstart.yaml"])``
 or with a dict ``main({"fit": {...}})``.
+
+On the command line a user's mistake (a bad setting, a missing or malformed file, a bad token file, an address in
+use, a corrupt checkpoint, a refusal by the trunk server) prints one line, ``splittrain: error: ...``, on stderr and
+exits with status 2, having changed nothing in the run folder; ``--debug`` (or ``SPLITTRAIN_DEBUG=1``) shows the
+traceback instead. Anything else is a bug and keeps its traceback. Called with arguments (a notebook, a test),
+:func:`main` raises the exceptions instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
+
+from .errors import UserError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+DEBUG_ENV = "SPLITTRAIN_DEBUG"
+"""Set to 1 to see the traceback of a user's mistake (as ``--debug`` does)."""
 
 
 def split_command(model: str, cuts: Sequence[int], out: str | Path, dtype: str | None = None,
@@ -59,11 +74,21 @@ def split_command(model: str, cuts: Sequence[int], out: str | Path, dtype: str |
     return written
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a mistake as a :class:`UserError` (printed as one line) instead of printing its usage."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("splittrain").strip()
+        raise UserError(f"{command + ': ' if command else ''}{message} (see `python -m {self.prog} --help`)")
+
+
 def _tools_parser() -> argparse.ArgumentParser:
     from .server import ServerLimits
 
-    parser = argparse.ArgumentParser(prog="splittrain", description="Split-learning fine-tuning of decoder LLMs.",
-                                     epilog="python -m splittrain fit --help lists every training setting")
+    parser = _Parser(prog="splittrain", description="Split-learning fine-tuning of decoder LLMs.",
+                     epilog="python -m splittrain fit --help lists every training setting; --debug (anywhere, or "
+                            f"{DEBUG_ENV}=1) shows the traceback of an error")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, what in (("fit", "train split (LightningCLI: --config, --print_config, dotted overrides)"),
                        ("validate", "validate a model or checkpoint"), ("test", "test a model or checkpoint")):
@@ -173,11 +198,11 @@ def client_settings(configs: Sequence[str], overrides: Sequence[str] = (), with_
     """The ``model`` section of fit configs as a :class:`ClientModule` (nothing loaded), the ``trainer`` dict and
     the ``data`` section: a dict, or an :class:`~splittrain.data.InstructionDataModule` (rows not loaded) when
     ``with_data``."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
     from .modules import ClientModule
 
-    parser = ArgumentParser(prog="splittrain serve")
+    parser = ArgumentParser(prog="splittrain", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(ClientModule, "model")
     parser.add_argument("--trainer", type=dict, default={})
@@ -188,9 +213,27 @@ def client_settings(configs: Sequence[str], overrides: Sequence[str] = (), with_
     else:
         parser.add_argument("--data", type=dict, default={})
     words = [w for config in configs for w in ("--config", _sections(config))] + list(overrides)
-    config = parser.parse_args(words)
-    built = parser.instantiate(config)
+    try:
+        config = parser.parse_args(words)
+    except ArgumentError as error:
+        raise UserError(argument_error_message(str(error))) from error
+    with _settings_errors():
+        built = parser.instantiate(config)
     return built.model, dict(config.trainer), built.data if with_data else dict(config.data)
+
+
+@contextmanager
+def _settings_errors() -> Iterator[None]:
+    """Turns what building classes from a config raises on a bad value (``ValueError``, a missing file or hub id,
+    Lightning's ``MisconfigurationException``) into a :class:`UserError`: building them reads nothing else."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        if isinstance(error, (ValueError, OSError)) or type(error).__name__ == "MisconfigurationException":
+            raise UserError(f"bad setting: {_one_line(error)}") from error
+        raise
 
 
 def _sections(config: str) -> str:
@@ -198,10 +241,16 @@ def _sections(config: str) -> str:
     ``test`` or ``validate`` saved in a run folder also holds their own arguments (``verbose``, ``weights_only``)."""
     import yaml
 
-    text = Path(config).read_text()
-    loaded = yaml.safe_load(text)
+    try:
+        text = Path(config).read_text()
+    except OSError as error:
+        raise UserError(f"--config {config}: {error.strerror or error}") from error
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"config {config} is not valid YAML: {_one_line(error)}") from error
     if not isinstance(loaded, dict):
-        raise ValueError(f"config {config} is not a YAML mapping")
+        raise UserError(f"config {config} is not a YAML mapping")
     return yaml.safe_dump({k: v for k, v in loaded.items() if k in ("model", "trainer", "data")})
 
 
@@ -218,27 +267,30 @@ def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1
 
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {threads}")
+            raise UserError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
 
     from .server import LATEST
-    from .transport.tcp import TcpServer, load_tokens, server_tls_context
+    from .transport.tcp import TcpServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    if (tls_cert is None) != (tls_key is None):
-        raise ValueError("TLS needs both --tls_cert and --tls_key")
-    known = load_tokens(tokens)
-    tls = server_tls_context(tls_cert, tls_key) if tls_cert else None
+    # Everything the user gave is checked before the model loads (seconds to minutes): files, then the address.
+    known, tls = _serve_credentials(tokens, tls_cert, tls_key)
+    check_address(address)
     module, trainer, _ = client_settings(configs, overrides)
     run = Path(run_dir or trainer.get("default_root_dir") or "runs/server")
     max_steps = trainer.get("max_steps") or -1
+    check_model(module)
     server = module.build_server(max_steps if max_steps > 0 else None, run, limits, save_every=save_every)
     if resume:
         step = server.resume()
         print(f"splittrain: resumed the trunk at step {step}" if step is not None else
               f"splittrain: no trunk checkpoint in {run / 'trunk'}; starting at step 0", flush=True)
-    tcp = TcpServer(server, address, known, tls, max_connections=max_connections,
-                    status_file=run / "server_status.json")
+    try:
+        tcp = TcpServer(server, address, known, tls, max_connections=max_connections,
+                        status_file=run / "server_status.json")
+    except OSError as error:  # taken while the model loaded
+        raise UserError(f"--address {address}: {_bind_problem(error)}") from error
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: tcp.stop())
     fed = server.federation
@@ -248,8 +300,75 @@ def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1
           f"{' with TLS' if tls else ''} for {len(known)} client(s){federation}; checkpoints in {run / 'trunk'}",
           flush=True)
     tcp.serve_forever()
-    path = server.save(LATEST)
-    print(f"splittrain: trunk server stopped at step {server.steps}; saved {path}", flush=True)
+    paths = server.save_all(LATEST)
+    steps = ", ".join(f"{owner!r} at step {adapter.steps}" for owner, adapter in server.adapters.items())
+    print(f"splittrain: trunk server stopped ({steps or 'no client trained'}); saved "
+          f"{', '.join(map(str, paths)) or 'nothing'}", flush=True)
+
+
+def _serve_credentials(tokens: str, tls_cert: str | None, tls_key: str | None) -> tuple[dict[str, str], Any]:
+    """The tokens file's clients and the TLS context, or a :class:`UserError` saying what is wrong with the files."""
+    import ssl
+
+    from .transport.tcp import load_tokens, server_tls_context
+
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("TLS needs both --tls_cert and --tls_key")
+    try:
+        known = load_tokens(tokens)
+    except (OSError, ValueError) as error:  # missing, unreadable, not JSON, bad names, short tokens
+        raise UserError(f"--tokens {tokens}: {_one_line(error)}" if str(tokens) not in str(error)
+                        else _one_line(error)) from error
+    tls = None
+    if tls_cert is not None:
+        for option, path in (("--tls_cert", tls_cert), ("--tls_key", tls_key)):
+            if not Path(path).is_file():
+                raise UserError(f"{option} {path}: no such file")
+        try:
+            tls = server_tls_context(tls_cert, tls_key)
+        except (ssl.SSLError, OSError) as error:
+            raise UserError(f"--tls_cert {tls_cert} / --tls_key {tls_key}: not a PEM certificate and its private "
+                            f"key ({getattr(error, 'reason', None) or _one_line(error)})") from error
+    return known, tls
+
+
+def check_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` that this machine can listen on now: parsed, the host resolved, a socket bound to it and closed
+    again (as :class:`~splittrain.transport.tcp.TcpServer` binds it). Raises :class:`UserError` saying what is
+    wrong (a bad form, an unknown host, an address of another machine, a port in use or reserved)."""
+    import socket
+
+    from .transport.tcp import parse_address
+
+    try:
+        host, port = parse_address(address)
+    except ValueError as error:
+        raise UserError(f"--address: {error}") from error
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise UserError(f"--address {address}: cannot resolve the host {host!r} ({error.strerror})") from error
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as error:
+        raise UserError(f"--address {address}: {_bind_problem(error)}") from error
+    finally:
+        probe.close()
+    return host, port
+
+
+def _bind_problem(error: OSError) -> str:
+    import socket
+
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve the host ({error.strerror})"
+    return {errno.EADDRINUSE: "the port is in use (another server? pick another port, or port 0 for any free one)",
+            errno.EADDRNOTAVAIL: "not an address of this machine (listen on one of its own, e.g. 0.0.0.0 for all)",
+            errno.EACCES: "permission denied (ports below 1024 need privileges)"}.get(
+        error.errno, error.strerror or str(error))
 
 
 def generate_command(configs: Sequence[str], prompt: str | None = None, prompts: str | None = None,
@@ -260,6 +379,7 @@ def generate_command(configs: Sequence[str], prompt: str | None = None, prompts:
     override the config's ``model.generation``. Writes ``out`` (.jsonl) or prints the answers; returns them."""
     from dataclasses import asdict
 
+    rows = _read_prompts(prompts) if prompt is None else None  # a bad prompts file fails before the model loads
     module, data = _load_run(configs, overrides, ckpt_path)
     options = {**asdict(module.generation), **{k: v for k, v in options.items() if v is not None}}
     try:
@@ -271,7 +391,6 @@ def generate_command(configs: Sequence[str], prompt: str | None = None, prompts:
             if out is not None:
                 _write_jsonl(out, [{"prompt": prompt, "answer": answer}])
             return [answer]
-        rows = _read_prompts(prompts)
         answers = module.generate([r["messages"] for r in rows], batch_size=batch_size, progress=True, **options)
         records = [{**r["source"], "answer": a} for r, a in zip(rows, answers)]
         if out is not None:
@@ -315,6 +434,14 @@ def _load_run(configs: Sequence[str], overrides: Sequence[str], ckpt_path: str |
 
     module, trainer_args, data = client_settings(configs, overrides, with_data=True)
     root = Path(trainer_args.get("default_root_dir") or ".")
+    check_model(module)
+    path = None
+    if ckpt_path is not None:  # checked before the model loads
+        path = root / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+        if not path.is_file():
+            raise UserError(f"--ckpt_path {ckpt_path}: no checkpoint {path}" + (
+                " (has `fit` run with this config?)" if ckpt_path == "last" else ""))
+        check_checkpoint(path, root if module.transport == "local" else None)
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # no trainer banners: this trainer only names the run folder and step count
@@ -324,13 +451,42 @@ def _load_run(configs: Sequence[str], overrides: Sequence[str], ckpt_path: str |
     finally:
         quiet.setLevel(level)
     module.tokenizer, module.chat_template = data.tokenizer, data.chat_template
-    if ckpt_path is not None:
-        path = root / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint {path}" + (" (has `fit` run with this config?)"
-                                                              if ckpt_path == "last" else ""))
+    if path is not None:
         module.restore(path)
     return module, data
+
+
+def check_model(module: Any) -> None:
+    """Check a :class:`~splittrain.modules.ClientModule`'s model settings against the model's config alone (no
+    weights load): the model is there, its cuts leave every part a layer, its device map names its parts. Raises
+    :class:`UserError` saying which setting is wrong."""
+    from .loading import Checkpoint, part_ranges, resolve_device_map
+    from .modules import resolve_model
+
+    try:
+        checkpoint = Checkpoint(resolve_model(module.model_name))
+    except (OSError, ValueError) as error:
+        raise UserError(f"model.model {module.model_name!r}: {_one_line(error)}") from error
+    try:
+        ranges = part_ranges(checkpoint.text_config.num_hidden_layers, module.cuts)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"model.cuts {list(module.cuts)}: {_one_line(error)}") from error
+    try:
+        resolve_device_map(list(ranges), device_map=module.device_map)
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"model.device_map: {_one_line(error)}") from error
+
+
+def check_checkpoint(path: str | Path, run_dir: str | Path | None = None) -> None:
+    """Check a client checkpoint of ``fit`` before anything loads: its header and structure (not its tensors) and,
+    with the trunk in this process (``run_dir``, the run folder), the trunk checkpoints of the step it names that
+    are there. Raises :class:`UserError` naming a missing, truncated or corrupt file."""
+    from .state import check_state
+
+    tag = check_state(path).get("trunk_checkpoint")
+    if run_dir is not None and isinstance(tag, str) and re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", tag):
+        for trunk in sorted((Path(run_dir) / "trunk").rglob(f"{tag}.safetensors")):
+            check_state(trunk)
 
 
 def audit_command(configs: Sequence[str], ckpt_path: str | None = None, public: str | None = None,
@@ -357,13 +513,17 @@ def _read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a prompts .jsonl: ``{"prompt": str}`` or ``{"messages": [...]}`` (a trailing assistant turn, e.g. a
     reference answer, is dropped)."""
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--prompts {path}: {getattr(error, 'strerror', None) or _one_line(error)}") from error
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             source = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error})") from error
+            raise UserError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from error
         if isinstance(source, dict) and isinstance(source.get("prompt"), str):
             messages = [{"role": "user", "content": source["prompt"]}]
         elif isinstance(source, dict) and isinstance(source.get("messages"), list) and source["messages"]:
@@ -371,10 +531,10 @@ def _read_prompts(path: str | Path) -> list[dict[str, Any]]:
             if messages[-1].get("role") == "assistant":
                 messages = messages[:-1]
         else:
-            raise ValueError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+            raise UserError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
         rows.append({"messages": messages, "source": source})
     if not rows:
-        raise ValueError(f"{path} holds no prompts")
+        raise UserError(f"{path} holds no prompts")
     return rows
 
 
@@ -389,7 +549,14 @@ def token_command(tokens: str | Path, client: str, out: str | Path) -> Path:
     from .transport.tcp import make_token
 
     tokens, out = Path(tokens), Path(out)
-    known = json.loads(tokens.read_text()) if tokens.exists() else {}
+    known = {}
+    if tokens.exists():
+        try:
+            known = json.loads(tokens.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"--tokens {tokens} cannot be extended: {_one_line(error)}") from error
+        if not isinstance(known, dict):
+            raise UserError(f"--tokens {tokens} must map client names to tokens: {{\"client0\": \"<token>\"}}")
     known[client] = token = make_token()
     for path, text in ((tokens, json.dumps(known, indent=2) + "\n"), (out, token + "\n")):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,14 +567,49 @@ def token_command(tokens: str | Path, client: str, out: str | Path) -> Path:
     return out
 
 
-def _lightning_cli(args: Sequence[str] | dict[str, Any]):
-    from lightning.pytorch.cli import LightningCLI
+def _lightning_cli(args: Sequence[str] | dict[str, Any] | None, command_line: bool = False):
+    """``fit``/``validate``/``test``. On the ``command_line`` a bad argument raises jsonargparse's ``ArgumentError``
+    (printed as one line by :func:`main`) instead of printing the usage, and Lightning's info lines go to stdout, so
+    that stderr holds only warnings and errors."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from .data import InstructionDataModule
     from .modules import ClientModule, SafetensorsCheckpointIO
 
+    if command_line:
+        _lightning_info_to_stdout()
+
+    class SaveConfigOnceStarted(SaveConfigCallback):
+        """Writes the run's resolved ``config.yaml`` once the run has started (data read, model built, checkpoint
+        restored: at the first of the sanity check, training, validation or test), not at ``setup`` as Lightning
+        does: a run that stops on a bad input leaves the run folder as it was."""
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            pass
+
+        def _save_now(self, trainer: Any, pl_module: Any) -> None:
+            if not self.already_saved:
+                super().setup(trainer, pl_module, str(getattr(trainer.state.fn, "value", trainer.state.fn)))
+
+        def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+            self._save_now(trainer, pl_module)
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self._save_now(trainer, pl_module)
+
+        def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+            self._save_now(trainer, pl_module)
+
+        def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+            self._save_now(trainer, pl_module)
+
     class SplitCLI(LightningCLI):
         """LightningCLI for the client side; after ``fit`` it validates, writes summary.json, shows a sample."""
+
+        def instantiate_classes(self) -> None:
+            with _settings_errors():  # a bad value that only the class itself checks (e.g. model.pipeline -1)
+                super().instantiate_classes()
 
         def after_fit(self) -> None:
             write_summary(self.trainer, self.model, self.datamodule)
@@ -426,9 +628,34 @@ def _lightning_cli(args: Sequence[str] | dict[str, Any]):
                                               Path(self.trainer.default_root_dir)), self.model.timeout)
                 return
             try:
+                check_model(self.model)  # the inputs, before the data and the model load
+                self._check_ckpt_path(subcommand)
                 super()._run_subcommand(subcommand)
             finally:
                 self.model.close()
+
+        def _check_ckpt_path(self, subcommand: str) -> None:
+            """A ``--ckpt_path`` file (``last``: the run folder's) that cannot be restored is refused before the
+            data and the model load; ``validate``/``test`` with ``last`` and no checkpoint too (they would run the
+            untrained model). ``fit`` with ``last`` and none starts afresh, as Lightning does."""
+            ckpt_path = self._get(self.config_init, "ckpt_path")
+            if ckpt_path in (None, "best", "hpc") or str(ckpt_path).startswith("registry"):
+                return
+            root = Path(self.trainer.default_root_dir)
+            local_trunk = root if self.model.transport == "local" and not self.trainer.loggers else None
+            if ckpt_path == "last":
+                folders = [Path(c.dirpath) if c.dirpath else root / "checkpoints"
+                           for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+                found = [f / "last.ckpt" for f in folders or [root / "checkpoints"] if (f / "last.ckpt").exists()]
+                if not found and subcommand != "fit":
+                    raise UserError(f"--ckpt_path last: no checkpoint {root / 'checkpoints' / 'last.ckpt'} (has `fit` "
+                                    "run with this config?)")
+                for path in found:
+                    check_checkpoint(path, local_trunk)
+                return
+            if not Path(ckpt_path).is_file():
+                raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+            check_checkpoint(ckpt_path, local_trunk)
 
         def _parse_ckpt_path(self) -> None:
             """LightningCLI would torch.load a checkpoint file to read hyper-parameters from it; ours are
@@ -438,11 +665,33 @@ def _lightning_cli(args: Sequence[str] | dict[str, Any]):
         ClientModule,
         InstructionDataModule,
         args=args,
+        save_config_callback=SaveConfigOnceStarted,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False} if command_line else None,
         auto_configure_optimizers=False,  # each party builds its own AdamW from model.optim / model.trunk
         trainer_defaults={"plugins": [{"class_path": f"{SafetensorsCheckpointIO.__module__}.SafetensorsCheckpointIO"}],
                           "logger": False},
     )
+
+
+def _lightning_info_to_stdout() -> None:
+    """Lightning's loggers write info lines ("Seed set to 0", "GPU available: ...") to stderr: send the lines below
+    WARNING to stdout, so that a mistake's one line is all stderr shows."""
+    import logging
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if getattr(handler, "_splittrain_split", False) or type(handler) is not logging.StreamHandler \
+                    or handler.stream is not sys.stderr:
+                continue
+            handler.addFilter(lambda record: record.levelno >= logging.WARNING)
+            info = logging.StreamHandler(sys.stdout)
+            info.setLevel(handler.level)
+            info.setFormatter(handler.formatter)
+            info.addFilter(lambda record: record.levelno < logging.WARNING)
+            handler._splittrain_split = info._splittrain_split = True
+            logger.addHandler(info)
 
 
 def write_summary(trainer, model, datamodule) -> dict[str, Any]:
@@ -491,18 +740,109 @@ def print_eval(metrics: dict[str, Any], run_dir: Path, shown: int = 5) -> None:
 
 
 def main(args: Sequence[str] | dict[str, Any] | None = None) -> Any:
-    """Entry point; ``args`` is a list of command-line words or a dict (default: ``sys.argv[1:]``)."""
-    import sys
+    """Entry point; ``args`` is a list of command-line words or a dict (default: ``sys.argv[1:]``).
 
-    words = sys.argv[1:] if args is None else args
+    Without ``args`` (the command line: ``python -m splittrain``, the ``splittrain`` script) a user's mistake prints
+    one line, ``splittrain: error: ...``, on stderr and exits with status 2 (see :func:`user_error_message`);
+    ``--debug`` anywhere on the line, or ``SPLITTRAIN_DEBUG=1``, shows the traceback instead. Returns None there (the
+    script's exit status is 0). With ``args`` (a notebook, a test) exceptions propagate and the result is returned
+    (the LightningCLI object for fit/validate/test)."""
+    if args is not None:
+        return _run(args)
+    words = sys.argv[1:]
+    debug = "--debug" in words or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    words = [w for w in words if w != "--debug"]
+    sys.argv[1:] = words  # LightningCLI reads them there
+    try:
+        _run(words, command_line=True)
+    except Exception as error:
+        message = None if debug else user_error_message(error)
+        if message is None:
+            raise
+        sys.stdout.flush()
+        print(f"splittrain: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return None
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """One line for an exception that reports a user's mistake, or None for a bug (which keeps its traceback).
+
+    Mistakes: :class:`~splittrain.errors.UserError` (also as the cause of another exception); a missing, unreadable
+    or misplaced file (``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``, ``NotADirectoryError``);
+    an address in use or not this machine's, an unknown host, a server that cannot be reached; a refusal by the
+    trunk server (:class:`~splittrain.transport.RemoteError`, :class:`~splittrain.transport.tcp.HandshakeError`);
+    a command-line argument that does not parse (jsonargparse's ``ArgumentError``)."""
+    import socket
+
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, UserError):
+            return _one_line(cause)
+        cause = cause.__cause__
+    transport = sys.modules.get("splittrain.transport")  # never imported: it cannot have raised
+    if transport is not None and isinstance(error, transport.RemoteError):
+        return _one_line(error)
+    jsonargparse = sys.modules.get("jsonargparse")
+    if jsonargparse is not None and isinstance(error, jsonargparse.ArgumentError):
+        return argument_error_message(str(error))
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        if error.filename is not None and error.strerror:
+            return f"{error.strerror}: {error.filename}"
+        return _one_line(error)
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve a host name ({error.strerror})"
+    if isinstance(error, OSError) and error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+        return f"cannot listen there: {_bind_problem(error)}"
+    if isinstance(error, ConnectionError):  # the trunk server could not be reached, or was lost for good
+        return _one_line(error)
+    return None
+
+
+def argument_error_message(message: str) -> str:
+    """jsonargparse's error for a bad argument (several indented lines) as one line, e.g.
+    ``--model.client: expected one of frozen, lora, full; got 'half'``."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return "bad arguments (see --help)"
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)$', lines[0])
+    rest = ([key.group(2)] if key and key.group(2) else []) + lines[1:] if key else lines
+    expected = [m.group(1) for line in rest for m in [re.match(r"(?:- )?Expected an? (.+?)(?:\. Got value: .*)?$",
+                                                               line)] if m]
+    got = next((m.group(1) for line in rest for m in [re.search(r"(?:Got value|Given value): (.*)$", line)] if m),
+               None)
+
+    def plain(kind: str) -> str:
+        literal = re.fullmatch(r"typing\.Literal\[(.*)\]", kind)
+        if literal:
+            return "one of " + ", ".join(v.strip().strip("'\"") for v in literal.group(1).split(","))
+        return {"<class 'NoneType'>": "null"}.get(kind, re.sub(r"<class '([\w.]+)'>", r"\1", kind))
+
+    where = f"--{key.group(1)}" if key else None
+    if expected and got is not None:
+        text = f"expected {' or '.join(dict.fromkeys(plain(k) for k in expected))}; got {got!r}"
+    else:
+        text = " ".join(line for line in rest if not line.startswith(("Subtypes:", "Errors:", "Given value type:")))
+    return (f"{where}: {text}" if where else text) + " (see --help)"
+
+
+def _one_line(error: BaseException | str) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(error).__name__
+
+
+def _run(args: Sequence[str] | dict[str, Any], command_line: bool = False) -> Any:
+    words = args
     command = next(iter(words)) if isinstance(words, dict) else (words[0] if words else None)
     if command in LIGHTNING_COMMANDS or isinstance(words, dict):
-        return _lightning_cli(args)  # None: LightningCLI reads sys.argv itself
+        return _lightning_cli(None if command_line else args, command_line)  # None: LightningCLI reads sys.argv
     ns, overrides = _tools_parser().parse_known_args(list(words))
     allowed = {"serve": ("--model.",), "generate": ("--model.", "--data."),
                "estimate": ("--model.", "--data."), "audit": ("--model.", "--data.")}.get(ns.command, ())
     if overrides and not (allowed and all(w.startswith(allowed) for w in overrides[::2])):
-        _tools_parser().parse_args(list(words))  # reports the unknown arguments and exits
+        takes = f"; it takes {' and '.join(a + '* overrides' for a in allowed)} besides its options" if allowed else ""
+        raise UserError(f"{ns.command}: unrecognized arguments: {' '.join(overrides)}{takes} (see `python -m "
+                        f"splittrain {ns.command} --help`)")
     if ns.command == "split":
         return split_command(ns.model, ns.cuts, ns.out, dtype=ns.dtype, family=ns.family, revision=ns.revision,
                              max_shard_size=ns.max_shard_size, verbose=not ns.quiet)

@@ -12,12 +12,17 @@ From YAML (LightningCLI)::
       tokenizer: Qwen/Qwen2-0.5B-Instruct
       max_length: 512
 
+Local ``.jsonl``/``.json`` files are checked line by line before ``datasets`` reads them (:func:`check_rows_file`):
+a line that is not JSON, not an object, not one of the three row shapes or without an assistant turn is refused as
+``file:line: what is wrong``, with the count of other bad lines; nothing is skipped silently.
+
 Federated clients each train on their own disjoint shard of the rows: :func:`partition` draws the shards (iid, label
 skew from a Dirichlet, or one client per value of a column) and :meth:`InstructionDataModule.shard` applies them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,6 +41,8 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
 from recipes import NAMES as RECIPE_NAMES
+
+from .errors import UserError
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 PARTITIONS = ("iid", "dirichlet", "column")  # the methods of `partition`
@@ -57,39 +64,151 @@ def to_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     """One data row as ``[{"role": ..., "content": ...}, ...]`` with at least one assistant turn.
 
     Accepts ``messages``; alpaca ``instruction`` + optional ``input`` + ``output`` (+ optional ``system``);
-    ``prompt`` + ``completion`` (+ optional ``system``). Raises ``ValueError`` naming the row's keys otherwise.
+    ``prompt`` + ``completion`` (+ optional ``system``). A key whose value is null counts as absent (``datasets`` fills
+    the columns of other rows' shapes with nulls). Raises :class:`~splittrain.errors.UserError` (a ``ValueError``)
+    naming the row's keys otherwise.
     """
-    if "messages" in row:
+    if row.get("messages") is not None:
+        if not isinstance(row["messages"], Sequence) or isinstance(row["messages"], str):
+            raise UserError(f"row with keys {_keys(row)}: 'messages' must be a list of role/content objects, got "
+                            f"{type(row['messages']).__name__}")
         messages = [_message(m, row) for m in row["messages"]]
-    elif "instruction" in row and "output" in row:
+    elif row.get("instruction") is not None and row.get("output") is not None:
+        _strings(row, "instruction", "output", "input", "system")
         user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         messages = _with_system(row, [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}])
-    elif "prompt" in row and "completion" in row:
+    elif row.get("prompt") is not None and row.get("completion") is not None:
+        _strings(row, "prompt", "completion", "system")
         messages = _with_system(row, [{"role": "user", "content": row["prompt"]},
                                       {"role": "assistant", "content": row["completion"]}])
     else:
-        raise ValueError(f"row with keys {sorted(row)} is not an instruction row: expected 'messages', alpaca "
-                         "('instruction', optional 'input', 'output') or 'prompt'/'completion'")
+        raise UserError(f"row with keys {_keys(row)} is not an instruction row: expected 'messages', alpaca "
+                        "('instruction', optional 'input', 'output') or 'prompt'/'completion'")
     if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"row with keys {sorted(row)} has no assistant turn: nothing to train on")
+        roles = ", ".join(dict.fromkeys(m["role"] for m in messages)) or "none"
+        raise UserError(f"row with keys {_keys(row)} has no assistant turn (roles: {roles}): nothing to train on")
     return messages
 
 
-def fold_system(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+def check_row(row: Any) -> list[dict[str, str]]:
+    """:func:`to_messages` of a row that can be trained on: a JSON object of one of the three shapes, with an
+    assistant turn that is not the first turn. Raises :class:`~splittrain.errors.UserError` saying what is wrong."""
+    if not isinstance(row, Mapping):
+        raise UserError(f"a row must be a JSON object, got {_json_type(row)}")
+    messages = to_messages(row)
+    if messages[0]["role"] == "assistant":
+        raise UserError(f"row with keys {_keys(row)} starts with an assistant turn: it has no prompt to answer")
+    return messages
+
+
+def check_rows_file(path: str | Path, limit: int | None = None) -> bool:
+    """Check a local ``.jsonl`` (or ``.json``) file of rows before ``datasets`` reads it: every line JSON, every row
+    :func:`check_row`'s (the first ``limit`` rows' shapes only; JSON everywhere, as ``datasets`` parses it all).
+
+    Raises :class:`~splittrain.errors.UserError` as ``file:line: what is wrong`` (``file: row N`` in a JSON array)
+    for the first bad line, with the count of the others; and when the file holds no row. Returns False when the
+    file is one JSON document that is not a list of rows (e.g. columns): ``datasets`` reads it and the loaded rows
+    are checked instead.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
+    entries: list[tuple[str, Any]] = []  # ("line N" or "row N", the row or its JSON error)
+    document: Any = None
+    if path.suffix == ".json":
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            if text.lstrip().startswith("["):  # one JSON document after all, broken
+                raise UserError(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
+            document = None  # JSON Lines in a .json file, which datasets reads too
+        if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
+            return False  # columns: datasets reads them, the loaded rows are checked
+        if isinstance(document, list):
+            entries = [(f"row {number}", row) for number, row in enumerate(document, 1)]
+        elif isinstance(document, dict):
+            entries = [("row 1", document)]
+        elif document is not None:
+            raise UserError(f"{path} holds a JSON {_json_type(document)}: expected one row (a JSON object) per line, "
+                            "or a list of rows")
+    if document is None:
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue  # datasets skips blank lines
+            try:
+                entries.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                entries.append((f"line {number}", error))
+    if not entries:
+        raise UserError(f"{path} holds no rows" + (" (it is empty)" if not text.strip() else ""))
+    problems = []
+    for index, (where, row) in enumerate(entries):
+        if isinstance(row, json.JSONDecodeError):
+            problems.append((where, f"not valid JSON ({row.msg} at column {row.colno})"))
+        elif limit is None or index < limit:
+            try:
+                check_row(row)
+            except UserError as error:
+                problems.append((where, str(error)))
+    if problems:
+        (where, what), others = problems[0], [w.split()[-1] for w, _ in problems[1:]]
+        place = f"{path}:{where.split()[-1]}" if where.startswith("line") else f"{path}: {where}"
+        more = "" if not others else (f" ({len(others)} more bad {where.split()[0]}{'s' if len(others) > 1 else ''}: "
+                                      f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''})")
+        raise UserError(f"{place}: {what}{more}")
+    return True
+
+
+def fold_system(messages: Sequence[Mapping[str, str]], trim: bool = False) -> list[dict[str, str]]:
     """A leading system message merged into the first user turn (``system + "\\n\\n" + user``), for chat formats
-    without a system role (Gemma); other conversations are returned as they are."""
+    without a system role (Gemma); other conversations are returned as they are.
+
+    ``trim`` strips the user's text first, for templates that trim each turn's content (Gemma's and Gemma-3's
+    official ones, see :func:`template_trims`): the folded turn then renders as Gemma-3's official template renders
+    the system message and the user turn (``"Be brief.\\n\\nHi"`` from ``"  Hi "``), whose system text is not trimmed
+    (only its leading whitespace is lost to the template's trim of the whole folded turn)."""
     messages = [dict(m) for m in messages]
     if len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user":
         system = messages.pop(0)
-        messages[0]["content"] = f"{system['content']}\n\n{messages[0]['content']}"
+        user = messages[0]["content"].strip() if trim else messages[0]["content"]
+        messages[0]["content"] = f"{system['content']}\n\n{user}"
     return messages
+
+
+def template_trims(tokenizer: Any, chat_template: str) -> bool:
+    """Whether ``chat_template`` strips the whitespace around a user turn's content (Jinja ``| trim``), found by
+    rendering one user turn padded with spaces."""
+    probe = "splittrain-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f"  {probe}  "}], chat_template=chat_template,
+                                             tokenize=False)
+    except Exception:  # a template that refuses a lone user turn: nothing to learn from it
+        return False
+    return probe in text and f"  {probe}  " not in text
+
+
+def _keys(row: Mapping[str, Any]) -> list[str]:
+    return sorted(k for k, v in row.items() if v is not None)
+
+
+def _json_type(value: Any) -> str:
+    return {str: "string", list: "list", dict: "object", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _strings(row: Mapping[str, Any], *keys: str) -> None:
+    for key in keys:
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise UserError(f"row with keys {_keys(row)}: {key!r} must be a string, got {_json_type(row[key])}")
 
 
 def _message(message: Any, row: Mapping[str, Any]) -> dict[str, str]:
     if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
             and isinstance(message.get("content"), str)):
-        raise ValueError(f"row with keys {sorted(row)}: every message needs a string 'role' and 'content', "
-                         f"got {message!r}")
+        raise UserError(f"row with keys {_keys(row)}: every message needs a string 'role' and 'content', "
+                        f"got {message!r}")
     return {"role": message["role"], "content": message["content"]}
 
 
@@ -109,7 +228,7 @@ def resolve_chat_template(tokenizer: Any, fallback: str | None) -> str:
         return get_recipe(fallback).chat_template
     if fallback is not None:
         return CHAT_TEMPLATES.get(fallback, fallback)
-    raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template and no fallback was given: pass "
+    raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no chat template and no fallback was given: pass "
                      f"chat_template= one of {sorted(CHAT_TEMPLATES)}, a recipe ({', '.join(RECIPE_NAMES)}) or a "
                      "Jinja template string "
                      "(in YAML: data.chat_template)")
@@ -262,7 +381,7 @@ def partition(rows: Any, clients: int, method: Literal["iid", "dirichlet", "colu
     _check_partition(method, alpha, column)
     if method == "iid":
         if len(rows) < clients:
-            raise ValueError(f"{len(rows)} rows cannot be split among {clients} clients (model.federated.clients): "
+            raise UserError(f"{len(rows)} rows cannot be split among {clients} clients (model.federated.clients): "
                              "every client needs a row")
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
         return [sorted(part.tolist()) for part in torch.tensor_split(order, clients)]
@@ -270,20 +389,20 @@ def partition(rows: Any, clients: int, method: Literal["iid", "dirichlet", "colu
     try:
         labels = list(rows[column])
     except (KeyError, ValueError) as error:  # a datasets.Dataset raises ValueError, mappings and frames KeyError
-        raise ValueError(f"data.partition_column {column!r} is not a column of the rows") from error
+        raise UserError(f"data.partition_column {column!r} is not a column of the rows") from error
     rows_of: dict[Any, list[int]] = {}
     for index, label in enumerate(labels):
         rows_of.setdefault(label, []).append(index)
     values = sorted(rows_of)
     if method == "column":
         if len(values) < clients:
-            raise ValueError(f"column {column!r} (data.partition_column) has {len(values)} distinct values, fewer "
+            raise UserError(f"column {column!r} (data.partition_column) has {len(values)} distinct values, fewer "
                              f"than the {clients} clients (model.federated.clients): each client needs a value")
         return [sorted(i for k in range(client, len(values), clients) for i in rows_of[values[k]])
                 for client in range(clients)]
 
     if len(labels) < clients:
-        raise ValueError(f"{len(labels)} rows cannot be split among {clients} clients (model.federated.clients): "
+        raise UserError(f"{len(labels)} rows cannot be split among {clients} clients (model.federated.clients): "
                          "every client needs a row")
     rng = np.random.Generator(np.random.PCG64(seed))
     proportions = rng.dirichlet([alpha] * clients, size=len(values))  # drawn first: independent of the row counts
@@ -301,16 +420,16 @@ def partition(rows: Any, clients: int, method: Literal["iid", "dirichlet", "colu
 
 def _check_clients(clients: int) -> None:
     if not (isinstance(clients, int) and clients >= 1):
-        raise ValueError(f"model.federated.clients must be an integer >= 1, got {clients!r}")
+        raise UserError(f"model.federated.clients must be an integer >= 1, got {clients!r}")
 
 
 def _check_partition(method: str, alpha: float, column: str | None) -> None:
     if method not in PARTITIONS:
-        raise ValueError(f"unknown data.partition {method!r}: expected one of {', '.join(PARTITIONS)}")
+        raise UserError(f"unknown data.partition {method!r}: expected one of {', '.join(PARTITIONS)}")
     if not alpha > 0:
-        raise ValueError(f"data.partition_alpha must be > 0, got {alpha!r}")
+        raise UserError(f"data.partition_alpha must be > 0, got {alpha!r}")
     if method != "iid" and column is None:
-        raise ValueError(f"data.partition {method!r} splits by a column: set data.partition_column (e.g. a label or "
+        raise UserError(f"data.partition {method!r} splits by a column: set data.partition_column (e.g. a label or "
                          "task column of the rows)")
 
 
@@ -423,7 +542,7 @@ class InstructionDataModule(L.LightningDataModule):
                 system role, e.g. Gemma's, whose template refuses one); ``keep`` leaves it to the template.
         """
         if system not in ("keep", "fold"):
-            raise ValueError(f"data.system must be 'keep' or 'fold', got {system!r}")
+            raise UserError(f"data.system must be 'keep' or 'fold', got {system!r}")
         super().__init__()
         _check_partition(partition, partition_alpha, partition_column)
         if train == "quickstart":  # the embedded data set: its own validation rows unless told otherwise
@@ -443,8 +562,18 @@ class InstructionDataModule(L.LightningDataModule):
                                    "val_size": val_size, "seed": seed, "num_workers": num_workers, "limit": limit,
                                    "partition": partition, "partition_alpha": partition_alpha,
                                    "partition_column": partition_column, "test": test, "system": system})
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        for name, source in (("train", train), ("val", val), ("test", test)):  # fail now, not after loading the model
+            if source is not None and _is_local_file(source) and not Path(source).is_file():
+                raise UserError(f"data.{name}: {_missing(source)}")
+        if tokenizer.startswith(("/", ".", "~")) and not Path(tokenizer).expanduser().exists():
+            raise UserError(f"data.tokenizer {tokenizer}: no such folder (a tokenizer folder or a hub id was expected)")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        except (OSError, ValueError) as error:  # no such folder or hub id, or not a tokenizer
+            raise UserError(f"data.tokenizer {tokenizer!r} cannot be loaded: {_first_line(error)}") from error
         self.chat_template = resolve_chat_template(self.tokenizer, chat_template)  # fail now, not after loading data
+        # Fold as the template renders: Gemma's templates trim each turn, so the user's text is trimmed before folding.
+        self.trim_folded = system == "fold" and template_trims(self.tokenizer, self.chat_template)
         # Tokenizers without a pad token (Llama) pad with eos: padded positions are masked and unlabelled anyway.
         self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                              else self.tokenizer.eos_token_id)
@@ -460,17 +589,27 @@ class InstructionDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         hp = self.hparams
+        # Every source is loaded and checked before anything is tokenized: a bad test file fails before training.
         train_rows = self._load(hp.train)
-        if hp.val is None:
-            split = train_rows.train_test_split(test_size=hp.val_size, seed=hp.seed)
+        val_rows = None if hp.val is None else self._load(hp.val)
+        test_rows = None if hp.test is None else self._load(hp.test)
+        if val_rows is None:
+            try:
+                split = train_rows.train_test_split(test_size=hp.val_size, seed=hp.seed)
+            except ValueError as error:  # too few rows to hold out val_size of them
+                raise UserError(f"data.val_size {hp.val_size} of the {len(train_rows)} rows of {hp.train} leaves no "
+                                f"training or validation row ({_first_line(error)}): give data.val, or more rows") \
+                    from error
             train_rows, val_rows = split["train"], split["test"]
-        else:
-            val_rows = self._load(hp.val)
         self._rows = {"train": train_rows, "val": val_rows}
-        self.train_dataset, self.val_dataset = self._tokenize(train_rows), self._tokenize(val_rows)
-        if hp.test is not None:
-            self._rows["test"] = self._load(hp.test)
-            self.test_dataset = self._tokenize(self._rows["test"])
+        self.train_dataset = self._tokenize(train_rows, hp.train)
+        if len(self.train_dataset) == 0:
+            raise UserError(f"no training row of {hp.train} keeps a trained token within data.max_length "
+                            f"{hp.max_length}: the assistant turns start later; raise data.max_length")
+        self.val_dataset = self._tokenize(val_rows, hp.val or hp.train)
+        if test_rows is not None:
+            self._rows["test"] = test_rows
+            self.test_dataset = self._tokenize(test_rows, hp.test)
         else:
             self._rows["test"], self.test_dataset = val_rows, self.val_dataset
         self._split_shards()
@@ -500,11 +639,11 @@ class InstructionDataModule(L.LightningDataModule):
                 shards = partition(self._rows[split], self.clients, hp.partition, hp.partition_alpha,
                                    hp.partition_column, hp.seed)
             except ValueError as error:
-                raise ValueError(f"sharding the {split} rows: {error}") from error
+                raise UserError(f"sharding the {split} rows: {error}") from error
             position = {row: index for index, row in enumerate(examples["row"])}
             self._shards[split] = [[position[row] for row in shard if row in position] for shard in shards]
         if empty := [client for client in self.held if not self._shards["train"][client]]:
-            raise ValueError(f"clients {empty} have no training example left: tokenization drops the examples that "
+            raise UserError(f"clients {empty} have no training example left: tokenization drops the examples that "
                              "truncation to max_length leaves without trained tokens")
 
     def client_dataset(self, client: int, split: Literal["train", "val"]) -> Any:
@@ -519,21 +658,45 @@ class InstructionDataModule(L.LightningDataModule):
         return self._loader(self.client_dataset(client, split), shuffle, self.hparams.seed + client)
 
     def _load(self, source: str) -> Any:
-        path = Path(source)
-        if path.suffix in {".jsonl", ".json", ".parquet"}:
-            if not path.is_file():
-                raise FileNotFoundError(f"data file {source} does not exist")
-            rows = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path),
-                                split="train")
-        else:
-            name, _, split = source.partition(":")
-            rows = load_dataset(name, split=split or "train")
-        limit = self.hparams.limit
-        return rows if limit is None else rows.select(range(min(limit, len(rows))))
+        """The rows of ``source``, checked (:func:`check_row`): a local ``.jsonl``/``.json`` file line by line before
+        ``datasets`` reads it (:func:`check_rows_file`), other sources once loaded. Raises
+        :class:`~splittrain.errors.UserError` naming the source and the row."""
+        from datasets.exceptions import DatasetGenerationError
 
-    def _tokenize(self, rows: Any) -> Any:
+        limit = self.hparams.limit
+        path = Path(source)
+        checked = False
+        try:
+            if _is_local_file(source):
+                if not path.is_file():
+                    raise UserError(_missing(source))
+                if path.suffix in {".jsonl", ".json"}:
+                    checked = check_rows_file(path, limit)
+                rows = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path),
+                                    split="train")
+            else:
+                name, _, split = source.partition(":")
+                rows = load_dataset(name, split=split or "train")
+        except (DatasetGenerationError, OSError, ValueError) as error:  # UserError is a ValueError too
+            if isinstance(error, UserError):
+                raise
+            cause = error.__cause__ or error.__context__ or error
+            raise UserError(f"cannot read the rows of {source}: {_first_line(cause)}") from error
+        if len(rows) == 0:
+            raise UserError(f"{source} holds no rows")
+        rows = rows if limit is None else rows.select(range(min(limit, len(rows))))
+        if not checked:
+            for number, row in enumerate(rows, 1):
+                try:
+                    check_row(row)
+                except UserError as error:
+                    raise UserError(f"{source}: row {number}: {error}") from None
+        return rows
+
+    def _tokenize(self, rows: Any, source: str | None = None) -> Any:
         encode = partial(_encode_row, tokenizer=self.tokenizer, max_length=self.hparams.max_length,
-                         chat_template=self.chat_template, fold=self.hparams.system == "fold")
+                         chat_template=self.chat_template, fold=self.hparams.system == "fold",
+                         trim=getattr(self, "trim_folded", False), source=source or "the rows")
         # datasets fingerprints library functions by name only: hash this module's source and the transformers
         # version too, so changed tokenization code re-tokenizes instead of reusing a stale cache.
         fingerprint = Hasher.hash([rows._fingerprint, encode, Path(__file__).read_text(), transformers.__version__])
@@ -577,7 +740,7 @@ class InstructionDataModule(L.LightningDataModule):
         for row in self._rows[split]:
             messages = to_messages(row)
             if self.hparams.system == "fold":
-                messages = fold_system(messages)
+                messages = fold_system(messages, trim=self.trim_folded)
             last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
             if last is None or last == 0:
                 continue
@@ -588,10 +751,31 @@ class InstructionDataModule(L.LightningDataModule):
 
 
 def _encode_row(row: Mapping[str, Any], index: int, tokenizer: Any, max_length: int,
-                chat_template: str, fold: bool = False) -> dict[str, Any]:
-    messages = fold_system(to_messages(row)) if fold else to_messages(row)
-    return {"row": index, **tokenize_conversation(tokenizer, messages, max_length=max_length,
-                                                  chat_template=chat_template)}
+                chat_template: str, fold: bool = False, trim: bool = False, source: str = "the rows") -> dict[str, Any]:
+    try:
+        messages = fold_system(to_messages(row), trim=trim) if fold else to_messages(row)
+        return {"row": index, **tokenize_conversation(tokenizer, messages, max_length=max_length,
+                                                      chat_template=chat_template)}
+    except Exception as error:  # e.g. a template's raise_exception: name the row (its index among the loaded rows)
+        if not isinstance(error, ValueError) and type(error).__name__ != "TemplateError":
+            raise
+        raise UserError(f"{source}: loaded row {index + 1} cannot be rendered: {_first_line(error)}") from error
+
+
+def _is_local_file(source: str) -> bool:
+    return Path(source).suffix in {".jsonl", ".json", ".parquet"}
+
+
+def _missing(source: str) -> str:
+    path = Path(source)
+    if path.is_dir():
+        return f"{source} is a folder; a .jsonl, .json or .parquet file was expected"
+    return f"data file {source} does not exist" + (f" (nor its folder {path.parent})" if not path.parent.is_dir() else "")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:3]) if lines else type(error).__name__
 
 
 def _has_trained_token(example: Mapping[str, Sequence[int]]) -> bool:
