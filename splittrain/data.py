@@ -229,9 +229,9 @@ def resolve_chat_template(tokenizer: Any, fallback: str | None) -> str:
     if fallback is not None:
         return CHAT_TEMPLATES.get(fallback, fallback)
     raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no chat template and no fallback was given: pass "
-                     f"chat_template= one of {sorted(CHAT_TEMPLATES)}, a recipe ({', '.join(RECIPE_NAMES)}) or a "
-                     "Jinja template string "
-                     "(in YAML: data.chat_template)")
+                    f"chat_template= one of {sorted(CHAT_TEMPLATES)}, a recipe ({', '.join(RECIPE_NAMES)}) or a "
+                    "Jinja template string "
+                    "(in YAML: data.chat_template)")
 
 
 def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]], max_length: int | None = None,
@@ -382,7 +382,7 @@ def partition(rows: Any, clients: int, method: Literal["iid", "dirichlet", "colu
     if method == "iid":
         if len(rows) < clients:
             raise UserError(f"{len(rows)} rows cannot be split among {clients} clients (model.federated.clients): "
-                             "every client needs a row")
+                            "every client needs a row")
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
         return [sorted(part.tolist()) for part in torch.tensor_split(order, clients)]
 
@@ -397,13 +397,13 @@ def partition(rows: Any, clients: int, method: Literal["iid", "dirichlet", "colu
     if method == "column":
         if len(values) < clients:
             raise UserError(f"column {column!r} (data.partition_column) has {len(values)} distinct values, fewer "
-                             f"than the {clients} clients (model.federated.clients): each client needs a value")
+                            f"than the {clients} clients (model.federated.clients): each client needs a value")
         return [sorted(i for k in range(client, len(values), clients) for i in rows_of[values[k]])
                 for client in range(clients)]
 
     if len(labels) < clients:
         raise UserError(f"{len(labels)} rows cannot be split among {clients} clients (model.federated.clients): "
-                         "every client needs a row")
+                        "every client needs a row")
     rng = np.random.Generator(np.random.PCG64(seed))
     proportions = rng.dirichlet([alpha] * clients, size=len(values))  # drawn first: independent of the row counts
     shards: list[list[int]] = [[] for _ in range(clients)]
@@ -430,7 +430,7 @@ def _check_partition(method: str, alpha: float, column: str | None) -> None:
         raise UserError(f"data.partition_alpha must be > 0, got {alpha!r}")
     if method != "iid" and column is None:
         raise UserError(f"data.partition {method!r} splits by a column: set data.partition_column (e.g. a label or "
-                         "task column of the rows)")
+                        "task column of the rows)")
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -570,7 +570,7 @@ class InstructionDataModule(L.LightningDataModule):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         except (OSError, ValueError) as error:  # no such folder or hub id, or not a tokenizer
-            raise UserError(f"data.tokenizer {tokenizer!r} cannot be loaded: {_first_line(error)}") from error
+            raise UserError(f"data.tokenizer {tokenizer!r} cannot be loaded: {_brief(error)}") from error
         self.chat_template = resolve_chat_template(self.tokenizer, chat_template)  # fail now, not after loading data
         # Fold as the template renders: Gemma's templates trim each turn, so the user's text is trimmed before folding.
         self.trim_folded = system == "fold" and template_trims(self.tokenizer, self.chat_template)
@@ -598,7 +598,7 @@ class InstructionDataModule(L.LightningDataModule):
                 split = train_rows.train_test_split(test_size=hp.val_size, seed=hp.seed)
             except ValueError as error:  # too few rows to hold out val_size of them
                 raise UserError(f"data.val_size {hp.val_size} of the {len(train_rows)} rows of {hp.train} leaves no "
-                                f"training or validation row ({_first_line(error)}): give data.val, or more rows") \
+                                f"training or validation row ({_brief(error)}): give data.val, or more rows") \
                     from error
             train_rows, val_rows = split["train"], split["test"]
         self._rows = {"train": train_rows, "val": val_rows}
@@ -644,7 +644,7 @@ class InstructionDataModule(L.LightningDataModule):
             self._shards[split] = [[position[row] for row in shard if row in position] for shard in shards]
         if empty := [client for client in self.held if not self._shards["train"][client]]:
             raise UserError(f"clients {empty} have no training example left: tokenization drops the examples that "
-                             "truncation to max_length leaves without trained tokens")
+                            "truncation to max_length leaves without trained tokens")
 
     def client_dataset(self, client: int, split: Literal["train", "val"]) -> Any:
         """The tokenized examples of ``client``'s shard of ``split`` (all of them while unsharded)."""
@@ -681,7 +681,7 @@ class InstructionDataModule(L.LightningDataModule):
             if isinstance(error, UserError):
                 raise
             cause = error.__cause__ or error.__context__ or error
-            raise UserError(f"cannot read the rows of {source}: {_first_line(cause)}") from error
+            raise UserError(f"cannot read the rows of {source}: {_brief(cause)}") from error
         if len(rows) == 0:
             raise UserError(f"{source} holds no rows")
         rows = rows if limit is None else rows.select(range(min(limit, len(rows))))
@@ -699,6 +699,8 @@ class InstructionDataModule(L.LightningDataModule):
                          trim=getattr(self, "trim_folded", False), source=source or "the rows")
         # datasets fingerprints library functions by name only: hash this module's source and the transformers
         # version too, so changed tokenization code re-tokenizes instead of reusing a stale cache.
+        if len(rows):
+            encode(rows[0], 0)  # a template that refuses the rows' shape fails here, before the progress bars
         fingerprint = Hasher.hash([rows._fingerprint, encode, Path(__file__).read_text(), transformers.__version__])
         examples = rows.map(encode, with_indices=True, remove_columns=rows.column_names, desc="tokenizing",
                             new_fingerprint=fingerprint)
@@ -756,10 +758,12 @@ def _encode_row(row: Mapping[str, Any], index: int, tokenizer: Any, max_length: 
         messages = fold_system(to_messages(row), trim=trim) if fold else to_messages(row)
         return {"row": index, **tokenize_conversation(tokenizer, messages, max_length=max_length,
                                                       chat_template=chat_template)}
-    except Exception as error:  # e.g. a template's raise_exception: name the row (its index among the loaded rows)
+    except Exception as error:  # a template's raise_exception (jinja2's TemplateError) or a ValueError of ours
         if not isinstance(error, ValueError) and type(error).__name__ != "TemplateError":
             raise
-        raise UserError(f"{source}: loaded row {index + 1} cannot be rendered: {_first_line(error)}") from error
+        hint = ("; data.system: fold merges a system message into the first user turn"
+                if "system" in str(error).lower() and not fold else "")
+        raise UserError(f"{source}: the chat template cannot render a row ({_brief(error)}){hint}") from error
 
 
 def _is_local_file(source: str) -> bool:
@@ -773,7 +777,7 @@ def _missing(source: str) -> str:
     return f"data file {source} does not exist" + (f" (nor its folder {path.parent})" if not path.parent.is_dir() else "")
 
 
-def _first_line(error: BaseException) -> str:
+def _brief(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines[:3]) if lines else type(error).__name__
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from recipes import chat_template_for, get_recipe, pad_token_id, stop_token_ids
-from splittrain.data import IGNORE_INDEX, resolve_chat_template, tokenize_conversation
+from splittrain.data import IGNORE_INDEX, fold_system, resolve_chat_template, template_trims, tokenize_conversation
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 TURNS = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
@@ -78,6 +82,76 @@ def test_gemma3_folds_the_system_message_into_the_first_user_turn():
              {"role": "user", "content": [{"type": "text", "text": "Hi there"}]}, *TURNS[1:]]
     assert render("gemma3", parts) == EXPECTED["gemma3"]
     assert render("gemma3", TURNS) == EXPECTED["gemma3"].replace("You are terse.\n\n", "")
+
+
+# The official instruct templates, read for comparison only (not part of the repository): SPLITTRAIN_HF_REAL names
+# a folder with the models' files; the tests that need them are skipped where it is missing.
+HF_REAL = Path(os.environ.get("SPLITTRAIN_HF_REAL", "/work/shared/hf-real"))
+OFFICIAL = {"qwen2": "Qwen2-1.5B-Instruct/chat_template.jinja", "gemma": "gemma-2b-it/tokenizer_config.json",
+            "gemma3": "gemma-3-4b-it/chat_template.json"}
+# Whitespace around every kind of turn: Gemma's and Gemma-3's templates trim each turn's content (Gemma-3 not the
+# system text it prefixes to the first user turn), Qwen2's trims nothing.
+SPACED = [
+    [{"role": "system", "content": "Answer tersely.  "}, {"role": "user", "content": "  Capital of Peru?  \n"},
+     {"role": "assistant", "content": " Lima.\n"}],
+    [{"role": "system", "content": "Answer tersely.\n"}, {"role": "user", "content": "\tCapital of Peru?"},
+     {"role": "assistant", "content": "Lima. "}, {"role": "user", "content": " And Chile? "},
+     {"role": "assistant", "content": "\nSantiago"}],
+    [{"role": "user", "content": "  Capital of Peru?  \n"}, {"role": "assistant", "content": " Lima.\n"}],
+]
+
+
+def official_template(family: str) -> str:
+    path = HF_REAL / OFFICIAL[family]
+    if not path.is_file():
+        pytest.skip(f"the official {family} template is not here ({path})")
+    return json.loads(path.read_text())["chat_template"] if path.suffix == ".json" else path.read_text()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "gemma3"])
+@pytest.mark.parametrize("case", range(len(SPACED)))
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_fallback_and_fold_render_whitespace_as_the_official_template(family, case, generation_prompt):
+    """The recipe's fallback renders as the official template, whitespace included, and so does a conversation
+    folded by ``data.system: fold``; for Gemma-3, whose official template takes a system message, the folded
+    conversation renders as the unfolded one does."""
+    tokenizer, official = tokenizer_for(family), official_template(family)
+    ours = get_recipe(family).chat_template
+    trims = template_trims(tokenizer, official)
+    assert trims == (family != "qwen2") == template_trims(tokenizer, ours)
+    messages = SPACED[case][:-1] if generation_prompt else SPACED[case]
+    folded = fold_system(messages, trim=trims)
+
+    def rendered(conversation, template):
+        return tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    for conversation in ([folded] if family == "gemma" else [messages, folded]):  # Gemma refuses a system turn
+        assert rendered(conversation, ours) == rendered(conversation, official)
+    if family == "gemma3":
+        assert rendered(folded, official) == rendered(messages, official)
+    if family != "qwen2" and messages[0]["role"] == "system":
+        assert "\n\nCapital of Peru?" in rendered(folded, official)  # the user's text trimmed, not "\n\n  Capital"
+
+
+def test_data_module_folds_as_gemma3s_template_trims(tmp_path):
+    """``data.system: fold`` with the Gemma-3 recipe: the training text and the evaluation prompt have the user's text
+    trimmed, as Gemma-3's template trims it when it folds the system message itself."""
+    from splittrain.data import InstructionDataModule
+
+    tokenizer = tokenizer_for("gemma3")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"messages": SPACED[0]}) + "\n")
+    module = InstructionDataModule(train=str(rows), val=str(rows), tokenizer=str(tmp_path / "tokenizer"),
+                                   chat_template="gemma3", system="fold")
+    module.setup("fit")
+    text = module.tokenizer.decode(module.train_dataset[0]["input_ids"])
+    assert text == tokenizer.apply_chat_template(SPACED[0], chat_template=get_recipe("gemma3").chat_template,
+                                                 tokenize=False)
+    assert "Answer tersely.  \n\nCapital of Peru?<end_of_turn>" in text
+    assert module.eval_rows("val")[0]["messages"] == [{"role": "user",
+                                                       "content": "Answer tersely.  \n\nCapital of Peru?"}]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma", "gemma3"])
