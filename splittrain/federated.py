@@ -4,13 +4,20 @@ Every client holds its own bottom and top and its own shard of the data; the ser
 
 ``average: gradients`` (FedSGD) with ``trunk_update: sync`` is data-parallel training: at every step each
 participating client's client-side gradients are averaged uniformly across clients, as
-``DistributedDataParallel`` averages them, and the server averages the trunk gradients of the same clients;
-every party then steps once. It equals one unsplit model trained on all clients' batches under DDP.
+``DistributedDataParallel`` averages them, and the server averages the trunk gradients of the same clients,
+uniformly too; every party then steps once. It equals one unsplit model trained on all clients' batches under
+DDP. ``weighting`` does not apply to FedSGD.
 
 ``average: weights`` (FedAvg): clients take ``average_every`` local steps with their own optimizers, then
-their client-side trainable weights are averaged (weighted by their shard sizes, or uniformly). The trunk
-steps on every client step, in arrival order (``sequential``, SplitFed-v2), or once per step on the averaged
-trunk gradients of that step's participants (``sync``).
+their client-side trainable weights are averaged over the round's participants, weighted by ``weighting``: by
+their shard sizes (``samples``, the number of training examples in each client's shard) or equally
+(``uniform``). The trunk steps on every client step, in arrival order, each on that client's own trunk gradient
+with nothing weighted (``sequential``, SplitFed-v2), or once per step on the mean of that step's participants'
+trunk gradients (``sync``), weighted as the client-side weights are: ``sum_c n_c g_c / sum_c n_c`` with
+``weighting: samples``, the plain mean with ``uniform``.
+
+Every weight comes from :meth:`FederatedSettings.weight`: 0 for a client that sits the round out, its shard size
+for FedAvg with ``weighting: samples``, else 1.
 
 A *round* is the ``average_every`` steps between two averages (one step for ``gradients``); at each round a
 seeded draw picks ``client_fraction`` of the clients to take part. Clients sitting out a round still receive
@@ -99,13 +106,16 @@ class FederatedSettings:
     average_every: int = 1
     """Local steps between two weight averages (``average: weights``)."""
     weighting: Literal["samples", "uniform"] = "samples"
-    """Weight averages by each client's number of training rows, or uniformly; ``gradients`` averages
-    uniformly, as DDP does."""
+    """How ``average: weights`` (FedAvg) weighs the clients: by each one's number of training examples (its shard
+    size) or equally. It weights the client-side weight averages and, with ``trunk_update: sync``, the mean of each
+    step's trunk gradients. ``average: gradients`` (FedSGD) averages uniformly whatever it says, on both sides, as
+    DDP does; with ``trunk_update: sequential`` each client's trunk gradient is a trunk step of its own, unweighted."""
     client_fraction: float = 1.0
     """Fraction of the clients drawn (seeded) to take part in each round; at least one."""
     trunk_update: Literal["sync", "sequential"] = "sync"
-    """``sync``: the trunk steps once per step on the averaged gradients of the step's participants;
-    ``sequential``: the trunk steps on every client's step, in arrival order."""
+    """``sync``: the trunk steps once per step on the mean of the step's participants' trunk gradients (uniform for
+    ``gradients``, weighted by ``weighting`` for ``weights``); ``sequential``: the trunk steps on every client's
+    step, in arrival order, on that client's gradient alone."""
     round_timeout: float = 300.0
     """Seconds the server waits for a client at a synchronisation point before the round goes on without it."""
     seed: int = 0
@@ -155,7 +165,8 @@ class FederatedSettings:
         return sorted(torch.randperm(self.clients, generator=generator)[:count].tolist())
 
     def weight(self, participant: bool, samples: int) -> float:
-        """This client's weight in an average: 0 when it sits the round out."""
+        """This client's weight in an average (the client-side one and the ``sync`` trunk's gradient mean): 0 when it
+        sits the round out, ``samples`` (its shard size) for FedAvg with ``weighting: samples``, else 1."""
         if not participant:
             return 0.0
         return float(samples) if self.average == "weights" and self.weighting == "samples" else 1.0
