@@ -679,18 +679,29 @@ def _lightning_info_to_stdout() -> None:
     WARNING to stdout, so that a mistake's one line is all stderr shows."""
     import logging
 
+    class Stdout(logging.StreamHandler):
+        """Writes to the ``sys.stdout`` of the moment (a notebook's or a test's capture included)."""
+
+        @property
+        def stream(self) -> Any:
+            return sys.stdout
+
+        @stream.setter
+        def stream(self, value: Any) -> None:
+            pass
+
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
+        if any(isinstance(h, Stdout) or type(h).__name__ == "Stdout" for h in logger.handlers):
+            continue  # done before in this process
         for handler in list(logger.handlers):
-            if getattr(handler, "_splittrain_split", False) or type(handler) is not logging.StreamHandler \
-                    or handler.stream is not sys.stderr:
+            if type(handler) is not logging.StreamHandler or handler.stream in (sys.stdout, sys.__stdout__):
                 continue
             handler.addFilter(lambda record: record.levelno >= logging.WARNING)
-            info = logging.StreamHandler(sys.stdout)
+            info = Stdout()
             info.setLevel(handler.level)
             info.setFormatter(handler.formatter)
             info.addFilter(lambda record: record.levelno < logging.WARNING)
-            handler._splittrain_split = info._splittrain_split = True
             logger.addHandler(info)
 
 
