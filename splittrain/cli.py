@@ -517,7 +517,7 @@ def _read_prompts(path: str | Path) -> list[dict[str, Any]]:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"--prompts {path}: {getattr(error, 'strerror', None) or _one_line(error)}") from error
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
@@ -620,6 +620,7 @@ def _lightning_cli(args: Sequence[str] | dict[str, Any] | None, command_line: bo
 
         def _run_subcommand(self, subcommand: str) -> None:
             """Under torchrun with ``transport: dist`` rank 0 serves the trunk; the client ends its session."""
+            check_model(self.model)  # the inputs, before the data and the model load
             if self.model.transport == "dist" and int(os.environ.get("RANK", "0")) == 0:
                 from .transport.dist import serve
 
@@ -628,7 +629,6 @@ def _lightning_cli(args: Sequence[str] | dict[str, Any] | None, command_line: bo
                                               Path(self.trainer.default_root_dir)), self.model.timeout)
                 return
             try:
-                check_model(self.model)  # the inputs, before the data and the model load
                 self._check_ckpt_path(subcommand)
                 super()._run_subcommand(subcommand)
             finally:

@@ -134,7 +134,7 @@ def check_rows_file(path: str | Path, limit: int | None = None) -> bool:
             raise UserError(f"{path} holds a JSON {_json_type(document)}: expected one row (a JSON object) per line, "
                             "or a list of rows")
     if document is None:
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
             if not line.strip():
                 continue  # datasets skips blank lines
             try:

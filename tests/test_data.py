@@ -4,6 +4,8 @@ quickstart data, tokenizer and model."""
 from __future__ import annotations
 
 import io
+import json
+import re
 from itertools import groupby
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from splittrain.data import (
     CHAT_TEMPLATES,
     IGNORE_INDEX,
     InstructionDataModule,
+    check_rows_file,
     collate,
     fold_system,
     render,
@@ -24,6 +27,7 @@ from splittrain.data import (
     to_messages,
     tokenize_conversation,
 )
+from splittrain.errors import UserError
 from splittrain.quickstart import make_data
 
 CONVERSATION = [
@@ -86,6 +90,48 @@ def test_to_messages_rejects_rows_without_an_answer_or_of_unknown_shape():
         to_messages({"text": "free text", "title": "t"})
     with pytest.raises(ValueError, match="string 'role' and 'content'"):
         to_messages({"messages": [{"role": "user"}]})
+
+
+def test_rows_files_are_checked_before_datasets_reads_them(tmp_path):
+    """A bad line is named as file:line with what is wrong and the count of the other bad lines; rows of other
+    shapes, null-filled columns (datasets' union of the rows' keys) and U+2028 inside a string are fine."""
+    good = json.dumps({"prompt": "2+2=\u2028?", "completion": "4"}, ensure_ascii=False)
+    alpaca = json.dumps({"instruction": "Say hi.", "input": None, "output": "hi", "messages": None})
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([good, "", alpaca, "{broken", json.dumps({"messages": [{"role": "user", "content": "x"}]}),
+                                json.dumps([1]), json.dumps({"prompt": 3, "completion": "x"})]) + "\n")
+    with pytest.raises(UserError, match=re.escape(f"{path}:4: not valid JSON (Expecting property name enclosed in "
+                                                  "double quotes at column 2) (3 more bad lines: 5, 6, 7)")):
+        check_rows_file(path)
+    with pytest.raises(UserError, match=re.escape(f"{path}:4: not valid JSON")):
+        check_rows_file(path, limit=2)  # JSON is checked everywhere, shapes only in the first `limit` rows
+    path.write_text("\n".join([good, alpaca, json.dumps({"messages": [{"role": "user", "content": "x"}]})]))
+    assert check_rows_file(path, limit=2)
+    with pytest.raises(UserError, match=re.escape(f"{path}:3: row with keys ['messages'] has no assistant turn "
+                                                  "(roles: user): nothing to train on")):
+        check_rows_file(path)
+    listed = tmp_path / "rows.json"
+    listed.write_text(json.dumps([json.loads(good), {"messages": [{"role": "assistant", "content": "x"}]}]))
+    with pytest.raises(UserError, match=re.escape(f"{listed}: row 2: row with keys ['messages'] starts with an "
+                                                  "assistant turn")):
+        check_rows_file(listed)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(UserError, match="empty.jsonl holds no rows"):
+        check_rows_file(tmp_path / "empty.jsonl")
+
+
+def test_data_module_names_the_source_of_a_bad_row(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}]
+    Dataset.from_list(rows).to_parquet(tmp_path / "rows.parquet")
+    module = InstructionDataModule(train=str(tmp_path / "rows.parquet"), tokenizer=str(quickstart.TOKENIZER_DIR))
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'rows.parquet'}: row 2: row with keys ['prompt'] "
+                                                  "is not an instruction row")):
+        module.setup("fit")
+    with pytest.raises(UserError, match="data.val: data file .*missing.jsonl does not exist"):
+        InstructionDataModule(train=str(tmp_path / "rows.parquet"), val=str(tmp_path / "missing.jsonl"),
+                              tokenizer=str(quickstart.TOKENIZER_DIR))
 
 
 # --- chat templates and labels ----------------------------------------------------------------------------------
