@@ -452,21 +452,27 @@ def _load_run(configs: Sequence[str], overrides: Sequence[str], ckpt_path: str |
         quiet.setLevel(level)
     module.tokenizer, module.chat_template = data.tokenizer, data.chat_template
     if path is not None:
-        module.restore(path)
+        module.restore(path, force_trunk=force_load)
     return module, data
 
 
 def check_model(module: Any) -> None:
     """Check a :class:`~splittrain.modules.ClientModule`'s model settings against the model's config alone (no
-    weights load): the model is there, its cuts leave every part a layer, its device map names its parts. Raises
-    :class:`UserError` saying which setting is wrong."""
+    weights load): the model is there and of a known family (``model.recipe``'s, if given), its cuts leave every
+    part a layer, its device map names its parts. Raises :class:`UserError` saying which setting is wrong."""
+    from .families import get_family
     from .loading import Checkpoint, part_ranges, resolve_device_map
     from .modules import resolve_model
 
     try:
         checkpoint = Checkpoint(resolve_model(module.model_name))
+        family = get_family(checkpoint.text_config.model_type)
     except (OSError, ValueError) as error:
         raise UserError(f"model.model {module.model_name!r}: {_one_line(error)}") from error
+    recipe = getattr(module, "recipe", None)
+    if recipe is not None and family.name != recipe.name:
+        raise UserError(f"model.recipe is {recipe.name!r} but {module.model_name} is a {family.name!r} model: name its "
+                        "own family's recipe, or none")
     try:
         ranges = part_ranges(checkpoint.text_config.num_hidden_layers, module.cuts)
     except (TypeError, ValueError) as error:
