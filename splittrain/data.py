@@ -589,10 +589,12 @@ class InstructionDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         hp = self.hparams
-        # Every source is loaded and checked before anything is tokenized: a bad test file fails before training.
-        train_rows = self._load(hp.train)
-        val_rows = None if hp.val is None else self._load(hp.val)
-        test_rows = None if hp.test is None else self._load(hp.test)
+        # Every local file is checked before datasets reads any (its first read prints progress bars), and every
+        # source is loaded before anything is tokenized: a bad test file fails before training.
+        checked = {source: self._check_file(source) for source in (hp.train, hp.val, hp.test) if source is not None}
+        train_rows = self._load(hp.train, checked.get(hp.train, False))
+        val_rows = None if hp.val is None else self._load(hp.val, checked[hp.val])
+        test_rows = None if hp.test is None else self._load(hp.test, checked[hp.test])
         if val_rows is None:
             try:
                 split = train_rows.train_test_split(test_size=hp.val_size, seed=hp.seed)
@@ -657,21 +659,27 @@ class InstructionDataModule(L.LightningDataModule):
         """A loader of :meth:`client_dataset`, its order seeded with ``seed + client``."""
         return self._loader(self.client_dataset(client, split), shuffle, self.hparams.seed + client)
 
-    def _load(self, source: str) -> Any:
+    def _check_file(self, source: str) -> bool:
+        """Check a local ``.jsonl``/``.json`` file line by line (:func:`check_rows_file`); False for other sources,
+        whose rows :meth:`_load` checks once loaded."""
+        if not _is_local_file(source):
+            return False
+        if not Path(source).is_file():
+            raise UserError(_missing(source))
+        return Path(source).suffix in {".jsonl", ".json"} and check_rows_file(source, self.hparams.limit)
+
+    def _load(self, source: str, checked: bool | None = None) -> Any:
         """The rows of ``source``, checked (:func:`check_row`): a local ``.jsonl``/``.json`` file line by line before
-        ``datasets`` reads it (:func:`check_rows_file`), other sources once loaded. Raises
-        :class:`~splittrain.errors.UserError` naming the source and the row."""
+        ``datasets`` reads it (:meth:`_check_file`, unless ``checked`` says whether it was), other sources once
+        loaded. Raises :class:`~splittrain.errors.UserError` naming the source and the row."""
         from datasets.exceptions import DatasetGenerationError
 
         limit = self.hparams.limit
         path = Path(source)
-        checked = False
         try:
+            if checked is None:
+                checked = self._check_file(source)
             if _is_local_file(source):
-                if not path.is_file():
-                    raise UserError(_missing(source))
-                if path.suffix in {".jsonl", ".json"}:
-                    checked = check_rows_file(path, limit)
                 rows = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path),
                                     split="train")
             else:
