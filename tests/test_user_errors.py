@@ -203,3 +203,23 @@ def test_main_with_arguments_raises_instead():
 
     with pytest.raises(UserError, match="serve: the following arguments are required: --tokens"):
         main(["serve", "--config", CONFIG])
+
+
+def test_a_run_that_fails_after_its_setup_leaves_the_run_folder_alone(inputs, capfd, monkeypatch):
+    """Lightning saves config.yaml at setup; ours waits until the run has started: a client that cannot reach its
+    trunk server (found after the data and the model loaded) leaves the earlier run's config.yaml as it was."""
+    (inputs / "client0.token").write_text("t" * 32 + "\n")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(sys, "argv", ["splittrain", "fit", *FIT, "--model.transport", "tcp", "--model.address",
+                                      f"127.0.0.1:{port}", "--model.token_file", "client0.token",
+                                      "--model.reconnect_timeout", "0.5", "--model.timeout", "2"])
+    before = snapshot(inputs)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    out, err = capfd.readouterr()
+    assert exited.value.code == 2 and "Traceback" not in err + out
+    last = err.splitlines()[-1]  # after the data's progress bars and the client's "waiting for the server" lines
+    assert last.startswith("splittrain: error: ") and f"127.0.0.1:{port}" in last
+    assert snapshot(inputs) == before
