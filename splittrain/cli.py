@@ -84,6 +84,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _tools_parser() -> argparse.ArgumentParser:
     from .server import ServerLimits
+    from .transport.tcp import HANDSHAKE_TIMEOUT
 
     parser = _Parser(prog="splittrain", description="Split-learning fine-tuning of decoder LLMs.",
                      epilog="python -m splittrain fit --help lists every training setting; --debug (anywhere, or "
@@ -108,7 +109,9 @@ def _tools_parser() -> argparse.ArgumentParser:
     export.add_argument("--ckpt", default=None, help="client checkpoint (default: RUN/checkpoints/last.ckpt)")
     serve = commands.add_parser(
         "serve", help="run the trunk server of a config for tcp clients",
-        epilog="--model.* overrides are applied to the config as for fit (e.g. --model.cuts '[2, 4]')")
+        epilog="--model.* overrides are applied to the config as for fit (e.g. --model.cuts '[2, 4]'), and "
+               "--trainer.max_steps N (the steps a federation's trunk schedule spans; independent clients bring "
+               "their own)")
     serve.add_argument("--config", required=True, action="append", help="the run's config (its model section)")
     serve.add_argument("--address", default="127.0.0.1:7000", help="HOST:PORT to listen on (port 0: any free)")
     serve.add_argument("--tokens", required=True, help="tokens.json: client name -> token (see `token`)")
@@ -116,13 +119,20 @@ def _tools_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls_key", default=None, help="TLS private key (PEM)")
     serve.add_argument("--resume", action="store_true", help="restore the newest trunk checkpoint of the run folder")
     serve.add_argument("--save_every", type=int, default=1,
-                       help="save trunk/latest.safetensors every N steps (a restarted server loses no step)")
+                       help="save each client's trunk/<client>/latest.safetensors every N of its steps (a restarted "
+                            "server loses no step)")
     serve.add_argument("--run_dir", default=None, help="checkpoints and server_status.json (default: the "
                        "config's trainer.default_root_dir)")
     limits = ServerLimits()
     serve.add_argument("--session_timeout", type=float, default=limits.session_timeout,
                        help="seconds a disconnected client's session waits for it to reconnect")
-    serve.add_argument("--max_connections", type=int, default=64, help="connections served at once")
+    serve.add_argument("--max_connections", type=int, default=64, help="authenticated connections served at once")
+    serve.add_argument("--handshake_timeout", type=float, default=HANDSHAKE_TIMEOUT,
+                       help="seconds a connection has to authenticate (TLS included)")
+    serve.add_argument("--max_handshakes", type=int, default=64, help="connections authenticating at once (past "
+                       "it, a new connection takes the place of the oldest)")
+    serve.add_argument("--max_handshakes_per_address", type=int, default=8,
+                       help="connections authenticating at once from one address")
     serve.add_argument("--max_graphs", type=int, default=limits.max_graphs,
                        help="forward passes waiting for their backward pass, per client")
     serve.add_argument("--max_graph_bytes", type=int, default=limits.max_graph_bytes,
@@ -170,6 +180,9 @@ def _tools_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop_token_id", type=int, action="append", default=None, dest="eos_token_id",
                           help="stop a row at this token id (repeatable; default: the tokenizer's EOS)")
     generate.add_argument("--seed", type=int, default=None, help="seed of sampling")
+    generate.add_argument("--force_load", action="store_true",
+                          help="restore --ckpt_path's trunk on a server even while other clients of its federation "
+                               "train it (it goes back for them too; refused without this flag)")
     estimate = commands.add_parser(
         "estimate", help="memory per party of a config (weights, adapters, gradients, optimizer, activations)",
         epilog="needs no weights: parameter counts come from the model's config (a recipe's, a local config.json, "
@@ -257,9 +270,10 @@ def _sections(config: str) -> str:
 def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1:7000", tls_cert: str | None = None,
                   tls_key: str | None = None, resume: bool = False, save_every: int = 1, run_dir: str | None = None,
                   limits: Any = None, max_connections: int = 64, overrides: Sequence[str] = (),
-                  threads: int | None = None) -> None:
+                  threads: int | None = None, handshakes: dict[str, Any] | None = None) -> None:
     """Serve the trunk that ``configs`` describe on ``address`` until SIGTERM/SIGINT (then save and stop);
-    ``limits`` is a :class:`~splittrain.server.ServerLimits`; ``threads`` torch threads compute the trunk."""
+    ``limits`` is a :class:`~splittrain.server.ServerLimits`; ``threads`` torch threads compute the trunk;
+    ``handshakes``: :class:`~splittrain.transport.tcp.TcpServer`'s handshake limits."""
     import logging
     import signal
 
@@ -283,12 +297,14 @@ def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1
     check_model(module)
     server = module.build_server(max_steps if max_steps > 0 else None, run, limits, save_every=save_every)
     if resume:
-        step = server.resume()
-        print(f"splittrain: resumed the trunk at step {step}" if step is not None else
-              f"splittrain: no trunk checkpoint in {run / 'trunk'}; starting at step 0", flush=True)
+        resumed = server.resume()
+        for owner, step in resumed.items():
+            print(f"splittrain: resumed the trunk adapter of {owner!r} at step {step} (when it connects)", flush=True)
+        if not resumed:
+            print(f"splittrain: no trunk checkpoint in {run / 'trunk'}; starting at step 0", flush=True)
     try:
         tcp = TcpServer(server, address, known, tls, max_connections=max_connections,
-                        status_file=run / "server_status.json")
+                        status_file=run / "server_status.json", **(handshakes or {}))
     except OSError as error:  # taken while the model loaded
         raise UserError(f"--address {address}: {_bind_problem(error)}") from error
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -373,14 +389,14 @@ def _bind_problem(error: OSError) -> str:
 
 def generate_command(configs: Sequence[str], prompt: str | None = None, prompts: str | None = None,
                      out: str | None = None, ckpt_path: str | None = None, batch_size: int = 16,
-                     overrides: Sequence[str] = (), **options: Any) -> list[str]:
+                     overrides: Sequence[str] = (), force_load: bool = False, **options: Any) -> list[str]:
     """Answer ``prompt`` (streamed to stdout) or every line of the ``prompts`` .jsonl file with the split model that
     ``configs`` describe, from ``ckpt_path`` (``last``: the run folder's ``checkpoints/last.ckpt``); ``options``
     override the config's ``model.generation``. Writes ``out`` (.jsonl) or prints the answers; returns them."""
     from dataclasses import asdict
 
     rows = _read_prompts(prompts) if prompt is None else None  # a bad prompts file fails before the model loads
-    module, data = _load_run(configs, overrides, ckpt_path)
+    module, data = _load_run(configs, overrides, ckpt_path, force_load)
     options = {**asdict(module.generation), **{k: v for k, v in options.items() if v is not None}}
     try:
         if prompt is not None:
@@ -425,14 +441,20 @@ def estimate_command(configs: Sequence[str], device: str | None = None, as_json:
     return {name: party.as_dict() for name, party in parties.items()}
 
 
-def _load_run(configs: Sequence[str], overrides: Sequence[str], ckpt_path: str | None) -> tuple[Any, Any]:
+def _load_run(configs: Sequence[str], overrides: Sequence[str], ckpt_path: str | None,
+              force_load: bool = False) -> tuple[Any, Any]:
     """The client module and data module of a run's config(s), outside a trainer's loop, restored from
-    ``ckpt_path`` (``last``: the run folder's ``checkpoints/last.ckpt``) when given."""
+    ``ckpt_path`` (``last``: the run folder's ``checkpoints/last.ckpt``) when given (``force_load``: even while
+    other clients of a federation train the server's trunk)."""
     import logging
 
     import lightning as L
 
     module, trainer_args, data = client_settings(configs, overrides, with_data=True)
+    if module.transport == "dist":
+        raise UserError("model.transport dist needs torchrun's processes, one of them serving the trunk; generate and "
+                        "audit run in one process: use --model.transport local (the trunk here) or tcp (against a "
+                        "`serve` of the run's trunk)")
     root = Path(trainer_args.get("default_root_dir") or ".")
     check_model(module)
     path = None
@@ -854,7 +876,7 @@ def _run(args: Sequence[str] | dict[str, Any], command_line: bool = False) -> An
     if command in LIGHTNING_COMMANDS or isinstance(words, dict):
         return _lightning_cli(None if command_line else args, command_line)  # None: LightningCLI reads sys.argv
     ns, overrides = _tools_parser().parse_known_args(list(words))
-    allowed = {"serve": ("--model.",), "generate": ("--model.", "--data."),
+    allowed = {"serve": ("--model.", "--trainer.max_steps"), "generate": ("--model.", "--data."),
                "estimate": ("--model.", "--data."), "audit": ("--model.", "--data.")}.get(ns.command, ())
     if overrides and not (allowed and all(w.startswith(allowed) for w in overrides[::2])):
         takes = f"; it takes {' and '.join(a + '* overrides' for a in allowed)} besides its options" if allowed else ""
@@ -872,7 +894,9 @@ def _run(args: Sequence[str] | dict[str, Any], command_line: bool = False) -> An
                               max_generations=ns.max_generations, max_generation_bytes=ns.max_generation_bytes,
                               generation_timeout=ns.generation_timeout, max_unacknowledged=ns.max_unacknowledged)
         return serve_command(ns.config, ns.tokens, ns.address, ns.tls_cert, ns.tls_key, ns.resume, ns.save_every,
-                             ns.run_dir, limits, ns.max_connections, overrides, ns.threads)
+                             ns.run_dir, limits, ns.max_connections, overrides, ns.threads,
+                             {"handshake_timeout": ns.handshake_timeout, "max_handshakes": ns.max_handshakes,
+                              "max_handshakes_per_address": ns.max_handshakes_per_address})
     if ns.command == "token":
         return token_command(ns.tokens, ns.client, ns.out)
     if ns.command == "audit":
@@ -884,7 +908,7 @@ def _run(args: Sequence[str] | dict[str, Any], command_line: bool = False) -> An
                                                 "top_k", "top_p", "repetition_penalty", "stop_strings",
                                                 "eos_token_id", "seed")}
         return generate_command(ns.config, ns.prompt, ns.prompts, ns.out, ns.ckpt_path, ns.batch_size, overrides,
-                                **options)
+                                ns.force_load, **options)
     if ns.command == "export":
         from .lora import export_run
 

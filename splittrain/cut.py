@@ -113,11 +113,15 @@ class TrunkLink:
         """Tell the server which client of its federation this is and how many training rows it holds."""
         return self._request("join", {"index": int(index), "samples": int(samples)}, {})[0]
 
-    def save(self, tag: str) -> None:
-        self._request("save", {"tag": tag}, {})
+    def save(self, tag: str) -> dict[str, Any]:
+        """Have the server save this client's trunk adapter as ``tag``; the reply names the file (``file``, under the
+        server's ``trunk/`` folder)."""
+        return self._request("save", {"tag": tag}, {})[0]
 
-    def load(self, tag: str) -> None:
-        self._request("load", {"tag": tag}, {})
+    def load(self, tag: str, force: bool = False) -> None:
+        """Have the server restore this client's trunk adapter from ``tag``; ``force``: even when other clients of a
+        federation are training it (it goes back for them too)."""
+        self._request("load", {"tag": tag, **({"force": True} if force else {})}, {})
 
     def close(self) -> None:
         """End the session on the server (graphs freed) and release the connection."""

@@ -201,7 +201,8 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     if not checkpoint.is_file():
         raise FileNotFoundError(f"no client checkpoint at {checkpoint}")
     client_state = load_state(checkpoint)
-    trunk_file = run_dir / "trunk" / f"{client_state['trunk_checkpoint']}.safetensors"
+    # where the trunk server saved this client's adapter: trunk/<client>/step-N, or a federation's trunk/step-N
+    trunk_file = run_dir / "trunk" / client_state.get("trunk_file", f"{client_state['trunk_checkpoint']}.safetensors")
     if not trunk_file.is_file():
         raise FileNotFoundError(f"the trunk checkpoint {trunk_file} that {checkpoint.name} refers to is missing")
     trunk = {_peft_name(k): v for k, v in load_state(trunk_file)["trainable"].items()}

@@ -189,6 +189,10 @@ class ClientModule(L.LightningModule):
                              f"model: name its own family's recipe, or none")
         self.bottom = prepare(bottom, self.client_mode, self.client_lora, self.seed)
         self.top = prepare(top, self.client_mode, self.client_lora, self.seed)
+        # Parts load in eval mode, as from_pretrained's models do, and Lightning keeps the modes it finds: the
+        # parts follow this module's (train in fit), so their dropout is the unsplit model's.
+        self.bottom.train(self.training)
+        self.top.train(self.training)
         sync = self.transport != "dist"  # rank 0 (the trunk server) takes no part in the client's metrics
         self.train_metrics = TokenMetrics(self.top.config.vocab_size, sync)
         self.val_metrics = TokenMetrics(self.top.config.vocab_size, sync)
@@ -202,16 +206,30 @@ class ClientModule(L.LightningModule):
 
         return fingerprint(self.top.config, self.top.family.name, self.cuts, self.bottom.dtype)
 
+    def trunk_schedule(self) -> dict[str, Any]:
+        """The trunk's AdamW and schedule this client trains with (its steps resolved from the trainer's max_steps):
+        the server makes this client's trunk adapter with them, or refuses a federation's that differ."""
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
+        return self.trunk_settings.optim.resolved(total)
+
+    def _training(self) -> bool:
+        """Whether this run trains (``fit``); evaluation and generation send no schedule and take the trunk's."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+
     def _transport(self):
         if self.transport == "tcp":
             from .transport.tcp import TcpTransport
 
             return TcpTransport(self.address, self.client_name, self._token(), self.fingerprint(),
-                                tls_ca=self.tls_ca, timeout=self.timeout, reconnect_timeout=self.reconnect_timeout)
+                                tls_ca=self.tls_ca, timeout=self.timeout, reconnect_timeout=self.reconnect_timeout,
+                                schedule=self.trunk_schedule() if self._training() else None)
         if self.transport == "dist":
             from .transport.dist import DistTransport
 
-            return DistTransport(self.fingerprint(), timeout=self.timeout)
+            return DistTransport(self.fingerprint(), timeout=self.timeout,
+                                 schedule=self.trunk_schedule() if self._training() else None)
         from .transport.local import LocalTransport
 
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
@@ -408,11 +426,16 @@ class ClientModule(L.LightningModule):
             self.train(was_training)
         return out[0] if single else out
 
-    def restore(self, path: str | Path) -> None:
+    def restore(self, path: str | Path, force_trunk: bool = False) -> None:
         """Load a ``fit`` checkpoint outside a trainer's loop (``generate``): the client's trainable tensors, and
-        the trunk server loads its own state of the same step."""
+        the trunk server loads its own state of the same step (``force_trunk``: even while other clients of a
+        federation train that trunk)."""
         checkpoint = load_state(path)
-        self.on_load_checkpoint(checkpoint)
+        self._force_trunk_load = force_trunk
+        try:
+            self.on_load_checkpoint(checkpoint)
+        finally:
+            self._force_trunk_load = False
         result = self.load_state_dict(checkpoint["state_dict"], strict=False)
         if result.unexpected_keys:
             raise ValueError(f"checkpoint {path} holds tensors this model does not have, e.g. "
@@ -568,8 +591,8 @@ class ClientModule(L.LightningModule):
         if self.defense is not None:
             checkpoint["privacy"] = self.defense.state_dict()
         tag = f"step-{self.global_step}"
-        self.link.save(tag)
         checkpoint["trunk_checkpoint"] = tag
+        checkpoint["trunk_file"] = self.link.save(tag)["file"]
         if self.clients:  # every held client's own tensors, optimizer, schedule and figures
             checkpoint["federated"] = {str(index): {
                 "params": [p.detach().clone() for p in c.params], "optimizer": c.optimizer.state_dict(),
@@ -578,7 +601,7 @@ class ClientModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        self.link.load(checkpoint["trunk_checkpoint"])
+        self.link.load(checkpoint["trunk_checkpoint"], force=getattr(self, "_force_trunk_load", False))
         if self.defense is not None and "privacy" in checkpoint:
             self.defense.load_state_dict(checkpoint["privacy"])
         if self.federated.enabled:

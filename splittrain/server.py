@@ -6,12 +6,15 @@ drops the graph. ``step`` applies the client's clipping scale, then the optimize
 steps on exactly the client's boundaries (gradient accumulation included).
 
 The same class sits behind every transport. It takes a trunk :class:`~splittrain.segments.Segment` and never
-the client's code. Everything a client does lives in its session, named by the client's authenticated name:
-its graphs (bounded by count, bytes and age), the last reply (a request repeated after a reconnect is
-answered again, never re-applied), and its unapplied gradients, which are dropped with the session when a
-client dies mid-step. Each ``step`` carries the optimizer step number it makes, so a step is applied exactly
-once. Checkpoints hold only what the server owns (trainable trunk tensors, optimizer and scheduler state,
-step counter) as safetensors, written atomically.
+the client's code. Clients cannot touch each other: each independent client trains its own trunk LoRA adapter
+(a :class:`TrunkAdapter`: peft adapter, AdamW, schedule, step counter, checkpoint folder ``trunk/<client>/``)
+over the one frozen trunk, so N fine-tunes hold the base weights once; the clients of a federation share the
+federation's adapter (``trunk/``), and only its members may train it. Everything else a client does lives in its
+session, named by the client's authenticated name, one live session per name: its graphs (bounded by count,
+bytes and age), the last replies (a request repeated after a reconnect is answered again, never re-applied), and
+its unapplied gradients, which are dropped with the session when a client dies mid-step. Each ``step`` carries
+the optimizer step number it makes, so a step is applied exactly once. Checkpoints hold only what the server owns
+(an adapter's tensors, optimizer and scheduler state, step counter) as safetensors, written atomically.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 import threading
 import time
 import uuid
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +36,14 @@ from .federated import FederatedSettings
 from .lora import LoraSettings, prepare
 from .segments import Activations, Segment
 from .state import load_state, save_state
-from .transport import Header, Tensors, fingerprint
+from .transport import Header, SessionBusy, Tensors, fingerprint
 from .transport.wire import FLOAT_DTYPES, ProtocolError, TensorSpec
 
 log = logging.getLogger("splittrain.server")
 
 LATEST = "latest"
+FEDERATION = "federation"
+"""The owner of a federation's shared trunk adapter."""
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]{0,63}")
 
 
@@ -53,6 +59,34 @@ class OptimSettings:
     warmup_steps: int = 0
     total_steps: int | None = None
     """Steps the schedule spans (linear/cosine); default: the trainer's max_steps."""
+
+    def resolved(self, total_steps: int | None) -> dict[str, Any]:
+        """What fixes the trunk's updates, with the steps a linear/cosine schedule spans resolved (sent at the
+        handshake)."""
+        spans = None if self.schedule == "constant_with_warmup" else self.total_steps or total_steps
+        return {"lr": float(self.lr), "weight_decay": float(self.weight_decay), "betas": [float(b) for b in self.betas],
+                "eps": float(self.eps), "schedule": self.schedule, "warmup_steps": int(self.warmup_steps),
+                "total_steps": spans}
+
+    @classmethod
+    def from_schedule(cls, schedule: Any) -> "OptimSettings":
+        """The settings a client sent (:meth:`resolved`), checked field by field."""
+        fields = {"lr", "weight_decay", "betas", "eps", "schedule", "warmup_steps", "total_steps"}
+        number = (int, float)
+        if not (isinstance(schedule, dict) and set(schedule) == fields
+                and all(isinstance(schedule[k], number) and not isinstance(schedule[k], bool) and 0 <= schedule[k] < 1e6
+                        for k in ("lr", "weight_decay", "eps"))
+                and isinstance(schedule["betas"], list) and len(schedule["betas"]) == 2
+                and all(isinstance(b, number) and 0 <= b < 1 for b in schedule["betas"])
+                and schedule["schedule"] in ("constant_with_warmup", "linear", "cosine")
+                and type(schedule["warmup_steps"]) is int and 0 <= schedule["warmup_steps"] < 2**31
+                and (schedule["total_steps"] is None
+                     or type(schedule["total_steps"]) is int and 0 < schedule["total_steps"] < 2**31)):
+            raise ProtocolError("'schedule' must hold lr, weight_decay, betas, eps, schedule, warmup_steps and "
+                                "total_steps of valid types and ranges")
+        return cls(lr=schedule["lr"], weight_decay=schedule["weight_decay"], betas=tuple(schedule["betas"]),
+                   eps=schedule["eps"], schedule=schedule["schedule"], warmup_steps=schedule["warmup_steps"],
+                   total_steps=schedule["total_steps"])
 
 
 @dataclass
@@ -115,6 +149,36 @@ def load_trunk(model: str, cuts: tuple[int, int], lora: LoraSettings, seed: int 
 
 
 @dataclass
+class TrunkAdapter:
+    """One trunk LoRA adapter and what trains it: an independent client's, or its federation's."""
+
+    owner: str
+    """The client name it belongs to, or :data:`FEDERATION`."""
+    name: str
+    """Its peft adapter name in the trunk's LoRA layers."""
+    trainable: list[tuple[str, torch.nn.Parameter]]
+    """Its parameters, under the names of peft's ``default`` adapter (checkpoints look the same whoever owns them)."""
+    settings: OptimSettings
+    total_steps: int | None
+    optimizer: Any
+    scheduler: Any
+    folder: Path | None
+    """Where its checkpoints go (``trunk/<client>/``, the federation's ``trunk/``); None: nowhere."""
+    steps: int = 0
+    saved_step: int | None = None
+
+    @property
+    def schedule(self) -> dict[str, Any]:
+        return self.settings.resolved(self.total_steps)
+
+    @property
+    def nbytes(self) -> int:
+        """Its parameters' and optimizer state's bytes."""
+        state = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return sum(p.nbytes for _, p in self.trainable) + sum(t.nbytes for t in state)
+
+
+@dataclass
 class Graph:
     """One forward pass waiting for its backward pass."""
 
@@ -163,6 +227,8 @@ class Session:
     """The client's optimizer steps so far, in a federation (set by its first training forward pass)."""
     generations: OrderedDict = field(default_factory=OrderedDict)
     """Generation id -> :class:`Generation`, least recently used first."""
+    adapter: TrunkAdapter | None = None
+    """The trunk adapter it trains and runs: its own, or its federation's."""
 
     @property
     def graph_bytes(self) -> int:
@@ -192,42 +258,50 @@ class TrunkServer:
     """Serves one trunk to its clients; thread-safe (trunk compute and state changes are serialized).
 
     Args:
-        trunk: the trunk segment, its trainable parameters (LoRA) already marked.
-        optim: the trunk's AdamW and schedule.
+        trunk: the trunk segment, its trainable parameters (LoRA) already marked: peft's ``default`` adapter, whose
+            initial values every client's adapter starts from.
+        optim: the trunk's AdamW and schedule (a client that sends its own at the handshake gets its own).
         total_steps: steps a linear/cosine schedule spans when ``optim.total_steps`` is unset.
-        run_dir: folder for ``trunk/<tag>.safetensors`` checkpoints and ``server_status.json``.
+        run_dir: folder for the ``trunk/`` checkpoints and ``server_status.json``.
         limits: per-client bounds and timeouts.
-        save_every: save ``trunk/latest.safetensors`` every this many steps (0: only when asked).
-        federation: several clients (:class:`~splittrain.federated.FederatedSettings`): trunk gradients are
-            kept per client and combined at each step as the settings say.
+        save_every: save each adapter's ``latest`` checkpoint every this many of its steps (0: only when asked).
+        federation: several clients (:class:`~splittrain.federated.FederatedSettings`) train one adapter: their
+            trunk gradients are kept per client and combined at each step as the settings say.
     """
 
     def __init__(self, trunk: Segment, optim: OptimSettings | None = None, total_steps: int | None = None,
                  run_dir: str | Path | None = None, limits: ServerLimits | None = None, save_every: int = 0,
                  federation: FederatedSettings | None = None) -> None:
         self.trunk = trunk
-        self.trainable = [(n, p) for n, p in trunk.named_parameters() if p.requires_grad]
-        """The trunk's trainable parameters by name (looked up once: every backward pass and step uses them)."""
         self.federation = federation if federation is not None and federation.enabled else None
+        self._schedule_steps = total_steps
+        """The trainer's max_steps the server was configured with (what a client's schedule is compared with)."""
         if self.federation is not None and self.federation.trunk_update == "sequential" and total_steps:
             # every participant's step is a trunk step: the schedule spans them all
             total_steps *= len(self.federation.participants(0))
-        self.optimizer, self.scheduler = build_optimizer([p for _, p in self.trainable], optim or OptimSettings(),
-                                                         total_steps)
+        self.optim, self.total_steps = optim or OptimSettings(), total_steps
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.limits = limits or ServerLimits()
         self.max_seq = self.limits.max_seq or int(getattr(trunk.config, "max_position_embeddings", 0) or 2**20)
         self.save_every = save_every
         self.fingerprint = fingerprint(trunk.config, trunk.family.name, (trunk.start, trunk.stop), trunk.dtype)
         self.instance = uuid.uuid4().hex
-        self.steps = 0
         self.busy_seconds = 0.0
         """Seconds spent running the trunk's forward and backward passes (its compute: the rest is waiting)."""
-        self.saved_step: int | None = None
         self.sessions: dict[str, Session] = {}
+        self.adapters: dict[str, TrunkAdapter] = {}
+        """Owner (client name, or :data:`FEDERATION`) -> its trunk adapter, made when the owner first connects."""
+        self.resuming = False
+        """Adapters made from now on start from their folder's last checkpoint (``serve --resume``)."""
+        self._initial = [(n, p.detach().clone()) for n, p in trunk.named_parameters() if p.requires_grad]
+        """The ``default`` adapter's initial tensors: every adapter starts from them."""
+        self._lora_config = getattr(trunk, "peft_config", {}).get("default")
+        self._lora_layers = [m for m in trunk.modules() if hasattr(m, "lora_A") and hasattr(m, "set_adapter")]
+        self._active = "default"
         self.counters = {"forward": 0, "backward": 0, "steps_applied": 0, "steps_repeated": 0,
                          "replies_repeated": 0, "handshakes": 0, "handshakes_refused": 0, "frames_refused": 0,
-                         "sessions_expired": 0, "graphs_dropped": 0, "clients_dropped": 0,
+                         "sessions_expired": 0, "sessions_refused": 0, "handshakes_evicted": 0, "graphs_dropped": 0,
+                         "clients_dropped": 0,
                          "aggregations": 0, "generation_forward": 0, "generations_expired": 0,
                          "generations_evicted": 0}
         self.lock = threading.RLock()
@@ -252,27 +326,141 @@ class TrunkServer:
             "keys": self._keys, "aggregate": self._aggregate, "end_generation": self._end_generation,
         }
 
+    # ------------------------------------------------------------------------------------------ adapters
+    def owner_of(self, client: str) -> str:
+        """Whose adapter ``client`` trains: its own, or the federation's."""
+        return FEDERATION if self.federation is not None else client
+
+    def adapter(self, owner: str | None = None, schedule: OptimSettings | None = None) -> TrunkAdapter:
+        """``owner``'s trunk adapter, made (from the initial tensors, or its last checkpoint when resuming) on first
+        use with ``schedule`` (default: the server's own). Without ``owner``: the only adapter there is."""
+        if owner is None:
+            if len(self.adapters) > 1:
+                raise ValueError(f"this trunk server trains {len(self.adapters)} adapters "
+                                 f"({', '.join(self.adapters)}): say whose")
+            owner = next(iter(self.adapters), self.owner_of("client0"))
+        adapter = self.adapters.get(owner)
+        if adapter is not None:
+            return adapter
+        with self.lock:
+            name = "default" if not self.adapters else f"adapter{len(self.adapters)}"
+            if name != "default":
+                self._add_lora(name)
+            params = dict(self.trunk.named_parameters())
+            trainable = [(n, params[n.replace(".default.", f".{name}.")]) for n, _ in self._initial]
+            if name != "default":
+                with torch.no_grad():
+                    for (_, p), (_, initial) in zip(trainable, self._initial):
+                        p.copy_(initial)
+                self._param_storages |= {p.untyped_storage().data_ptr() for _, p in trainable}
+            settings = schedule or self.optim
+            total = self.total_steps if schedule is None else None
+            optimizer, scheduler = build_optimizer([p for _, p in trainable], settings, total)
+            folder = None
+            if self.run_dir is not None:
+                folder = self.run_dir / "trunk" if owner == FEDERATION else self.run_dir / "trunk" / owner
+            adapter = self.adapters[owner] = TrunkAdapter(owner, name, trainable, settings, total, optimizer,
+                                                          scheduler, folder)
+            if self.resuming:
+                last = _last_checkpoint(folder)
+                if last is not None:
+                    self.restore(last, adapter)
+                    log.info("resumed the trunk adapter of %r at step %d from %s", owner, adapter.steps, last)
+            return adapter
+
+    def _add_lora(self, name: str) -> None:
+        """One more LoRA adapter ``name`` in the trunk's layers (peft), every adapter's tensors kept trainable."""
+        from peft import inject_adapter_in_model
+
+        if self._lora_config is None or not all(".default." in n for n, _ in self._initial):
+            raise RuntimeError("this trunk's trainable tensors are not one peft LoRA adapter 'default': it cannot "
+                               "give each client an adapter of its own")
+        with warnings.catch_warnings():  # several adapters in one model are what we want
+            warnings.filterwarnings("ignore", "Already found a `peft_config` attribute")
+            inject_adapter_in_model(self._lora_config, self.trunk, adapter_name=name)
+        self._keep_trainable()
+        self._use(self._active)
+
+    def _keep_trainable(self) -> None:
+        # peft marks only the active adapter trainable; a graph waiting for its backward pass must keep its
+        # tensors' requires_grad (autograd skips a leaf that lost it), so every adapter stays trainable.
+        for adapter in self.adapters.values():
+            for _, p in adapter.trainable:
+                p.requires_grad_(True)
+
+    def _use(self, name: str) -> None:
+        """Run the trunk with adapter ``name``."""
+        if name == self._active:
+            return
+        for layer in self._lora_layers:
+            layer.set_adapter(name)
+        self._active = name
+        self._keep_trainable()
+
+    @property
+    def steps(self) -> int:
+        """The optimizer steps of the only adapter (0 before any)."""
+        return self.adapter().steps if self.adapters else 0
+
+    @property
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The only adapter's parameters."""
+        return self.adapter().trainable
+
     def count(self, counter: str) -> None:
         """Add one to a status counter (safe from any thread)."""
         with self._count_lock:
             self.counters[counter] += 1
 
     # ------------------------------------------------------------------------------------------ sessions
-    def open_session(self, client: str, session_id: str) -> dict[str, Any]:
-        """Attach a connection of ``client`` to its session ``session_id``, replacing any older session.
+    def open_session(self, client: str, session_id: str, schedule: Any = None) -> dict[str, Any]:
+        """Attach a connection of ``client`` to its session ``session_id``.
 
-        Returns what the client needs to resume: whether the session was known (else the server restarted
-        or the client did), the trunk's step and its last durable step.
+        One live session per name: a new session replaces an older one only when that one has no connection and
+        has waited ``session_timeout`` (it is gone), else :class:`SessionBusy`. ``schedule`` is the trunk schedule
+        the client trains with (:meth:`OptimSettings.resolved`): its own adapter is made with it; a federation's
+        (or an adapter restored from a checkpoint) must already have it. Returns what the client needs to resume:
+        whether the session was known (else the server restarted or the client did), its adapter's step and last
+        durable step, and this server's instance id.
         """
+        wanted = OptimSettings.from_schedule(schedule) if schedule is not None else None
         with self.lock:
             session = self.sessions.get(client)
             known = session is not None and session.id == session_id
+            if session is not None and not known:
+                if session.connections:
+                    raise SessionBusy(f"client {client!r} is connected from another process: two processes under "
+                                      "one name would train one adapter twice. Stop the other one, or give this "
+                                      "one a name and token of its own")
+                waited = time.monotonic() - session.idle_since
+                if waited <= self.limits.session_timeout:
+                    raise SessionBusy(
+                        f"client {client!r} has a session from another process that disconnected {waited:.0f} s "
+                        f"ago; it is kept {self.limits.session_timeout:g} s for that process to reconnect "
+                        f"(serve --session_timeout), so a new one can start in "
+                        f"{self.limits.session_timeout - waited:.0f} s",
+                        retry_after=self.limits.session_timeout - waited)
+                self.count("sessions_expired")
+                self._discard(session, f"expired after {self.limits.session_timeout:g} s without a connection")
+            if self.federation is None:
+                adapter = self.adapter(client, wanted)
+                ours = adapter.schedule
+            else:
+                adapter = self.adapter(FEDERATION)
+                ours = self.optim.resolved(self._schedule_steps)
+            theirs = wanted.resolved(None) if wanted is not None else ours
+            if theirs != ours:
+                diffs = [f"{k} {theirs[k]!r} (server: {ours[k]!r})" for k in ours if ours[k] != theirs[k]]
+                raise ValueError(f"client {client!r} trains the trunk with another schedule: {'; '.join(diffs)}. "
+                                 + ("Every client of a federation trains with the server's model.trunk.optim and "
+                                    "trainer.max_steps (serve --trainer.max_steps N sets the server's)"
+                                    if self.federation is not None else
+                                    "Its trunk adapter was made with the first ones; resume with the same "
+                                    "model.trunk.optim and trainer.max_steps"))
             if not known:
-                if session is not None:
-                    self._discard(session, "replaced by a new session")
-                session = self.sessions[client] = Session(client, session_id)
+                session = self.sessions[client] = Session(client, session_id, adapter=adapter)
             session.connections += 1
-            return {"known": known, "step": self.steps, "saved": self.saved_step, "instance": self.instance}
+            return {"known": known, "step": adapter.steps, "saved": adapter.saved_step, "instance": self.instance}
 
     def detach(self, client: str, session_id: str) -> None:
         """A connection of the session ended; the session waits ``session_timeout`` for a reconnect."""
@@ -333,7 +521,7 @@ class TrunkServer:
     def _session(self, client: str) -> Session:
         session = self.sessions.get(client)
         if session is None:  # in-process clients have no handshake
-            session = self.sessions[client] = Session(client, "local")
+            session = self.sessions[client] = Session(client, "local", adapter=self.adapter(self.owner_of(client)))
         return session
 
     # ------------------------------------------------------------------------------------------ messages
@@ -473,16 +661,19 @@ class TrunkServer:
         mask = mask.to(device=device, dtype=torch.long) if mask is not None else None
         positions = tensors["position_ids"].to(device=device, dtype=torch.long)
         training = bool(header.get("training", False))
+        adapter = session.adapter
         if training and self.federation is not None:
+            self._member(session)
             if session.step is None:
                 session.step = header["step"]
             if header["step"] != session.step:
                 raise RuntimeError(f"client {session.client!r} trains optimizer step {header['step'] + 1} but has "
                                    f"completed {session.step} steps on this server")
-        elif training and header["step"] != self.steps:
-            raise RuntimeError(f"the client trains optimizer step {header['step'] + 1} but the trunk server has "
-                               f"made {self.steps} steps: resume the client from the server's step "
+        elif training and header["step"] != adapter.steps:
+            raise RuntimeError(f"the client trains optimizer step {header['step'] + 1} but its trunk adapter has "
+                               f"made {adapter.steps} steps: resume the client from the server's step "
                                f"(--ckpt_path) or the server from the client's (serve --resume)")
+        self._use(adapter.name)
         self.trunk.train(training)
         saved = 0
 
@@ -535,6 +726,7 @@ class TrunkServer:
             if generation.mask.shape[1] > self.max_seq:
                 raise ValueError(f"generation {gid} is longer than {self.max_seq} positions")
         positions = tensors["position_ids"].to(device=device, dtype=torch.long)
+        self._use(session.adapter.name)
         self.trunk.eval()
         with torch.no_grad():
             y = self.trunk(x, attention_mask=generation.mask, position_ids=positions,
@@ -573,7 +765,7 @@ class TrunkServer:
         if grad.shape != graph.y.shape:
             raise ValueError(f"gradient of shape {list(grad.shape)} for an output of shape {list(graph.y.shape)}")
         del session.graphs[key]
-        params = self.trainable
+        params = session.adapter.trainable
         for name, p in params:  # accumulate into this client's own buffers
             p.grad = session.grads.get(name)
         try:
@@ -587,46 +779,54 @@ class TrunkServer:
         return {}, ({"grad": graph.x.grad.to(grad.dtype)} if graph.need_input_grad else {})
 
     def _grad_sq_norm(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        combined = _combine([(s.grads, 1.0) for s in self.sessions.values() if s.grads], mean=False)
+        """The squared norm of the gradients waiting for this client's next step: its own, or (federation) its
+        and its fellow members' sum, which is what the step applies."""
+        combined = _combine([(s.grads, 1.0) for s in self._sharing(session) if s.grads], mean=False)
         norms = [torch.linalg.vector_norm(g) for g in combined.values()]
         sq = torch.stack(norms).pow(2).sum() if norms else torch.zeros(())
         return {}, {"sq_norm": sq.float().cpu()}
 
+    def _sharing(self, session: Session) -> list[Session]:
+        """The sessions training ``session``'s adapter (itself, or its federation's members)."""
+        if self.federation is None:
+            return [session]
+        self._member(session)
+        return [s for s in self.sessions.values() if s.adapter is session.adapter and s.index is not None]
+
     @torch.no_grad()
-    def _apply(self, grads: dict[str, torch.Tensor], scale: float | None) -> None:
-        """One optimizer (and scheduler) step of the trunk on ``grads``, scaled by ``scale`` (clipping)."""
+    def _apply(self, adapter: TrunkAdapter, grads: dict[str, torch.Tensor], scale: float | None) -> None:
+        """One optimizer (and scheduler) step of ``adapter`` on ``grads``, scaled by ``scale`` (clipping)."""
         if grads:
-            for name, p in self.trainable:
+            for name, p in adapter.trainable:
                 p.grad = grads.get(name)
                 if p.grad is not None and scale is not None:
                     p.grad.mul_(scale)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.steps += 1
+            adapter.optimizer.step()
+            adapter.optimizer.zero_grad(set_to_none=True)
+        if adapter.scheduler is not None:
+            adapter.scheduler.step()
+        adapter.steps += 1
         self.count("steps_applied")
-        if self.save_every and self.steps % self.save_every == 0:
-            self.save(LATEST)
+        if self.save_every and adapter.steps % self.save_every == 0:
+            self.save(LATEST, adapter)
 
     def _step(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         if self.federation is not None:
             return self._federated_step(session, header)
-        target, scale = header["step"], header.get("scale")
-        if target == self.steps:  # already applied; the reply was lost
+        target, scale, adapter = header["step"], header.get("scale"), session.adapter
+        if target == adapter.steps:  # already applied; the reply was lost
             self.count("steps_repeated")
-            return self._step_reply(), {}
-        if target != self.steps + 1:
-            raise RuntimeError(f"the client asks for optimizer step {target} but the trunk server has made "
-                               f"{self.steps} steps")
-        contributors = [s for s in self.sessions.values() if s.grads]
-        self._apply(_combine([(s.grads, 1.0) for s in contributors], mean=False), scale)
-        for s in contributors:
-            s.grads.clear()
-        return self._step_reply(), {}
+            return self._step_reply(adapter), {}
+        if target != adapter.steps + 1:
+            raise RuntimeError(f"the client asks for optimizer step {target} but its trunk adapter has made "
+                               f"{adapter.steps} steps")
+        self._apply(adapter, dict(session.grads), scale)
+        session.grads.clear()
+        return self._step_reply(adapter), {}
 
-    def _step_reply(self) -> Header:
-        return {"step": self.steps, "saved": self.saved_step, "lr": self.optimizer.param_groups[0]["lr"]}
+    @staticmethod
+    def _step_reply(adapter: TrunkAdapter) -> Header:
+        return {"step": adapter.steps, "saved": adapter.saved_step, "lr": adapter.optimizer.param_groups[0]["lr"]}
 
     # ------------------------------------------------------------------------------------------ federation
     def _join(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
@@ -645,7 +845,7 @@ class TrunkServer:
         if index in self.dropped:
             self.dropped.discard(index)
             log.info("client %r (index %d) rejoins the federation", session.client, index)
-        return {"clients": clients, "step": self.steps}, {}
+        return {"clients": clients, "step": session.adapter.steps}, {}
 
     def _member(self, session: Session) -> int:
         if session.index is None:
@@ -660,16 +860,16 @@ class TrunkServer:
         done = session.step
         if target == done:  # already applied; the reply was lost
             self.count("steps_repeated")
-            return self._step_reply(), {}
+            return self._step_reply(session.adapter), {}
         if target != done + 1:
             raise RuntimeError(f"client {session.client!r} asks for optimizer step {target} after {done}")
         participant = bool(header.get("participant", True))
         if federation.trunk_update == "sequential":  # each participant's step is a trunk step, in arrival order
             if participant:
-                self._apply(dict(session.grads), header.get("scale"))
+                self._apply(session.adapter, dict(session.grads), header.get("scale"))
             session.grads.clear()
             session.step = target
-            return self._step_reply(), {}
+            return self._step_reply(session.adapter), {}
         if target <= self.federated_step:
             raise RuntimeError(f"client {session.client!r} was dropped from step {target} after "
                                f"round_timeout ({federation.round_timeout:g} s); the federation is at step "
@@ -679,7 +879,7 @@ class TrunkServer:
             # in client order, not arrival order: the sum is the same whoever came first
             weighted = [(s.grads, w) for s, w, _ in (arrived[i] for i in sorted(arrived)) if w > 0 and s.grads]
             scale = next((sc for _, _, sc in arrived.values() if sc is not None), None)
-            self._apply(_combine(weighted, mean=True), scale)
+            self._apply(session.adapter, _combine(weighted, mean=True), scale)
             for s, _, _ in arrived.values():
                 s.grads.clear()
                 s.step = target
@@ -689,7 +889,7 @@ class TrunkServer:
         gathering = self._gather(f"step {target}", index, (session, weight, header.get("scale")), finish)
         if not gathering.done:
             return {"pending": True}, {}
-        return self._step_reply(), {}
+        return self._step_reply(session.adapter), {}
 
     def _keys(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         """Secure aggregation: relay every client's X25519 public key and weight to all of them."""
@@ -771,37 +971,49 @@ class TrunkServer:
             self.changed.notify_all()
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def checkpoint_path(self, tag: str) -> Path:
-        if self.run_dir is None:
+    def checkpoint_path(self, tag: str, adapter: TrunkAdapter | None = None) -> Path:
+        """``<adapter's folder>/<tag>.safetensors`` (default: the only adapter's)."""
+        adapter = adapter or self.adapter()
+        if adapter.folder is None:
             raise RuntimeError("this trunk server has no run folder to keep checkpoints in")
         if not _TAG.fullmatch(tag):
             raise ValueError(f"bad checkpoint tag {tag!r}")
-        return self.run_dir / "trunk" / f"{tag}.safetensors"
+        return adapter.folder / f"{tag}.safetensors"
 
-    def state(self) -> dict[str, Any]:
+    def state(self, adapter: TrunkAdapter | None = None) -> dict[str, Any]:
+        adapter = adapter or self.adapter()
         return {
-            "trainable": {n: p.detach() for n, p in self.trainable},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-            "steps": self.steps,
+            "trainable": {n: p.detach() for n, p in adapter.trainable},
+            "optimizer": adapter.optimizer.state_dict(),
+            "scheduler": None if adapter.scheduler is None else adapter.scheduler.state_dict(),
+            "steps": adapter.steps,
             "federated_step": self.federated_step,
             "fingerprint": self.fingerprint,
         }
 
-    def save(self, tag: str) -> Path:
-        """Write the trunk's state to ``trunk/<tag>.safetensors`` atomically (write, then rename)."""
+    def save(self, tag: str, adapter: TrunkAdapter | None = None) -> Path:
+        """Write an adapter's state (default: the only one's) to its folder's ``<tag>.safetensors`` atomically
+        (write, then rename)."""
         with self.lock:
-            path = save_state(self.state(), self.checkpoint_path(tag))
-            if tag == LATEST or self.saved_step is None or self.steps >= self.saved_step:
-                self.saved_step = self.steps
+            adapter = adapter or self.adapter()
+            path = save_state(self.state(adapter), self.checkpoint_path(tag, adapter))
+            if tag == LATEST or adapter.saved_step is None or adapter.steps >= adapter.saved_step:
+                adapter.saved_step = adapter.steps
             return path
 
-    @torch.no_grad()
-    def restore(self, path: Path) -> int:
-        """Load a checkpoint written by :meth:`save`; unapplied gradients and every graph are dropped."""
+    def save_all(self, tag: str) -> list[Path]:
+        """Save every adapter (``serve`` does when it stops)."""
         with self.lock:
+            return [self.save(tag, adapter) for adapter in self.adapters.values() if adapter.folder is not None]
+
+    @torch.no_grad()
+    def restore(self, path: Path, adapter: TrunkAdapter | None = None) -> int:
+        """Load a checkpoint written by :meth:`save` into an adapter (default: the only one); the unapplied
+        gradients and graphs of the sessions training it are dropped."""
+        with self.lock:
+            adapter = adapter or self.adapter()
             state = load_state(path)
-            params = dict(self.trainable)
+            params = dict(adapter.trainable)
             if set(params) != set(state["trainable"]):
                 raise KeyError(f"trunk checkpoint {path} does not match the trunk's trainable tensors")
             saved_print = state.get("fingerprint")
@@ -809,55 +1021,72 @@ class TrunkServer:
                 raise ValueError(f"trunk checkpoint {path} was written for another model")
             for name, tensor in state["trainable"].items():
                 params[name].copy_(tensor)
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scheduler is not None and state["scheduler"] is not None:
-                self.scheduler.load_state_dict(state["scheduler"])
-            self.optimizer.zero_grad(set_to_none=True)
+            adapter.optimizer.load_state_dict(state["optimizer"])
+            if adapter.scheduler is not None and state["scheduler"] is not None:
+                adapter.scheduler.load_state_dict(state["scheduler"])
+            adapter.optimizer.zero_grad(set_to_none=True)
             for session in self.sessions.values():
+                if session.adapter is adapter:
+                    session.graphs.clear()
+                    session.grads.clear()
+                    session.step = None
+            adapter.steps = adapter.saved_step = int(state["steps"])
+            if adapter.owner == FEDERATION:
+                self.federated_step = int(state.get("federated_step", 0))
+                self._restored = (path.name, adapter.steps)
+            return adapter.steps
+
+    def resume(self) -> dict[str, int]:
+        """From now on each adapter starts from the checkpoint written last in its folder (``latest`` or a client's
+        ``step-N``) when its owner first connects, with the schedule that owner trains with. Returns owner -> the
+        step it will resume at."""
+        self.resuming = True
+        if self.run_dir is None:
+            return {}
+        folder = self.run_dir / "trunk"
+        if self.federation is not None:
+            found = {FEDERATION: _last_checkpoint(folder)}
+        else:
+            owners = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+            found = {p.name: _last_checkpoint(p) for p in owners}
+        return {owner: int(load_state(path)["steps"]) for owner, path in found.items() if path is not None}
+
+    def _save(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        adapter = session.adapter
+        if self.federation is not None:
+            self._member(session)
+        path = self.save(header["tag"], adapter)
+        return {"path": str(path), "file": str(path.relative_to(self.run_dir / "trunk")), "step": adapter.steps}, {}
+
+    def _load(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        tag, adapter = header["tag"], session.adapter
+        path = self.checkpoint_path(tag, adapter)
+        if self.federation is not None:
+            if session.index is None:  # not a member: a generation or an evaluation after training
+                busy = [s.client for s in self.sessions.values() if s is not session and s.connections]
+                there = path.is_file() and self._restored == (path.name, adapter.steps)
+                if busy and not header.get("force") and not there:
+                    raise RuntimeError(
+                        f"the trunk server is training the federation with client(s) {', '.join(map(repr, busy))}: "
+                        f"going back to {tag!r} would change their training. Wait until they finish, or force it "
+                        "(generate --force_load)")
+            elif self._restored == (path.name, adapter.steps):
+                # another client of the federation resumed from the same checkpoint: the trunk is there already
                 session.graphs.clear()
                 session.grads.clear()
                 session.step = None
-            self.steps = self.saved_step = int(state["steps"])
-            self.federated_step = int(state.get("federated_step", 0))
-            self._restored = (path.name, self.steps)
-            return self.steps
-
-    def resume(self) -> int | None:
-        """Restore the checkpoint written last in the run folder (``latest`` or a client's ``step-N``); its step.
-
-        The last written, not the highest step: after a client went back to an older checkpoint, files of the
-        abandoned steps may remain."""
-        folder = self.checkpoint_path(LATEST).parent
-        candidates = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns) if folder.is_dir() else []
-        if not candidates:
-            return None
-        self.restore(candidates[-1])
-        log.info("resumed the trunk at step %d from %s", self.steps, candidates[-1])
-        return self.steps
-
-    def _save(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        return {"path": str(self.save(header["tag"])), "step": self.steps}, {}
-
-    def _load(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        tag = header["tag"]
-        path = self.checkpoint_path(tag)
-        if self.federation is not None and self._restored == (path.name, self.steps):
-            # another client of the federation resumed from the same checkpoint: the trunk is there already
-            session.graphs.clear()
-            session.grads.clear()
-            session.step = None
-            return {"step": self.steps}, {}
+                return {"step": adapter.steps}, {}
         if path.is_file():
-            self.restore(path)
-            return {"step": self.steps}, {}
+            self.restore(path, adapter)
+            return {"step": adapter.steps}, {}
         wanted = re.fullmatch(r"step-(\d+)", tag)
-        if wanted and int(wanted.group(1)) == self.steps:  # already there: only the partial step goes
+        if wanted and int(wanted.group(1)) == adapter.steps:  # already there: only the partial step goes
             session.graphs.clear()
             session.grads.clear()
-            return {"step": self.steps}, {}
+            return {"step": adapter.steps}, {}
         at = f"step {wanted.group(1)}" if wanted else f"checkpoint {tag!r}"
-        raise FileNotFoundError(f"the client resumes at {at} but the trunk server is at step {self.steps} and has "
-                                f"no checkpoint {tag!r} ({path})")
+        raise FileNotFoundError(f"the client resumes at {at} but its trunk adapter is at step {adapter.steps} and "
+                                f"the server has no checkpoint {tag!r} ({path})")
 
     # ------------------------------------------------------------------------------------------ status
     def _counters(self) -> dict[str, int]:
@@ -865,12 +1094,17 @@ class TrunkServer:
             return dict(self.counters)
 
     def status(self) -> dict[str, Any]:
-        """Counters and per-client holdings (no tensors, nothing private) for operators and tests."""
+        """Counters, adapters and per-client holdings (no tensors, nothing private) for operators and tests; ``step``
+        and ``saved_step`` are the only adapter's (None while there are several or none)."""
         from .loading import rss_bytes
 
         with self.lock:
+            only = next(iter(self.adapters.values())) if len(self.adapters) == 1 else None
             return {
-                "instance": self.instance, "step": self.steps, "saved_step": self.saved_step,
+                "instance": self.instance, "step": only.steps if only else None,
+                "saved_step": only.saved_step if only else None,
+                "adapters": {owner: {"step": a.steps, "saved_step": a.saved_step, "bytes": a.nbytes}
+                             for owner, a in self.adapters.items()},
                 "busy_seconds": self.busy_seconds, "threads": torch.get_num_threads(),
                 "counters": self._counters(), "rss_bytes": rss_bytes(),
                 "gradients_waiting": any(s.grads for s in self.sessions.values()),
@@ -879,9 +1113,19 @@ class TrunkServer:
                 "sessions": {name: {"graphs": len(s.graphs), "graph_bytes": s.graph_bytes,
                                     "generations": len(s.generations),
                                     "generation_bytes": sum(g.nbytes for g in s.generations.values()),
-                                    "connections": s.connections, "pending_gradients": s.pending}
+                                    "connections": s.connections, "pending_gradients": s.pending,
+                                    "step": s.adapter.steps if s.adapter else None}
                              for name, s in self.sessions.items()},
             }
+
+
+def _last_checkpoint(folder: Path | None) -> Path | None:
+    """The checkpoint written last in ``folder``: the last written, not the highest step (after a client went back to
+    an older checkpoint, files of the abandoned steps may remain)."""
+    if folder is None or not folder.is_dir():
+        return None
+    found = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    return found[-1] if found else None
 
 
 def _combine(contributions: list[tuple[dict[str, torch.Tensor], float]], mean: bool) -> dict[str, torch.Tensor]:

@@ -199,9 +199,10 @@ def summary(run: Path) -> dict:
 
 def final_weights(client_run: Path, server_run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     """The client's trainable tensors (its last checkpoint) and the trunk's (the server's checkpoint)."""
-    client = load_state(client_run / "checkpoints" / "last.ckpt")["state_dict"]
-    trunk = load_state(server_run / "trunk" / f"step-{step}.safetensors")["trainable"]
-    return {**{f"client.{k}": v for k, v in client.items()}, **{f"trunk.{k}": v for k, v in trunk.items()}}
+    state = load_state(client_run / "checkpoints" / "last.ckpt")
+    assert state["trunk_checkpoint"] == f"step-{step}"
+    trunk = load_state(server_run / "trunk" / state["trunk_file"])["trainable"]  # client0/step-N: its own adapter's
+    return {**{f"client.{k}": v for k, v in state["state_dict"].items()}, **{f"trunk.{k}": v for k, v in trunk.items()}}
 
 
 def assert_same_run(client_run: Path, server_run: Path, reference: Path, tolerance: float = 1e-6,

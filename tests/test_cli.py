@@ -46,8 +46,8 @@ def test_fit_writes_summary_config_and_safetensors_checkpoints(tmp_path):
     # Both parties' checkpoints are safetensors: the client's (Lightning's name kept) and the trunk's own.
     with safe_open(str(run / "checkpoints" / "last.ckpt"), "pt") as f:
         client_keys = set(f.keys())
-    assert client_keys and (run / "trunk" / "step-6.safetensors").is_file()
-    with safe_open(str(run / "trunk" / "step-6.safetensors"), "pt") as f:
+    assert client_keys and (run / "trunk" / "client0" / "step-6.safetensors").is_file()
+    with safe_open(str(run / "trunk" / "client0" / "step-6.safetensors"), "pt") as f:
         assert len(list(f.keys())) > 0
 
 

@@ -69,7 +69,7 @@ def test_client_killed_mid_step_then_resumed(reference_run, procs, tmp_path):
     probe = TcpTransport(address, "client0", known["client0"], frozen_fingerprint(server_run))
     probe.request("save", {"tag": "probe"}, {})
     probe.close()
-    now, saved = (load_state(server_run / "trunk" / f"{tag}.safetensors") for tag in ("probe", "latest"))
+    now, saved = (load_state(server_run / "trunk" / "client0" / f"{tag}.safetensors") for tag in ("probe", "latest"))
     assert now["steps"] == saved["steps"] == step
     assert all(torch.equal(now["trainable"][k], saved["trainable"][k]) for k in saved["trainable"])
 
@@ -83,13 +83,13 @@ def test_client_killed_mid_step_then_resumed(reference_run, procs, tmp_path):
     assert_same_run(client_run, server_run, ref, losses_too=False)
     # SIGTERM: the server saves its trunk and stops cleanly.
     assert Processes.signal(server, signal.SIGTERM) == 0
-    assert load_state(server_run / "trunk" / "latest.safetensors")["steps"] == STEPS
-    assert f"trunk server stopped at step {STEPS}" in server.log.read_text()
+    assert load_state(server_run / "trunk" / "client0" / "latest.safetensors")["steps"] == STEPS
+    assert f"trunk server stopped ('client0' at step {STEPS})" in server.log.read_text()
 
 
 def frozen_fingerprint(server_run) -> dict:
     """The server's own fingerprint, from its checkpoint (what a client of this split presents)."""
-    return load_state(server_run / "trunk" / "latest.safetensors")["fingerprint"]
+    return load_state(server_run / "trunk" / "client0" / "latest.safetensors")["fingerprint"]
 
 
 def test_server_killed_and_resumed_client_reconnects(reference_run, procs, tmp_path):
@@ -108,7 +108,7 @@ def test_server_killed_and_resumed_client_reconnects(reference_run, procs, tmp_p
     Processes.finish(client, timeout=300)
     log = client.log.read_text()
     assert "lost the trunk server" in log and "reconnected" in log and "replaying" in log
-    resumed = int(re.search(r"resumed the trunk at step (\d+)",
+    resumed = int(re.search(r"resumed the trunk adapter of 'client0' at step (\d+)",
                             (tmp_path / "restarted.log").read_text()).group(1))
     print(f"server killed at step >= {killed['step']}, resumed at step {resumed}; client log:\n"
           + "\n".join(line for line in log.splitlines() if line.startswith("splittrain:")))

@@ -211,9 +211,10 @@ def test_weight_averaging_equals_fedavg(checkpoint, tmp_path, trunk_update, pipe
         assert module.clients[c].losses == pytest.approx(losses[c], abs=1e-5)
     assert module.server.steps == (steps * 2 if trunk_update == "sequential" else steps)
     # Micro-batches sum each gradient in another order; after 9 AdamW steps at lr 2e-2 that moved one weight by
-    # 1.3e-5 (without the micro-batches' loss weighting the losses are twice the reference's).
+    # 1.3e-5 on one machine and 2.08e-5 on another (without the micro-batches' loss weighting the losses are twice
+    # the reference's).
     for c in range(4):
-        assert_close(split_weights(module, c), reference, 1e-5 if pipeline == 1 else 2e-5)
+        assert_close(split_weights(module, c), reference, 1e-5 if pipeline == 1 else 4e-5)
 
 
 def federated_server(folder, tmp_path, clients: int, round_timeout: float = 60.0):

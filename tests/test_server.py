@@ -10,7 +10,7 @@ import torch
 from processes import needs_openssl, self_signed
 
 from splittrain.lora import LoraSettings
-from splittrain.server import OptimSettings, ServerLimits, TrunkServer, load_trunk
+from splittrain.server import OptimSettings, ServerLimits, SessionBusy, TrunkServer, load_trunk
 from splittrain.transport.wire import ProtocolError, TensorSpec
 
 HIDDEN = 32
@@ -46,7 +46,8 @@ def backward(server: TrunkServer, client: str, micro: int, seq: int | None = Non
 
 
 def trunk_grads(server: TrunkServer) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in server.trainable if p.grad is not None}
+    """The trunk gradients waiting for a step, in every session."""
+    return {f"{s.client}/{n}": g.clone() for s in server.sessions.values() for n, g in s.grads.items()}
 
 
 def test_a_repeated_request_is_answered_not_reapplied(make_server):
@@ -93,25 +94,38 @@ def test_each_step_is_applied_once(make_server):
     assert server.handle("alice", "step", {"step": 1, "scale": None}, {})[0]["step"] == 1  # answered, not applied
     assert all(torch.equal(weights[n], p) for n, p in server.trainable)
     assert server.counters["steps_applied"] == 1 and server.counters["steps_repeated"] == 1
-    with pytest.raises(RuntimeError, match="asks for optimizer step 3 but the trunk server has made 1 steps"):
+    with pytest.raises(RuntimeError, match="asks for optimizer step 3 but its trunk adapter has made 1 steps"):
         server.handle("alice", "step", {"step": 3, "scale": None}, {})
-    with pytest.raises(RuntimeError, match="trains optimizer step 1 but the trunk server has made 1 steps"):
+    with pytest.raises(RuntimeError, match="trains optimizer step 1 but its trunk adapter has made 1 steps"):
         forward(server, "alice", 1, step=0)
 
 
-def test_a_replaced_session_takes_its_graphs_and_unapplied_gradients(make_server):
-    server = make_server()
+def test_one_live_session_per_name_and_a_replaced_session_takes_its_graphs(make_server):
+    server = make_server(session_timeout=0.5)
     assert server.open_session("alice", "old")["known"] is False
     forward(server, "alice", 0, session="old")
     backward(server, "alice", 0)
     forward(server, "alice", 1, session="old")
     assert server.status()["gradients_waiting"] and server.status()["sessions"]["alice"]["graphs"] == 1
-    # The client restarted: a new session replaces the old one, and the half-made step is gone.
+    # A second process under the same name is refused while the first is connected, and while its session waits
+    # for it to reconnect; the first one's work is untouched.
+    with pytest.raises(SessionBusy, match="connected from another process"):
+        server.open_session("alice", "new")
+    server.detach("alice", "old")
+    with pytest.raises(SessionBusy, match="disconnected 0 s ago") as refused:
+        server.open_session("alice", "new")
+    assert 0 < refused.value.retry_after <= 0.5
+    assert server.sessions["alice"].graphs and trunk_grads(server)
+    # Gone past the session timeout: the new session replaces it, and the half-made step is gone.
+    time.sleep(0.6)
     assert server.open_session("alice", "new")["known"] is False
     assert not server.sessions["alice"].graphs and trunk_grads(server) == {}
     with pytest.raises(ProtocolError, match="replaced by a newer one"):
         forward(server, "alice", 2, session="old")
     assert server.open_session("alice", "new")["known"] is True  # a reconnect of the same session
+    # A client that said goodbye frees its name at once.
+    server.end_session("alice", "new")
+    assert server.open_session("alice", "third")["known"] is False
 
 
 def test_a_silent_session_expires_and_old_graphs_go(make_server):
@@ -205,8 +219,9 @@ def test_resume_takes_the_checkpoint_written_last(make_server):
     server.handle("alice", "step", {"step": 1, "scale": None}, {})
     server.save("step-1")
     state = {n: p.detach().clone() for n, p in server.trainable}
+    assert (server.run_dir / "trunk" / "alice" / "step-1.safetensors").is_file()
     fresh = make_server()
-    assert fresh.resume() == 1 and fresh.saved_step == 1
+    assert fresh.resume() == {"alice": 1} and fresh.adapter("alice").saved_step == 1
     assert all(torch.equal(state[n], p) for n, p in fresh.trainable)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,7 @@ def server(tmp_path_factory):
 
     model_dir()
     folder = tmp_path_factory.mktemp("server")
-    tokens, known = make_tokens(folder, "alice", "bob")
+    tokens, known = make_tokens(folder, "alice", "bob", "carol", "dave")
     config = write_config(folder / "config.yaml", folder / "client")
     processes = Processes(folder)
     try:
@@ -262,31 +263,34 @@ def _token_file(server, name: str) -> Path:
 def test_a_client_resuming_at_another_step_is_refused(server):
     """The server is at step 0 with no checkpoints: a client resuming at step 7 hears both step numbers."""
     link = TrunkLink(TcpTransport(server["address"], "alice", server["tokens"]["alice"], quickstart_fingerprint()))
-    with pytest.raises(RemoteError, match="resumes at step 7 but the trunk server is at step 0"):
+    with pytest.raises(RemoteError, match="resumes at step 7 but its trunk adapter is at step 0"):
         link.load("step-7")
-    with pytest.raises(RemoteError, match="trains optimizer step 4 but the trunk server has made 0 steps"):
+    with pytest.raises(RemoteError, match="trains optimizer step 4 but its trunk adapter has made 0 steps"):
         hidden = torch.randn(1, 3, 128)
         link.forward(Activations(hidden, None, torch.arange(3)[None]), ("train", 3, 0), training=True,
                      need_input_grad=True, step=3)
     link.close()
 
 
-def test_connections_beyond_the_limit_are_told_and_closed(server):
+def test_idle_connections_hold_no_slot_and_sessions_beyond_the_limit_are_told(server):
+    """--max_connections 3 counts authenticated connections: three that never authenticate take none of them."""
     host, port = parse_address(server["address"])
     idle = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
+    links = []
     try:
-        wait_for(lambda: (s := read_status(server["run"])) and s["connections"] == 3, 10, "three open connections")
-        with socket.create_connection((host, port), timeout=10) as extra:
-            answer = read_frame(SocketReader(extra), 0).header
-        assert answer["kind"] == "error" and "connection limit" in answer["error"] and answer["retry"] is True
+        wait_for(lambda: (s := read_status(server["run"])) and s["handshakes"] == 3, 10, "three idle connections")
+        links = [TcpTransport(server["address"], name, server["tokens"][name], quickstart_fingerprint())
+                 for name in ("alice", "bob", "carol")]
         with pytest.raises(ConnectionError, match="connection limit"):  # a client retries, then says why
-            TcpTransport(server["address"], "bob", server["tokens"]["bob"], quickstart_fingerprint(),
+            TcpTransport(server["address"], "dave", server["tokens"]["dave"], quickstart_fingerprint(),
                          reconnect_timeout=1)
     finally:
         for sock in idle:
             sock.close()
-    wait_for(lambda: (s := read_status(server["run"])) and s["connections"] == 0, 10, "the idle connections to close")
-    link = TrunkLink(TcpTransport(server["address"], "bob", server["tokens"]["bob"], quickstart_fingerprint()))
+        for transport in links:
+            transport.close()
+    wait_for(lambda: (s := read_status(server["run"])) and s["connections"] == 0, 10, "the connections to close")
+    link = TrunkLink(TcpTransport(server["address"], "dave", server["tokens"]["dave"], quickstart_fingerprint()))
     assert trunk_forward(link).shape == (2, 5, 128)
     link.close()
 
@@ -316,5 +320,7 @@ def test_tls(procs, tmp_path):
     link.close()
     with pytest.raises(HandshakeError, match="certificate"):
         TcpTransport(address, "alice", known["alice"], fp, tls_ca=str(stranger), reconnect_timeout=2)
-    with pytest.raises(ConnectionError, match="--model.tls_ca"):
-        TcpTransport(address, "alice", known["alice"], fp, reconnect_timeout=2)
+    began = time.monotonic()
+    with pytest.raises(HandshakeError, match="speaks TLS.*--model.tls_ca"):  # told at once, not retried
+        TcpTransport(address, "alice", known["alice"], fp, reconnect_timeout=300)
+    assert time.monotonic() - began < 5

@@ -74,6 +74,15 @@ class RemoteError(RuntimeError):
     """The trunk server refused a request; the message is the server's."""
 
 
+class SessionBusy(RuntimeError):
+    """A live session of another process holds this client name; it may be gone ``retry_after`` seconds from now
+    (None: it is connected)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def config_digest(config: Any) -> str:
     """sha256 of the decoder config's architecture (what fixes the weights' names, shapes and computation)."""
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)

@@ -166,7 +166,11 @@ def _serve_rank(server: Any, rank: int) -> None:
                 send_frame(encode("error", {"error": f"the trunk server serves another split: {mismatch}",
                                             "fatal": True}), reader.src)
                 raise RuntimeError(f"rank {reader.src} has another split than the trunk server: {mismatch}")
-            resume = server.open_session(client, frame.header.get("session", client))
+            try:
+                resume = server.open_session(client, frame.header.get("session", client), frame.header.get("schedule"))
+            except ValueError as exc:  # another trunk schedule
+                send_frame(encode("error", {"error": str(exc), "fatal": True}), reader.src)
+                raise RuntimeError(f"rank {reader.src} refused: {exc}") from None
             send_frame(encode("welcome", {"fingerprint": server.fingerprint, **resume}), reader.src)
             continue
         if frame.kind == "bye":
@@ -187,7 +191,9 @@ def _serve_rank(server: Any, rank: int) -> None:
 class DistTransport:
     """Client side: this rank talks to the trunk server on rank 0 of the same torchrun job."""
 
-    def __init__(self, fingerprint: dict[str, Any], timeout: float = 600.0) -> None:
+    def __init__(self, fingerprint: dict[str, Any], timeout: float = 600.0,
+                 schedule: dict[str, Any] | None = None) -> None:
+        """``schedule``: the trunk schedule this client trains with, compared with the server's at the handshake."""
         self.rank, self.world = ensure_process_group(timeout)
         if self.rank == SERVER_RANK:
             raise RuntimeError(f"rank {SERVER_RANK} runs the trunk server, not a client")
@@ -196,8 +202,10 @@ class DistTransport:
         self.wire_bytes = 0
         self.seq = 0
         self.closed = False
-        reply = self._exchange(encode("hello", {"client": f"rank{self.rank}", "session": secrets.token_hex(16),
-                                               "fingerprint": fingerprint}), lambda h, s: None)
+        hello = {"client": f"rank{self.rank}", "session": secrets.token_hex(16), "fingerprint": fingerprint}
+        if schedule is not None:
+            hello["schedule"] = schedule
+        reply = self._exchange(encode("hello", hello), lambda h, s: None)
         if reply.kind == "error":
             raise RemoteError(f"the trunk server on rank {SERVER_RANK} refused rank {self.rank}: "
                               f"{reply.header.get('error')}")

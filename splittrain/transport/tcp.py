@@ -35,14 +35,14 @@ import ssl
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from hashlib import sha256
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy
 
-from . import Header, RemoteError, Tensors, fingerprint_mismatch
+from . import Header, RemoteError, SessionBusy, Tensors, fingerprint_mismatch
 from .wire import (
     ST_HEADER_LIMIT,
     Frame,
@@ -57,7 +57,9 @@ from .wire import (
 log = logging.getLogger("splittrain.tcp")
 
 NONCE_BYTES = 32
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 5.0
+TLS_HANDSHAKE = b"\x16"
+"""The first byte a TLS client sends (a handshake record)."""
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-@")
 _LOGGED_KINDS = ("forward", "backward", "step")  # what a restarted server must see again
 
@@ -311,8 +313,10 @@ def _read_small(reader: SocketReader, kinds: tuple[str, ...]) -> Frame:
     """A handshake frame: no payload, one of ``kinds``."""
 
     def check(header: Header, specs: list[TensorSpec]) -> None:
-        if header["kind"] not in kinds or specs:
+        if header["kind"] not in kinds:
             raise ProtocolError(f"expected a {' or '.join(kinds)} frame, got {header['kind']!r}")
+        if specs:
+            raise ProtocolError(f"a {header['kind']} frame carries no tensors, this one declares {len(specs)}")
 
     return read_frame(reader, 0, check)
 
@@ -321,21 +325,33 @@ def _read_small(reader: SocketReader, kinds: tuple[str, ...]) -> Frame:
 class TcpServer:
     """Serves a :class:`~splittrain.server.TrunkServer` on a TCP socket, one thread per connection.
 
+    Connections that have not authenticated cannot crowd out the ones that have: a handshake must end within
+    ``handshake_timeout`` seconds; at most ``max_handshakes`` run at once and ``max_handshakes_per_address`` from one
+    address, and a new connection past either limit takes the place of the oldest handshake (of its own address, or
+    of the address holding the most), so connections held open without a handshake make room for a real client's.
+    Authenticated connections have slots of their own (``max_connections``).
+
     Args:
         server: the trunk server (its lock serializes trunk compute; sockets are served concurrently).
         address: ``HOST:PORT`` to bind (port 0 picks a free one; see :attr:`address`).
         tokens: client name -> token.
         tls: a server-side ``ssl.SSLContext``, or None for plain TCP (warned about off loopback).
-        max_connections: connections served at once; more are answered "busy" and closed.
+        max_connections: authenticated connections served at once; more are answered "busy" and closed.
         idle_timeout: seconds an authenticated connection may stay silent.
         status_file: where to write the server's status (counters, sessions) every ``status_every`` s.
+        handshake_timeout: seconds a connection has to authenticate (TLS included).
+        max_handshakes: connections authenticating at once.
+        max_handshakes_per_address: connections authenticating at once from one address.
     """
 
     def __init__(self, server: Any, address: str, tokens: dict[str, str], tls: ssl.SSLContext | None = None,
                  max_connections: int = 64, idle_timeout: float = 3600.0, status_file: str | Path | None = None,
-                 status_every: float = 0.5) -> None:
+                 status_every: float = 0.5, handshake_timeout: float = HANDSHAKE_TIMEOUT, max_handshakes: int = 64,
+                 max_handshakes_per_address: int = 8) -> None:
         self.server, self.tokens, self.tls = server, dict(tokens), tls
         self.idle_timeout, self.status_every = idle_timeout, status_every
+        self.handshake_timeout, self.max_handshakes = handshake_timeout, max_handshakes
+        self.max_handshakes_per_address = max_handshakes_per_address
         self.status_file = Path(status_file) if status_file is not None else None
         host, port = parse_address(address)
         if not is_loopback(host) and tls is None:
@@ -354,13 +370,18 @@ class TcpServer:
         self.address = f"{host}:{self.listener.getsockname()[1]}" if family == socket.AF_INET else \
             f"[{host}]:{self.listener.getsockname()[1]}"
         self.slots = threading.BoundedSemaphore(max_connections)
+        self.handshakes: OrderedDict[int, tuple[str, socket.socket, float]] = OrderedDict()
+        """Connections authenticating, oldest first: number -> (peer host, socket, when it was accepted)."""
+        self._handshakes_lock = threading.Lock()
+        self._accepted = 0
         self.stopping = threading.Event()
         self.threads: set[threading.Thread] = set()
         self._dummy_key = secrets.token_hex(32)  # unknown names cost the same HMAC as known ones
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def serve_forever(self) -> None:
-        """Accept connections until :meth:`stop`; a housekeeping thread expires sessions and writes status."""
+        """Accept connections until :meth:`stop`; a housekeeping thread ends late handshakes, expires sessions
+        and writes status."""
         housekeeping = threading.Thread(target=self._housekeeping, name="splittrain-housekeeping", daemon=True)
         housekeeping.start()
         try:
@@ -373,10 +394,8 @@ class TcpServer:
                     if self.stopping.is_set():
                         break
                     raise
-                if not self.slots.acquire(blocking=False):
-                    self._refuse_busy(sock)
-                    continue
-                thread = threading.Thread(target=self._connection, args=(sock, peer), daemon=True,
+                number = self._admit(sock, peer[0])
+                thread = threading.Thread(target=self._connection, args=(sock, peer, number), daemon=True,
                                           name=f"splittrain-conn-{peer[1]}")
                 self.threads.add(thread)
                 thread.start()
@@ -387,6 +406,34 @@ class TcpServer:
     def stop(self) -> None:
         self.stopping.set()
 
+    def _admit(self, sock: socket.socket, host: str) -> int:
+        """Register a new connection's handshake; past a limit, the oldest handshake of its address (or of the
+        address holding the most) is cut off to make room."""
+        with self._handshakes_lock:
+            self._accepted += 1
+            waiting = self.handshakes
+            same = [n for n, (h, _, _) in waiting.items() if h == host]
+            victim = None
+            if len(same) >= self.max_handshakes_per_address:
+                victim = same[0]
+            elif len(waiting) >= self.max_handshakes:
+                hosts = [h for h, _, _ in waiting.values()]
+                heaviest = max(set(hosts), key=hosts.count)
+                victim = next(n for n, (h, _, _) in waiting.items() if h == heaviest)
+            if victim is not None:
+                _cut_off(waiting.pop(victim)[1])
+                self.server.count("handshakes_evicted")
+            waiting[self._accepted] = (host, sock, time.monotonic())
+            return self._accepted
+
+    def _end_late_handshakes(self) -> None:
+        """Cut off connections that have not authenticated within ``handshake_timeout`` (however slowly they
+        trickle bytes)."""
+        deadline = time.monotonic() - self.handshake_timeout
+        with self._handshakes_lock:
+            for number in [n for n, (_, _, began) in self.handshakes.items() if began < deadline]:
+                _cut_off(self.handshakes.pop(number)[1])
+
     def _refuse_busy(self, sock: socket.socket) -> None:
         try:
             sock.settimeout(1.0)
@@ -394,12 +441,11 @@ class TcpServer:
                                               "fatal": True, "retry": True}))
         except OSError:
             pass
-        finally:
-            sock.close()
 
     def _housekeeping(self) -> None:
-        while not self.stopping.wait(self.status_every):
+        while not self.stopping.wait(min(self.status_every, self.handshake_timeout / 4)):
             try:
+                self._end_late_handshakes()
                 self.server.expire()
                 self.write_status()
             except Exception:  # never let housekeeping kill the server
@@ -411,29 +457,30 @@ class TcpServer:
             return
         import json
 
-        status = {**self.server.status(), "address": self.address, "connections": len(self.threads)}
+        status = {**self.server.status(), "address": self.address, "connections": len(self.threads),
+                  "handshakes": len(self.handshakes)}
         tmp = self.status_file.with_name(self.status_file.name + ".tmp")
         self.status_file.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(status, indent=1) + "\n")
         tmp.replace(self.status_file)
 
     # ------------------------------------------------------------------------------------------ one connection
-    def _connection(self, sock: socket.socket, peer: tuple) -> None:
+    def _connection(self, sock: socket.socket, peer: tuple, number: int) -> None:
         where = f"{peer[0]}:{peer[1]}"
         client = session_id = None
         try:
-            tune(sock)  # keepalive: a peer that vanishes without closing is noticed in about two minutes
-            sock.settimeout(HANDSHAKE_TIMEOUT)
-            # The whole handshake (TLS included) gets HANDSHAKE_TIMEOUT, however slowly a peer trickles bytes.
-            watchdog = threading.Timer(HANDSHAKE_TIMEOUT, _cut_off, args=(sock,))
-            watchdog.start()
             try:
+                tune(sock)  # keepalive: a peer that vanishes without closing is noticed in about two minutes
+                sock.settimeout(self.handshake_timeout)
+                if not self._same_protocol(sock, where):
+                    return
                 if self.tls is not None:
                     sock = self.tls.wrap_socket(sock, server_side=True)
                 reader = SocketReader(sock)
                 client, session_id = self._handshake(sock, reader, where)
             finally:
-                watchdog.cancel()
+                with self._handshakes_lock:
+                    self.handshakes.pop(number, None)
             if client is None:
                 return
             sock.settimeout(self.idle_timeout)
@@ -450,23 +497,47 @@ class TcpServer:
         finally:
             if client is not None:
                 self.server.detach(client, session_id)
+                self.slots.release()
             try:
                 sock.close()
             except OSError:
                 pass
             self.threads.discard(threading.current_thread())
-            self.slots.release()
 
-    def _send_error(self, sock: socket.socket, message: str, seq: int | None = None, fatal: bool = True) -> None:
+    def _same_protocol(self, sock: socket.socket, where: str) -> bool:
+        """Whether the client speaks what this server does (TLS or plain); a plain client of a TLS server is told
+        in plain which option it lacks (a TLS client of a plain server recognises the plain answer itself)."""
+        first = sock.recv(1, socket.MSG_PEEK)
+        if not first:
+            return False
+        tls_client = first == TLS_HANDSHAKE
+        if tls_client == (self.tls is not None):
+            return True
+        self.server.count("handshakes_refused")
+        log.warning("refused %s: it speaks %s, this server %s", where, "TLS" if tls_client else "plain TCP",
+                    "plain TCP" if tls_client else "TLS")
+        if not tls_client:
+            self._send_error(sock, "this trunk server speaks TLS: give the client the CA file that signed the "
+                                   "server's certificate (--model.tls_ca)")
+        else:
+            self._send_error(sock, "this trunk server does not speak TLS")
+        return False
+
+    def _send_error(self, sock: socket.socket, message: str, seq: int | None = None, fatal: bool = True,
+                    retry_after: float | None = None) -> None:
+        header = {"error": message, "seq": seq, "fatal": fatal}
+        if retry_after is not None:
+            header.update(retry=True, retry_after=round(retry_after, 3))
         try:
-            send_frame(sock, encode("error", {"error": message, "seq": seq, "fatal": fatal}))
+            send_frame(sock, encode("error", header))
         except (OSError, ProtocolError):
             pass
 
-    def _refuse(self, sock: socket.socket, where: str, name: Any, why: str, tell: str) -> tuple[None, None]:
+    def _refuse(self, sock: socket.socket, where: str, name: Any, why: str, tell: str,
+                retry_after: float | None = None) -> tuple[None, None]:
         self.server.count("handshakes_refused")
         log.warning("refused client %r from %s: %s", name, where, why)
-        self._send_error(sock, tell)
+        self._send_error(sock, tell, retry_after=retry_after)
         return None, None
 
     def _handshake(self, sock: socket.socket, reader: SocketReader, where: str) -> tuple[str | None, str | None]:
@@ -495,8 +566,22 @@ class TcpServer:
         if mismatch:
             return self._refuse(sock, where, name, f"fingerprint mismatch: {mismatch}",
                                 f"the trunk server serves another split: {mismatch}")
+        if not self.slots.acquire(blocking=False):
+            return self._refuse(sock, where, name, "at the connection limit",
+                                "the trunk server is at its connection limit; retry later", retry_after=1.0)
+        try:
+            resume = self.server.open_session(name, session_id, hello.get("schedule"))
+        except SessionBusy as exc:
+            self.slots.release()
+            self.server.count("sessions_refused")
+            return self._refuse(sock, where, name, str(exc), str(exc), exc.retry_after)
+        except ProtocolError:
+            self.slots.release()
+            raise
+        except ValueError as exc:  # another schedule
+            self.slots.release()
+            return self._refuse(sock, where, name, str(exc), str(exc))
         self.server.count("handshakes")
-        resume = self.server.open_session(name, session_id)
         send_frame(sock, encode("welcome", {
             "proof": _proof(token, b"server", client_nonce, server_nonce, name),
             "fingerprint": self.server.fingerprint, **resume}))
@@ -566,21 +651,25 @@ class TcpTransport:
         tls_ca: CA file that signed the server's certificate; enables TLS.
         timeout: seconds to wait for a connection or a reply.
         reconnect_timeout: seconds to keep reconnecting before giving up.
+        schedule: the trunk schedule this client trains with (:meth:`~splittrain.server.OptimSettings.resolved`);
+            the server makes this client's adapter with it, or refuses one that differs from its federation's.
     """
 
     def __init__(self, address: str, client_name: str, token: str | None, fingerprint: dict[str, Any],
-                 tls_ca: str | None = None, timeout: float = 600.0, reconnect_timeout: float = 300.0) -> None:
+                 tls_ca: str | None = None, timeout: float = 600.0, reconnect_timeout: float = 300.0,
+                 schedule: dict[str, Any] | None = None) -> None:
+        self.sock: socket.socket | TlsChannel | None = None
+        self.sender: FrameSender | None = None
         self.host, self.port = parse_address(address)
         self.address = address
         self.client_name = _check_name(client_name)
         self._token = token
-        self.fingerprint = fingerprint
+        self.fingerprint, self.schedule = fingerprint, schedule
         self.timeout, self.reconnect_timeout = timeout, reconnect_timeout
         self.tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
         self.session = secrets.token_hex(16)
         self.wire_bytes = 0
         self.seq = 0
-        self.sock: socket.socket | TlsChannel | None = None
         self.reader: SocketReader | None = None
         self.server_step = 0
         self.replay_from = 0
@@ -590,7 +679,6 @@ class TcpTransport:
         """Requests sent whose replies have not been read yet, oldest first."""
         self.acked = 0
         """The last seq whose reply this client has (the server may forget the replies up to it)."""
-        self.sender: FrameSender | None = None
         self.closed = False
         self._connect_with_retry(None)
 
@@ -607,8 +695,11 @@ class TcpTransport:
             sock.settimeout(self.timeout)
             reader = SocketReader(sock)
             client_nonce = secrets.token_bytes(NONCE_BYTES)
-            sent = send_frame(sock, encode("hello", {"client": self.client_name, "nonce": client_nonce.hex(),
-                                                     "session": self.session, "fingerprint": self.fingerprint}))
+            hello = {"client": self.client_name, "nonce": client_nonce.hex(), "session": self.session,
+                     "fingerprint": self.fingerprint}
+            if self.schedule is not None:
+                hello["schedule"] = self.schedule
+            sent = send_frame(sock, encode("hello", hello))
             challenge = _read_small(reader, ("challenge", "error"))
             self._raise_refusal(challenge)
             server_nonce = _nonce(challenge.header.get("nonce"))
@@ -633,7 +724,7 @@ class TcpTransport:
 
     def _raise_refusal(self, frame: Frame) -> None:
         if frame.kind == "error" and frame.header.get("retry") is True:  # busy: worth another try
-            raise ConnectionRefusedError(f"the trunk server at {self.address}: {frame.header.get('error')}")
+            raise ConnectionRefusedError(f"{frame.header.get('error')}")
         if frame.kind == "error":
             raise HandshakeError(f"the trunk server at {self.address} refused client {self.client_name!r}: "
                                  f"{frame.header.get('error')}")
@@ -647,19 +738,20 @@ class TcpTransport:
                 break
             except (OSError, PeerClosed, ProtocolError) as exc:
                 if isinstance(exc, ssl.SSLCertVerificationError):
-                    raise HandshakeError(f"TLS: the server at {self.address} has a certificate the CA file does not "
-                                         f"verify: {exc.verify_message}") from exc
+                    raise HandshakeError(f"TLS: the server at {self.address} has a certificate the CA file "
+                                         f"(--model.tls_ca) does not verify: {exc.verify_message}") from exc
+                if isinstance(exc, ssl.SSLError):  # a plain server's answer is no TLS record: retrying cannot help
+                    raise HandshakeError(f"the trunk server at {self.address} does not speak TLS ({exc.reason or exc}):"
+                                         " drop --model.tls_ca, or start the server with --tls_cert and "
+                                         "--tls_key") from exc
                 if time.monotonic() + delay > deadline:
                     what = "lost the trunk server" if cause is not None else "cannot reach the trunk server"
-                    hint = ""
-                    if isinstance(exc, (PeerClosed, ssl.SSLError, ConnectionResetError)):
-                        hint = (" A server that wants TLS closes plain connections (give --model.tls_ca) and a plain "
-                                "server cannot answer TLS.")
                     raise ConnectionError(f"{what} at {self.address} and could not connect for "
-                                          f"{self.reconnect_timeout:g} s (last error: {exc}).{hint}") from (cause or exc)
+                                          f"{self.reconnect_timeout:g} s (last error: {exc})") from (cause or exc)
                 if not announced:
                     what = f"lost the trunk server ({cause})" if cause is not None else "waiting for the trunk server"
-                    print(f"splittrain: {what} at {self.address}; retrying for up to {self.reconnect_timeout:g} s",
+                    why = f" ({exc})" if isinstance(exc, ConnectionRefusedError) and exc.args else ""
+                    print(f"splittrain: {what} at {self.address}{why}; retrying for up to {self.reconnect_timeout:g} s",
                           file=sys.stderr, flush=True)
                     announced = True
                 time.sleep(delay)
@@ -753,7 +845,12 @@ class TcpTransport:
             welcome = self._connect_with_retry(cause)
             try:
                 if not welcome["known"]:
-                    return self._resume_restarted(welcome)
+                    try:
+                        return self._resume_restarted(welcome)
+                    except (RuntimeError, ProtocolError):
+                        self.outstanding.clear()  # the new server never got them: close() must not wait for them
+                        self._drop()
+                        raise
                 while self.outstanding:
                     head = self.outstanding[0]
                     frame = self._exchange(head.kind, head.header, head.tensors)
@@ -809,11 +906,13 @@ class TcpTransport:
         in_flight = list(self.outstanding)
         steps_in_flight = sum(1 for r in in_flight if r.kind == "step")
         if restarted_at < self.replay_from or restarted_at > self.server_step + steps_in_flight:
-            raise RuntimeError(
-                f"the trunk server at {self.address} came back at step {restarted_at} but this client is at step "
-                f"{self.server_step} and can replay only the steps after {self.replay_from}: restart the server "
-                f"from a checkpoint at step >= {self.replay_from} (serve --resume) or resume this client from the "
-                f"server's step (--ckpt_path)")
+            what = ("restarted without this client's trunk checkpoints (serve without --resume, or another run "
+                    "folder)" if restarted_at == 0 else f"came back at step {restarted_at}")
+            raise RemoteError(
+                f"the trunk server at {self.address} {what}, but this client is at step {self.server_step} and can "
+                f"replay only the steps after {self.replay_from}: restart the server with --resume in its run folder "
+                f"(from a checkpoint at step >= {self.replay_from}), or resume this client from the server's step "
+                f"(--ckpt_path)")
         print(f"splittrain: the trunk server restarted at step {restarted_at}; replaying "
               f"{sum(1 for e in self.replay if e[0] >= restarted_at)} requests of the steps it had not saved",
               file=sys.stderr, flush=True)
