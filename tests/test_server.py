@@ -11,6 +11,7 @@ from processes import needs_openssl, self_signed
 
 from splittrain.lora import LoraSettings
 from splittrain.server import OptimSettings, ServerLimits, SessionBusy, TrunkServer, load_trunk
+from splittrain.state import load_state
 from splittrain.transport.wire import ProtocolError, TensorSpec
 
 HIDDEN = 32
@@ -299,3 +300,79 @@ def test_requests_in_flight_survive_a_lost_connection(make_server, tmp_path, tls
     finally:
         tcp.stop()
         thread.join(timeout=10)
+
+
+def _train(server: TrunkServer, plan: list[tuple[str, str, int]]) -> dict[str, list[torch.Tensor]]:
+    """Run ``plan``'s (client, kind, step) requests in order; each client's inputs depend only on the client and the
+    step. Returns every client's replies (trunk outputs, input gradients, grad norms) in order."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    for client, kind, step in plan:
+        g = torch.Generator().manual_seed(1000 * (client == "bob") + step)
+        x, dy = torch.randn(2, 5, HIDDEN, generator=g), torch.randn(2, 5, HIDDEN, generator=g)
+        if kind == "forward":
+            header = {"key": ["train", step, 0], "training": True, "need_input_grad": True, "step": step}
+            reply = server.handle(client, kind, header, {"hidden_states": x, "position_ids": torch.arange(5)[None]})
+        elif kind == "backward":
+            reply = server.handle(client, kind, {"key": ["train", step, 0]}, {"grad": dy})
+        elif kind == "norm":
+            reply = server.handle(client, "grad_sq_norm", {}, {})
+        elif kind == "save":
+            reply = server.handle(client, "save", {"tag": f"step-{step}"}, {})
+        else:
+            reply = server.handle(client, "step", {"step": step + 1, "scale": 0.5}, {})
+        seen.setdefault(client, []).extend(t.clone() for t in reply[1].values())
+    return seen
+
+
+def test_independent_clients_train_their_own_adapters_bit_identically(make_server):
+    """Two clients interleaved on one server (each also reading norms and saving under the same tags) end exactly
+    as each trained alone: replies, adapter weights, files. The second client costs its adapter and optimizer."""
+    steps = 3
+    plan = {c: [(c, kind, s) for s in range(steps) for kind in ("forward", "backward", "norm", "step", "save")]
+            for c in ("alice", "bob")}
+    alone = {}
+    for client in ("alice", "bob"):
+        server = make_server()
+        alone[client] = (_train(server, plan[client]), {n: p.detach().clone() for n, p in server.trainable})
+    shared = make_server()
+    base = sum(p.nbytes for p in shared.trunk.parameters())
+    # bob's passes land between alice's forward and backward, and his step between her norm and her step
+    order = [("alice", "forward"), ("bob", "forward"), ("alice", "backward"), ("bob", "backward"), ("bob", "norm"),
+             ("alice", "norm"), ("bob", "step"), ("alice", "step"), ("bob", "save"), ("alice", "save")]
+    interleaved = [(c, kind, s) for s in range(steps) for c, kind in order]
+    assert sorted(interleaved) == sorted(plan["alice"] + plan["bob"])
+    replies = _train(shared, interleaved)
+    for client in ("alice", "bob"):
+        want_replies, want_weights = alone[client][0][client], alone[client][1]
+        assert len(replies[client]) == len(want_replies) == 3 * steps  # outputs, input gradients, norms
+        assert all(torch.equal(a, b) for a, b in zip(replies[client], want_replies))
+        adapter = shared.adapter(client)
+        assert adapter.steps == steps and all(torch.equal(want_weights[n], p) for n, p in adapter.trainable)
+        saved = load_state(shared.run_dir / "trunk" / client / f"step-{steps - 1}.safetensors")
+        assert all(torch.equal(saved["trainable"][n], want_weights[n]) for n in want_weights)
+    # The base is held once: the trunk grew by bob's adapter alone.
+    grown = sum(p.nbytes for p in shared.trunk.parameters()) - base
+    bob = shared.adapter("bob")
+    assert grown == sum(p.nbytes for _, p in bob.trainable) > 0
+    assert 3 * grown <= bob.nbytes <= 3 * grown + 8 * len(bob.trainable)  # the adapter, AdamW's moments and steps
+    print(f"trunk {base} bytes; a second client's adapter {grown} bytes, with its optimizer {bob.nbytes}")
+    assert shared.status()["adapters"].keys() == {"alice", "bob"} and shared.status()["step"] is None
+
+
+def test_a_client_reaches_only_its_own_state(make_server):
+    """An authenticated attacker's made-up passes, steps, norms, saves and loads leave the victim as it was."""
+    server = make_server()
+    _train(server, [("alice", "forward", 0), ("alice", "backward", 0)])
+    waiting = dict(server.sessions["alice"].grads)
+    norm = server.handle("alice", "grad_sq_norm", {}, {})[1]["sq_norm"]
+    attack = [("mallory", kind, 0) for kind in ("forward", "backward", "norm", "step", "save")]
+    _train(server, attack)
+    assert server.handle("alice", "grad_sq_norm", {}, {})[1]["sq_norm"] == norm
+    assert all(torch.equal(waiting[n], g) for n, g in server.sessions["alice"].grads.items())
+    assert server.adapter("alice").steps == 0 and server.adapter("mallory").steps == 1
+    assert (server.run_dir / "trunk" / "mallory" / "step-0.safetensors").is_file()
+    assert not (server.run_dir / "trunk" / "alice").exists()
+    with pytest.raises(FileNotFoundError, match="no checkpoint 'step-9'"):
+        server.handle("mallory", "load", {"tag": "step-9"}, {})
+    with pytest.raises(KeyError, match="no forward pass of client 'mallory'"):  # alice's graph is not its to finish
+        server.handle("mallory", "backward", {"key": ["train", 0, 0]}, {"grad": torch.zeros(2, 5, HIDDEN)})
