@@ -3,6 +3,7 @@ requests in flight over a loopback connection)."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -376,3 +377,86 @@ def test_a_client_reaches_only_its_own_state(make_server):
         server.handle("mallory", "load", {"tag": "step-9"}, {})
     with pytest.raises(KeyError, match="no forward pass of client 'mallory'"):  # alice's graph is not its to finish
         server.handle("mallory", "backward", {"key": ["train", 0, 0]}, {"grad": torch.zeros(2, 5, HIDDEN)})
+
+
+def test_a_federation_is_trained_only_by_its_members_and_refuses_another_schedule(checkpoint, tmp_path):
+    from splittrain.federated import FederatedSettings
+
+    _, folder = checkpoint("qwen2")
+    trunk = load_trunk(str(folder), (1, 3), LoraSettings(r=4, alpha=8), seed=1)
+    optim = OptimSettings(lr=1e-2, schedule="linear")
+    server = TrunkServer(trunk, optim, total_steps=800, run_dir=tmp_path / "run",
+                         federation=FederatedSettings(clients=2))
+    # The schedule is the federation's: a client that trains with another is refused, both values named.
+    with pytest.raises(ValueError, match=r"another schedule: total_steps 24 \(server: 800\)"):
+        server.open_session("alice", "a1", optim.resolved(24))
+    server.open_session("alice", "a1", optim.resolved(800))
+    with pytest.raises(RuntimeError, match="has not joined the federation"):
+        forward(server, "alice", 0, session="a1")
+    server.handle("alice", "join", {"index": 0, "samples": 10}, {}, "a1")
+    forward(server, "alice", 0, session="a1")
+    backward(server, "alice", 0)
+    server.handle("alice", "save", {"tag": "step-0"}, {}, "a1")
+    # An outsider (a generation from a checkpoint) may run the trunk but not take it back while alice trains ...
+    server.open_session("reader", "r1")
+    inference = {"key": ["eval", 0], "training": False, "need_input_grad": False}
+    tensors = {"hidden_states": torch.randn(2, 5, HIDDEN), "position_ids": torch.arange(5)[None]}
+    assert server.handle("reader", "forward", inference, tensors, "r1")[1]["hidden_states"].shape == (2, 5, HIDDEN)
+    with pytest.raises(RuntimeError, match="has not joined the federation"):
+        forward(server, "reader", 1, session="r1")
+    for kind, header in (("save", {"tag": "mine"}), ("grad_sq_norm", {}), ("step", {"step": 1, "scale": None})):
+        with pytest.raises(RuntimeError, match="has not joined the federation"):
+            server.handle("reader", kind, header, {}, "r1")
+    with pytest.raises(RuntimeError, match="training the federation with client.*'alice'.*--force_load"):
+        server.handle("reader", "load", {"tag": "step-0"}, {}, "r1")
+    assert server.sessions["alice"].grads  # alice's half-made step is still there
+    # ... unless it says so, or the members are gone.
+    assert server.handle("reader", "load", {"tag": "step-0", "force": True}, {}, "r1")[0]["step"] == 0
+    server.detach("alice", "a1")
+    assert server.handle("reader", "load", {"tag": "step-0"}, {}, "r1")[0]["step"] == 0
+
+
+@needs_openssl
+def test_handshake_mistakes_are_named_at_once(make_server, tmp_path):
+    """A hello that declares tensors is told so; a TLS client of a plain server and a client whose CA file is
+    missing stop at once, naming the option; a failed construction leaves no noise from __del__."""
+    import gc
+    import socket
+    import threading
+
+    from splittrain.transport import RemoteError
+    from splittrain.transport.tcp import HandshakeError, SocketReader, TcpServer, TcpTransport, parse_address
+    from splittrain.transport.wire import PREAMBLE, encode, read_frame
+
+    server = make_server()
+    tcp = TcpServer(server, "127.0.0.1:0", {"alice": "a" * 32})
+    thread = threading.Thread(target=tcp.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(parse_address(tcp.address), timeout=10) as sock:
+            # a header that declares a tensor, and no payload
+            preamble, header = encode("hello", {"client": "alice"}, {"x": torch.zeros(2)})[:2]
+            magic, version, flags, header_len, _ = PREAMBLE.unpack(bytes(preamble))
+            sock.sendall(PREAMBLE.pack(magic, version, flags, header_len, 0) + bytes(header))
+            answer = read_frame(SocketReader(sock), 0).header
+        assert answer["kind"] == "error" and "a hello frame carries no tensors, this one declares 1" in answer["error"]
+        cert, _ = self_signed(tmp_path, "server")
+        began = time.monotonic()
+        with pytest.raises(HandshakeError, match="does not speak TLS.*drop --model.tls_ca"):
+            TcpTransport(tcp.address, "alice", "a" * 32, server.fingerprint, tls_ca=str(cert), reconnect_timeout=300)
+        assert time.monotonic() - began < 5
+        with pytest.raises((OSError, RemoteError)):
+            TcpTransport(tcp.address, "alice", "a" * 32, server.fingerprint, tls_ca=str(tmp_path / "missing.pem"))
+        unraisable = []
+        hook = sys.unraisablehook
+        sys.unraisablehook = unraisable.append
+        try:
+            with pytest.raises(ValueError, match="HOST:PORT"):
+                TcpTransport("no-port", "alice", "a" * 32, server.fingerprint)
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+        assert not unraisable, unraisable
+    finally:
+        tcp.stop()
+        thread.join(timeout=10)
