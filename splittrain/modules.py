@@ -24,6 +24,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 
 from .cut import Pipeline, TrunkLink, cross, pipelined_loss, pipelined_outputs
+from .errors import UserError
 from .federated import FederatedSettings, LocalAverager, flatten, release_freed_memory, unflatten_into
 from .generate import GenerationOptions
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
@@ -251,7 +252,7 @@ class ClientModule(L.LightningModule):
         if self.token_file:
             token = Path(self.token_file).expanduser().read_text().strip()
             if not token:
-                raise ValueError(f"token file {self.token_file} is empty")
+                raise UserError(f"token file {self.token_file} is empty")
             return token
         return os.environ.get(TOKEN_ENV) or None
 

@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 import numpy
 
+from ..errors import UserError
 from . import Header, RemoteError, SessionBusy, Tensors, fingerprint_mismatch
 from .wire import (
     ST_HEADER_LIMIT,
@@ -72,7 +73,7 @@ def parse_address(address: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port)."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host or int(port) > 65535:
-        raise ValueError(f"address must be HOST:PORT (e.g. 127.0.0.1:7000), got {address!r}")
+        raise UserError(f"address must be HOST:PORT (e.g. 127.0.0.1:7000), got {address!r}")
     return host.strip("[]"), int(port)
 
 
@@ -96,14 +97,14 @@ def load_tokens(path: str | Path) -> dict[str, str]:
     try:
         tokens = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(tokens, dict) or not tokens or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in tokens.items()):
-        raise ValueError(f"{path} must map client names to tokens: {{\"client0\": \"<token>\"}}")
+        raise UserError(f"{path} must map client names to tokens: {{\"client0\": \"<token>\"}}")
     for name, token in tokens.items():
         _check_name(name)
         if len(token) < 16:
-            raise ValueError(f"the token of client {name!r} in {path} is shorter than 16 characters; make one with "
+            raise UserError(f"the token of client {name!r} in {path} is shorter than 16 characters; make one with "
                              "`python -m splittrain token`")
     if os.name == "posix" and path.stat().st_mode & 0o077:
         log.warning("%s can be read by other users of this machine: chmod 600 it", path)
