@@ -252,7 +252,7 @@ def test_test_command_scores_generated_answers(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_quickstart_answers_half_its_held_out_rows(tmp_path, capsys):
-    """The README's first command, as is (about 2 minutes on 2 cores): the printed exact match is >= 0.5."""
+    """The README's first command, as is (under 3 minutes on 2 cores): the printed exact match is >= 0.5."""
     import json
 
     from splittrain.cli import main
