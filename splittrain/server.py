@@ -361,6 +361,7 @@ class TrunkServer:
                 folder = self.run_dir / "trunk" if owner == FEDERATION else self.run_dir / "trunk" / owner
             adapter = self.adapters[owner] = TrunkAdapter(owner, name, trainable, settings, total, optimizer,
                                                           scheduler, folder)
+            self._keep_trainable()
             if self.resuming:
                 last = _last_checkpoint(folder)
                 if last is not None:
@@ -378,8 +379,9 @@ class TrunkServer:
         with warnings.catch_warnings():  # several adapters in one model are what we want
             warnings.filterwarnings("ignore", "Already found a `peft_config` attribute")
             inject_adapter_in_model(self._lora_config, self.trunk, adapter_name=name)
-        self._keep_trainable()
-        self._use(self._active)
+        # peft may leave the layers on the new adapter: make them run the one they ran before
+        active, self._active = self._active, name
+        self._use(active)
 
     def _keep_trainable(self) -> None:
         # peft marks only the active adapter trainable; a graph waiting for its backward pass must keep its

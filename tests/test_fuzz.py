@@ -107,9 +107,14 @@ MISSING: Any = _Missing()
 """A field value that means: leave the field out."""
 
 
+FUZZER_SESSION = secrets.token_hex(16)
+"""The fuzzer's session: each of its connections comes back to it, as a reconnecting client's does (a new session
+under a name whose session is alive would be refused: one live session per name)."""
+
+
 def hello_fields(nonce: bytes, fp: Any, /, **overrides: Any) -> dict[str, Any]:
     """A hello from "fuzzer" (fields overridden, or left out with MISSING)."""
-    fields = {"client": "fuzzer", "nonce": nonce.hex(), "session": secrets.token_hex(16), "fingerprint": fp}
+    fields = {"client": "fuzzer", "nonce": nonce.hex(), "session": FUZZER_SESSION, "fingerprint": fp}
     fields.update(overrides)
     return {k: v for k, v in fields.items() if v is not MISSING}
 

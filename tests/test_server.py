@@ -360,6 +360,18 @@ def test_independent_clients_train_their_own_adapters_bit_identically(make_serve
     assert shared.status()["adapters"].keys() == {"alice", "bob"} and shared.status()["step"] is None
 
 
+def test_a_new_client_leaves_the_others_running_their_own_adapters(make_server):
+    """A client that connects (its adapter made at the handshake, peft injecting it) between another's steps does
+    not change what the trunk runs for that other one."""
+    one_step = [("alice", "forward", 0), ("alice", "backward", 0), ("alice", "step", 0), ("alice", "forward", 1)]
+    alone, shared = make_server(), make_server()
+    want = _train(alone, one_step)["alice"]
+    got = _train(shared, one_step[:3])["alice"]
+    shared.open_session("mallory", "m1")
+    got += _train(shared, one_step[3:])["alice"]
+    assert len(got) == len(want) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_a_client_reaches_only_its_own_state(make_server):
     """An authenticated attacker's made-up passes, steps, norms, saves and loads leave the victim as it was."""
     server = make_server()
