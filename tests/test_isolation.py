@@ -415,10 +415,6 @@ def test_slowloris_connections_do_not_keep_a_real_client_out(reference_run, proc
     assert after["counters"]["handshakes"] >= 3 + 1
 
 
-@pytest.mark.xfail(strict=True, reason="TcpServer._connection (splittrain/transport/tcp.py) gives back the connection "
-                   "slot and detaches the session only when _handshake returned a client: a handshake cut off (evicted "
-                   "or past handshake_timeout) after open_session fails on sending the welcome, so its slot of "
-                   "--max_connections and its session's connection count leak")
 def test_a_handshake_cut_off_after_its_session_opened_leaks_nothing(tiny_server):
     """A handshake that is cut off after the server opened its session (evicted by a newer connection, or past
     handshake_timeout while it waited for the trunk's lock) gives back its connection slot: the client's retry is

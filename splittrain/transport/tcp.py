@@ -583,9 +583,14 @@ class TcpServer:
             self.slots.release()
             return self._refuse(sock, where, name, str(exc), str(exc))
         self.server.count("handshakes")
-        send_frame(sock, encode("welcome", {
-            "proof": _proof(token, b"server", client_nonce, server_nonce, name),
-            "fingerprint": self.server.fingerprint, **resume}))
+        try:
+            send_frame(sock, encode("welcome", {
+                "proof": _proof(token, b"server", client_nonce, server_nonce, name),
+                "fingerprint": self.server.fingerprint, **resume}))
+        except OSError:  # cut off (deadline, eviction) after the session opened: give back its slot and connection
+            self.server.detach(name, session_id)
+            self.slots.release()
+            raise
         log.info("client %r connected from %s (session %s, %s)", name, where, session_id[:8],
                  "resumed" if resume["known"] else "new")
         return name, session_id
