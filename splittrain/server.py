@@ -1097,14 +1097,14 @@ class TrunkServer:
 
     def status(self) -> dict[str, Any]:
         """Counters, adapters and per-client holdings (no tensors, nothing private) for operators and tests; ``step``
-        and ``saved_step`` are the only adapter's (None while there are several or none)."""
+        and ``saved_step`` are the only adapter's (step 0 before there is one, None while there are several)."""
         from .loading import rss_bytes
 
         with self.lock:
-            only = next(iter(self.adapters.values())) if len(self.adapters) == 1 else None
+            several = len(self.adapters) > 1
             return {
-                "instance": self.instance, "step": only.steps if only else None,
-                "saved_step": only.saved_step if only else None,
+                "instance": self.instance, "step": None if several else self.steps,
+                "saved_step": None if several or not self.adapters else self.adapter().saved_step,
                 "adapters": {owner: {"step": a.steps, "saved_step": a.saved_step, "bytes": a.nbytes}
                              for owner, a in self.adapters.items()},
                 "busy_seconds": self.busy_seconds, "threads": torch.get_num_threads(),

@@ -472,3 +472,29 @@ def test_handshake_mistakes_are_named_at_once(make_server, tmp_path):
     finally:
         tcp.stop()
         thread.join(timeout=10)
+
+
+def test_a_refused_frame_is_not_sent_again(make_server):
+    """A request the server refuses as a bad frame (and closes the connection on) is dropped by the client: close()
+    neither waits for its reply nor reconnects to send it again."""
+    import threading
+
+    from splittrain.transport import RemoteError
+    from splittrain.transport.tcp import TcpServer, TcpTransport
+
+    server = make_server()
+    tcp = TcpServer(server, "127.0.0.1:0", {"alice": "a" * 32})
+    thread = threading.Thread(target=tcp.serve_forever, daemon=True)
+    thread.start()
+    try:
+        transport = TcpTransport(tcp.address, "alice", "a" * 32, server.fingerprint)
+        wrong = {"hidden_states": torch.zeros(2, 5, HIDDEN + 1), "position_ids": torch.arange(5)[None]}
+        with pytest.raises(RemoteError, match="bad frame: hidden_states must be"):
+            transport.request("forward", {"key": ["eval", 0], "training": False, "need_input_grad": False}, wrong)
+        assert not transport.outstanding
+        began = time.monotonic()
+        transport.close()
+        assert time.monotonic() - began < 2 and server.counters["handshakes"] == 1
+    finally:
+        tcp.stop()
+        thread.join(timeout=10)

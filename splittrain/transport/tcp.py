@@ -829,6 +829,10 @@ class TcpTransport:
             except (OSError, PeerClosed) as exc:
                 self._recover(exc)
                 continue
+            except (RemoteError, ProtocolError):  # the server refused a frame and closed: nothing more comes back
+                self.outstanding.clear()
+                self._drop()
+                raise
             self.outstanding.popleft()
             self._answer(head, frame)
 
