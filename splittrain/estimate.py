@@ -14,7 +14,11 @@ The other terms are models of what training keeps, per party:
   ``saved_tensors_hooks``: norm inputs and outputs, projection inputs, rotated queries and keys, attention inputs
   with keys and values repeated to every head, its output, the MLP's gate, up and product), plus at the top the
   logits, their log-softmax and their gradient in float32 (``3 x vocab`` per token); and half as much again as
-  ``workspace`` (the forward pass's freed temporaries that the allocator still holds at the peak);
+  ``workspace`` (the forward pass's freed temporaries that the allocator still holds at the peak). With the chunked
+  loss (``loss_chunk`` positions at a time, fewer than the batch's tokens; :mod:`splittrain.loss`) the top keeps no
+  logits: the workspace holds one chunk's float32 logits, softmax taken in place, and for a bfloat16 or softcapped
+  head a second copy (``2 x loss_chunk x vocab`` float32 at most; ``benchmarks/chunked_loss.py`` measured 1.1 and
+  1.6 such chunks for fp32 with a frozen and a trained head, the latter with the head's gradient) instead;
 - ``runtime``: the process itself (interpreter, torch, Lightning, tokenizer and data for the client; measured on
   CPU with the 0.9M-parameter quickstart model over tcp), or the CUDA context on a GPU.
 
@@ -29,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .loss import LOSS_CHUNK
 
 GiB = 2**30
 RUNTIME_BYTES = {"client": int(0.52 * GiB), "server": int(0.40 * GiB)}
@@ -92,9 +98,11 @@ def _lora_params(layer: torch.nn.Module, targets: list[str], r: int) -> int:
 
 def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len: int, dtype: str | None = None,
                     client: str = "lora", client_lora_r: int = 8, trunk_lora_r: int = 8,
-                    lora_targets: list[str] | None = None, device: str = "cpu") -> dict[str, PartyMemory]:
+                    lora_targets: list[str] | None = None, device: str = "cpu", loss_chunk: int = LOSS_CHUNK,
+                    ) -> dict[str, PartyMemory]:
     """Peak bytes of the client (bottom + top) and of the server (trunk) when training ``model`` cut at ``cuts``
-    on batches of ``batch_size`` x ``seq_len`` tokens, weights in ``dtype`` (default: the config's)."""
+    on batches of ``batch_size`` x ``seq_len`` tokens, weights in ``dtype`` (default: the config's), the loss
+    computed ``loss_chunk`` positions at a time (0: whole logits; default: the client's)."""
     from transformers import AutoModelForCausalLM
 
     from .families import get_family
@@ -145,9 +153,13 @@ def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len:
     per_token_layer = 6 * hidden + 6 * q_dim + 2 * kv_dim + 4 * config.intermediate_size
     for party in parties.values():
         party.activations = tokens * per_token_layer * width * len(party.layers)
-    parties["client"].activations += 3 * tokens * config.vocab_size * 4
+    chunked = 0 < loss_chunk < tokens  # a batch of at most loss_chunk tokens takes the plain path
+    if not chunked:
+        parties["client"].activations += 3 * tokens * config.vocab_size * 4
     for party in parties.values():
         party.workspace = party.activations // 2
+    if chunked:
+        parties["client"].workspace += 2 * loss_chunk * config.vocab_size * 4
     return parties
 
 

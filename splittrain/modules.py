@@ -102,6 +102,11 @@ class ClientModule(L.LightningModule):
             either side (1: no pipelining). The trunk accumulates them into one step and each micro-batch's loss
             counts as its share of the batch's, so the numbers are the whole batch's (to float rounding).
             ``local`` and ``dist`` answer each micro-batch before the next leaves, so they gain nothing from it.
+        loss_chunk: trained positions per chunk of the top's LM head + cross-entropy in training, validation and
+            test (see :mod:`splittrain.loss`): no float32 batch x tokens x vocab tensor (logits, log-softmax or
+            their gradient) is ever whole, only ``loss_chunk x vocab`` ones; the metrics come from the chunks.
+            A batch of at most ``loss_chunk`` positions, and 0, compute whole logits and transformers' loss. The
+            same numbers either way (to float rounding).
     """
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
@@ -115,10 +120,13 @@ class ClientModule(L.LightningModule):
                  federated: FederatedSettings = FederatedSettings(), generation: GenerationOptions = GenerationOptions(),
                  eval_generate: bool = False, eval_max_rows: int | None = 200,
                  recipe: Literal["qwen2", "gemma", "gemma3"] | None = None,
-                 privacy: PrivacySettings = PrivacySettings(), pipeline: int = 1) -> None:
+                 privacy: PrivacySettings = PrivacySettings(), pipeline: int = 1, loss_chunk: int = 512) -> None:
         super().__init__()
         if pipeline < 1:
             raise ValueError(f"pipeline is the number of micro-batches per batch (>= 1), got {pipeline}")
+        if loss_chunk < 0:
+            raise ValueError(f"loss_chunk is the number of positions per chunk of the loss (0: off), got {loss_chunk}")
+        self.loss_chunk = loss_chunk
         if len(cuts) != 2:
             raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
         if client not in ("frozen", "lora", "full"):
@@ -194,6 +202,7 @@ class ClientModule(L.LightningModule):
         # parts follow this module's (train in fit), so their dropout is the unsplit model's.
         self.bottom.train(self.training)
         self.top.train(self.training)
+        self.top.loss_chunk = self.loss_chunk
         sync = self.transport != "dist"  # rank 0 (the trunk server) takes no part in the client's metrics
         self.train_metrics = TokenMetrics(self.top.config.vocab_size, sync)
         self.val_metrics = TokenMetrics(self.top.config.vocab_size, sync)
@@ -472,9 +481,9 @@ class ClientModule(L.LightningModule):
             return pipelined_loss(
                 self.link, self.bottom, self.top, batch, self.pipeline, key, step,
                 defense.activations if defense is not None else None, defense.gradients if defense is not None else None,
-                lambda out, chunk: self.train_metrics.update(out.logits.detach(), chunk["labels"]))
+                lambda out, chunk: self.train_metrics.update_output(out, chunk["labels"]))
         out = self(batch, key=key, step=step)
-        self.train_metrics.update(out.logits.detach(), batch["labels"])
+        self.train_metrics.update_output(out, batch["labels"])
         return out.loss, None
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
@@ -498,13 +507,13 @@ class ClientModule(L.LightningModule):
         """The loss of ``batch`` without gradients (the validation metrics updated); pipelined as training is."""
         if self.pipeline <= 1:
             out = self(batch, key=key)
-            self.val_metrics.update(out.logits, batch["labels"])
+            self.val_metrics.update_output(out, batch["labels"])
             return out.loss
         defense = self.defense
         loss = torch.zeros(())
         for out, chunk in pipelined_outputs(self.link, self.bottom, self.top, batch, self.pipeline, key,
                                             defense.activations if defense is not None else None):
-            self.val_metrics.update(out.logits, chunk["labels"])
+            self.val_metrics.update_output(out, chunk["labels"])
             loss = loss + out.loss
         return loss
 
@@ -514,7 +523,7 @@ class ClientModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch, key=("test", self.global_step, batch_idx))
-        self.test_metrics.update(out.logits, batch["labels"])
+        self.test_metrics.update_output(out, batch["labels"])
         self.log("test_loss", out.loss, batch_size=batch["input_ids"].shape[0])
         return out.loss
 

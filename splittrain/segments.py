@@ -92,6 +92,10 @@ class Segment(nn.Module):
         self.add_module(family.stack, text)
         if lm_head is not None:
             self.lm_head = lm_head
+        self.loss_chunk = 0
+        """Positions per chunk of the last segment's loss when it is given labels (see :mod:`splittrain.loss`): the
+        output of a batch of more positions then has the ``loss`` and its ``token_stats`` but no ``logits``; 0
+        computes whole logits."""
 
     @property
     def text_model(self) -> nn.Module:
@@ -137,7 +141,9 @@ class Segment(nn.Module):
         The first segment takes ``input_ids`` (B, T); the others take the previous segment's
         :class:`Activations` (or a bare hidden-state tensor with ``attention_mask``/``position_ids``).
         Returns ``Activations``, or for the last segment a ``CausalLMOutputWithPast`` with ``logits``
-        (and ``loss`` when ``labels`` are given, computed by transformers' causal-LM loss).
+        (and ``loss`` when ``labels`` are given, computed by transformers' causal-LM loss). With labels and
+        more than ``loss_chunk`` (> 0) positions the last segment computes the same loss chunk by chunk and returns
+        a :class:`~splittrain.loss.CausalLMLoss` (``loss``, ``token_stats``; ``logits`` None).
 
         For generation, ``cache`` is a transformers KV cache (``DynamicCache(config=segment.config)``) that
         this segment's layers fill and read, and ``attention_mask`` then covers the cached positions too;
@@ -173,16 +179,32 @@ class Segment(nn.Module):
             hidden = hidden[:, -logits_to_keep:]
         return self._head(hidden, labels, loss_kwargs)
 
+    def head_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight (V, H) and bias (or None): ``lm_head``'s, or the embedding matrix when tied."""
+        if self.tied:
+            return getattr(self.text_model, self.family.embedding).weight, None
+        return self.lm_head.weight, getattr(self.lm_head, "bias", None)
+
     def _head(self, hidden: torch.Tensor, labels: torch.Tensor | None, loss_kwargs: dict[str, Any]) -> Any:
         from transformers.loss.loss_utils import ForCausalLMLoss
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         hidden = getattr(self.text_model, self.family.norm)(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        # A batch of at most loss_chunk positions is one chunk: the plain path computes it (the same numbers to the
+        # bit, and no tensor larger than a chunk's).
+        chunked = 0 < self.loss_chunk < hidden.shape[:-1].numel()
+        if labels is not None and chunked and (self.tied or type(self.lm_head) is nn.Linear):
+            from .loss import CausalLMLoss, chunked_causal_lm_loss
+
+            weight, bias = self.head_weight()
+            loss, stats = chunked_causal_lm_loss(hidden, weight, labels.to(hidden.device), bias,
+                                                 chunk=self.loss_chunk, softcap=cap, **loss_kwargs)
+            return CausalLMLoss(loss=loss, logits=None, token_stats=stats)
         if self.tied:
             logits = nn.functional.linear(hidden, getattr(self.text_model, self.family.embedding).weight)
         else:
             logits = self.lm_head(hidden)
-        cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         loss = None
