@@ -431,7 +431,8 @@ def estimate_command(configs: Sequence[str], device: str | None = None, as_json:
         device = "cuda" if str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda") else "cpu"
     parties = estimate_memory(module.model_name, module.cuts, int(data["batch_size"]), int(data["max_length"]),
                               module.dtype_name, module.client_mode, module.client_lora.r,
-                              module.trunk_settings.lora.r, module.trunk_settings.lora.targets, device)
+                              module.trunk_settings.lora.r, module.trunk_settings.lora.targets, device,
+                              loss_chunk=module.loss_chunk)
     if as_json:
         print(estimate_json(parties))
     else:
