@@ -339,10 +339,10 @@ class TrunkServer:
                 raise ValueError(f"this trunk server trains {len(self.adapters)} adapters "
                                  f"({', '.join(self.adapters)}): say whose")
             owner = next(iter(self.adapters), self.owner_of("client0"))
-        adapter = self.adapters.get(owner)
-        if adapter is not None:
-            return adapter
         with self.lock:
+            adapter = self.adapters.get(owner)
+            if adapter is not None:
+                return adapter
             name = "default" if not self.adapters else f"adapter{len(self.adapters)}"
             if name != "default":
                 self._add_lora(name)

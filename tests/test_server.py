@@ -498,3 +498,13 @@ def test_a_refused_frame_is_not_sent_again(make_server):
     finally:
         tcp.stop()
         thread.join(timeout=10)
+
+
+def test_client_names_cannot_leave_the_trunk_folder():
+    """A client's name is the folder of its checkpoints (trunk/<name>/): names of dots only are refused."""
+    from splittrain.transport.tcp import _check_name
+
+    for name in (".", "..", "...", "a/b", ""):
+        with pytest.raises(ProtocolError, match="client names"):
+            _check_name(name)
+    assert _check_name("lab.two@site-1") == "lab.two@site-1"

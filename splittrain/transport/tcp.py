@@ -112,8 +112,9 @@ def load_tokens(path: str | Path) -> dict[str, str]:
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not 0 < len(name) <= 64 or not set(name) <= _NAME_CHARS:
-        raise ProtocolError("client names are 1-64 characters of letters, digits and _.-@")
+    if not isinstance(name, str) or not 0 < len(name) <= 64 or not set(name) <= _NAME_CHARS or not name.strip("."):
+        raise ProtocolError("client names are 1-64 characters of letters, digits and _.-@, not only dots (a name is "
+                            "the folder of its trunk checkpoints)")
     return name
 
 
