@@ -130,6 +130,8 @@ CASES = [
     ("serve-missing-option", ["serve", "--config", CONFIG], ["serve", "--tokens", "required"]),
     ("broken-prompts", ["generate", "--config", CONFIG, "--prompts", "prompts.jsonl"],
      ["prompts.jsonl:2: not valid JSON"]),
+    ("generate-dist", ["generate", "--config", CONFIG, "--prompt", "Hi", "--model.transport", "dist"],
+     ["transport dist", "torchrun", "--model.transport local"]),
     ("broken-tokens-file", ["token", "--tokens", "broken-tokens.json", "--client", "c1", "--out", "c1.token"],
      ["broken-tokens.json"]),
     ("export-truncated", ["export", "--run", "run", "--out", "exported"], ["last.ckpt", "truncated or corrupt"]),
