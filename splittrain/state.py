@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,7 +72,8 @@ def save_state(state: Any, path: str | Path) -> Path:
     structure = _encode(state, "", tensors)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # a temporary name of this process's own: two processes saving the same path must not rename each other's file
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file(tensors, tmp, metadata={"format": "pt", META_KEY: json.dumps(structure)})
     tmp.replace(path)  # never leave a half-written checkpoint under the real name
     return path

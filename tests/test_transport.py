@@ -128,8 +128,10 @@ def server(tmp_path_factory):
     config = write_config(folder / "config.yaml", folder / "client")
     processes = Processes(folder)
     try:
+        # A test that leaves a session behind (a refused frame closes its connection) frees the name for the next
+        # within 2 s: one live session per name would otherwise keep it for the default 120 s.
         proc, address = processes.serve(config, tokens, folder / "run", "--max_connections", "3", "--max_batch", "4",
-                                        "--threads", "1")
+                                        "--threads", "1", "--session_timeout", "2")
         yield {"address": address, "tokens": known, "run": folder / "run", "log": folder / "server.log",
                "proc": proc, "config": config}
     finally:
