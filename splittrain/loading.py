@@ -344,6 +344,7 @@ def split_model(
     attn_implementation: str | None = None,
     split_point_1: int | None = None,
     split_point_2: int | None = None,
+    quantization: str | None = None,
 ) -> SplitParts:
     """Cut a decoder LLM at ``cuts`` and load the requested ``parts``, each reading only its own tensors.
 
@@ -360,6 +361,9 @@ def split_model(
         family: family name for a model whose ``model_type`` is not registered but has the same shape.
         revision, token: passed to the hub for hub ids.
         attn_implementation: transformers attention backend (default: transformers' choice).
+        quantization: ``int8``, ``nf4`` or ``fp4``: the decoder layers' projections are quantized with
+            bitsandbytes tensor by tensor as they are read (see :mod:`splittrain.quantize`); the embedding, norms
+            and head keep ``dtype``.
 
     Returns:
         :class:`SplitParts`: the segments in model order (unpackable), indexable by part name,
@@ -372,11 +376,15 @@ def split_model(
     elif split_point_1 is not None or split_point_2 is not None:
         raise ValueError("give either cuts or split_point_1/split_point_2, not both")
     if isinstance(model_name_or_path, nn.Module):
+        if quantization not in (None, "none"):
+            raise ValueError("quantization happens while a part loads from its checkpoint: split the model's folder "
+                             "or hub id, not a loaded model")
         return _split_loaded(model_name_or_path, cuts, parts, as_dtype(dtype), device, device_map, family)
     checkpoint = Checkpoint(model_name_or_path, revision=revision, token=token)
     config = checkpoint.text_config
     ranges = part_ranges(config.num_hidden_layers, cuts)
-    return load_parts(checkpoint, ranges, parts, dtype, device, device_map, verbose, family, attn_implementation)
+    return load_parts(checkpoint, ranges, parts, dtype, device, device_map, verbose, family, attn_implementation,
+                      quantization)
 
 
 def _select(ranges: Mapping[str, tuple[int, int]], parts: Sequence[str] | None) -> dict[str, tuple[int, int]]:
@@ -410,10 +418,13 @@ def load_parts(
     verbose: bool = False,
     family: str | None = None,
     attn_implementation: str | None = None,
+    quantization: str | None = None,
 ) -> SplitParts:
     """Load the parts named in ``ranges`` (name -> layer range) from ``checkpoint``; see :func:`split_model`."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
+
+    from . import quantize
 
     config = checkpoint.text_config
     fam = get_family(family or config.model_type)
@@ -425,6 +436,10 @@ def load_parts(
     _decoder_stack(skeleton, fam, f"{config.model_type!r} model")
     prefixes = checkpoint.prefixes(fam)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    quantization = quantize.check_name(quantization)
+    if quantization:
+        for target in {devices[name] for name in wanted}:
+            quantize.probe(quantization, target, dtype or stored_dtype)
 
     segments: dict[str, Segment] = {}
     reports: dict[str, PartReport] = {}
@@ -447,6 +462,8 @@ def load_parts(
             if ckpt_key not in checkpoint.weight_map:
                 raise KeyError(f"tensor {ckpt_key!r} (for part {name!r}) is not in {checkpoint.source!r}")
             by_shard.setdefault(checkpoint.weight_map[ckpt_key], []).append((key, ckpt_key))
+        # quantized projections: each weight is quantized as it is read, so no float copy of the part is ever whole
+        quantized = quantize.replace_linears(segment, quantization, dtype or stored_dtype) if quantization else {}
         loaded: dict[str, torch.Tensor] = {}
         bar = tqdm(total=len(needed), desc=f"loading {name}", unit="tensor", disable=not verbose)
         for shard, keys in sorted(by_shard.items()):
@@ -463,7 +480,11 @@ def load_parts(
                     if tensor.shape != needed[key].shape:
                         raise ValueError(f"tensor {ckpt_key!r} in {shard} has shape {tuple(tensor.shape)}, the "
                                          f"config implies {tuple(needed[key].shape)}")
-                    loaded[key] = tensor.to(device=target, dtype=dtype or tensor.dtype)
+                    if key in quantized:
+                        quantize.quantize_weight(quantized[key], tensor.to(dtype=dtype or tensor.dtype), target)
+                    else:
+                        loaded[key] = tensor.to(device=target, dtype=dtype or tensor.dtype)
+                    del tensor
                     bar.update()
         bar.close()
         segment.load_state_dict(loaded, strict=False, assign=True)
@@ -546,12 +567,14 @@ def _read_split(directory: Path) -> dict[str, Any]:
 
 def load_segments(directory: str | os.PathLike, parts: Sequence[str] | None = None,
                   dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-                  device_map: str | Mapping[str, Any] | None = None, verbose: bool = False) -> SplitParts:
-    """Load the segments saved in ``directory`` (all, or the named ``parts``)."""
+                  device_map: str | Mapping[str, Any] | None = None, verbose: bool = False,
+                  quantization: str | None = None) -> SplitParts:
+    """Load the segments saved in ``directory`` (all, or the named ``parts``), optionally ``quantization``-ed."""
     directory = Path(directory)
     meta = _read_split(directory)
     ranges = {name: (int(a), int(b)) for name, (a, b) in meta["parts"].items()}
-    return load_parts(Checkpoint(directory), ranges, parts, dtype, device, device_map, verbose, meta["family"])
+    return load_parts(Checkpoint(directory), ranges, parts, dtype, device, device_map, verbose, meta["family"],
+                      quantization=quantization)
 
 
 def load_segment(directory: str | os.PathLike, part: str | None = None, **kwargs: Any) -> Segment:

@@ -107,6 +107,12 @@ class ClientModule(L.LightningModule):
             their gradient) is ever whole, only ``loss_chunk x vocab`` ones; the metrics come from the chunks.
             A batch of at most ``loss_chunk`` positions, and 0, compute whole logits and transformers' loss. The
             same numbers either way (to float rounding).
+        quantization: the client's frozen base weights (bottom and top decoder layers' projections) in ``int8``,
+            ``nf4`` or ``fp4`` (bitsandbytes; see :mod:`splittrain.quantize`), quantized tensor by tensor as they
+            load; the embedding, norms and head keep ``dtype``. Not with ``client: full`` (it trains those
+            weights). ``trunk.quantization`` is the server's.
+        gradient_checkpointing: the client's decoder layers recompute their activations in the backward pass
+            instead of keeping them (the same gradients; ``trunk.gradient_checkpointing`` is the server's).
     """
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
@@ -120,8 +126,18 @@ class ClientModule(L.LightningModule):
                  federated: FederatedSettings = FederatedSettings(), generation: GenerationOptions = GenerationOptions(),
                  eval_generate: bool = False, eval_max_rows: int | None = 200,
                  recipe: Literal["qwen2", "gemma", "gemma3"] | None = None,
-                 privacy: PrivacySettings = PrivacySettings(), pipeline: int = 1, loss_chunk: int = 512) -> None:
+                 privacy: PrivacySettings = PrivacySettings(), pipeline: int = 1, loss_chunk: int = 512,
+                 quantization: Literal["int8", "nf4", "fp4"] | None = None, gradient_checkpointing: bool = False,
+                 ) -> None:
         super().__init__()
+        from .quantize import check_name
+
+        self.quantization = check_name(quantization)
+        check_name(trunk.quantization)
+        if self.quantization and client == "full":
+            raise UserError(f"model.quantization {quantization} freezes the client's base weights, and client: full "
+                            "trains them: use client: lora (or frozen) with a quantized base, or no quantization")
+        self.gradient_checkpointing = gradient_checkpointing
         if pipeline < 1:
             raise ValueError(f"pipeline is the number of micro-batches per batch (>= 1), got {pipeline}")
         if loss_chunk < 0:
@@ -192,12 +208,14 @@ class ClientModule(L.LightningModule):
 
         path = resolve_model(self.model_name)
         bottom, top = split_model(path, cuts=self.cuts, parts=("bottom", "top"), dtype=self.dtype_name,
-                                  device_map=self.device_map)
+                                  device_map=self.device_map, quantization=self.quantization)
         if self.recipe is not None and top.family.name != self.recipe.name:
             raise ValueError(f"model.recipe is {self.recipe.name!r} but {self.model_name} is a {top.family.name!r} "
                              f"model: name its own family's recipe, or none")
         self.bottom = prepare(bottom, self.client_mode, self.client_lora, self.seed)
         self.top = prepare(top, self.client_mode, self.client_lora, self.seed)
+        for part in (self.bottom, self.top):
+            part.set_gradient_checkpointing(self.gradient_checkpointing)
         # Parts load in eval mode, as from_pretrained's models do, and Lightning keeps the modes it finds: the
         # parts follow this module's (train in fit), so their dropout is the unsplit model's.
         self.bottom.train(self.training)
@@ -252,8 +270,9 @@ class ClientModule(L.LightningModule):
         ``serve`` and rank 0 under torchrun build theirs from the same config with this."""
         from .server import TrunkServer, load_trunk
 
-        trunk = load_trunk(resolve_model(self.model_name), self.cuts, self.trunk_settings.lora, self.seed,
-                           self.dtype_name, self.device_map)
+        settings = self.trunk_settings
+        trunk = load_trunk(resolve_model(self.model_name), self.cuts, settings.lora, self.seed, self.dtype_name,
+                           self.device_map, settings.quantization, settings.gradient_checkpointing)
         return TrunkServer(trunk, self.trunk_settings.optim, total_steps, run_dir=run_dir, limits=limits,
                            save_every=save_every, federation=self.federated)
 

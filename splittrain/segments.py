@@ -121,7 +121,30 @@ class Segment(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The compute dtype: that of the first floating-point tensor (quantized weights are integers)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the decoder layers recompute their activations in the backward pass instead of keeping them."""
+        return any(getattr(layer, "gradient_checkpointing", False) for layer in self.decoder_layers.values())
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> "Segment":
+        """Activation checkpointing of every decoder layer, through transformers' own mechanism (its
+        ``GradientCheckpointingLayer``) with torch's non-reentrant ``checkpoint``: in training each layer keeps only
+        its input and runs again in the backward pass (dropout masks included, from the saved RNG state), so the
+        gradients are the same and the layer's inner activations are never all kept at once."""
+        from functools import partial
+
+        from torch.utils.checkpoint import checkpoint
+
+        layers = list(self.decoder_layers.values())
+        if not all(hasattr(layer, "gradient_checkpointing") for layer in layers):
+            raise ValueError(f"{type(layers[0]).__name__} layers do not support transformers' gradient checkpointing")
+        for layer in layers:
+            layer.gradient_checkpointing = enable
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        return self
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, family={self.family.name!r}, layers=[{self.start}, {self.stop})"

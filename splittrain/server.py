@@ -95,6 +95,12 @@ class TrunkSettings:
 
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
+    quantization: str | None = None
+    """The frozen trunk weights' format: ``int8``, ``nf4`` or ``fp4`` (bitsandbytes; :mod:`splittrain.quantize`),
+    null for the weight dtype."""
+    gradient_checkpointing: bool = False
+    """Recompute each trunk layer's activations in the backward pass instead of keeping them while a client's
+    forward pass waits for its gradient (the same gradients; about one more trunk forward pass per step)."""
 
 
 @dataclass
@@ -140,12 +146,16 @@ def build_optimizer(params: list[torch.nn.Parameter], settings: OptimSettings, t
 
 
 def load_trunk(model: str, cuts: tuple[int, int], lora: LoraSettings, seed: int = 0, dtype: str | None = None,
-               device_map: dict[str, str] | str | None = None) -> Segment:
-    """The trunk of ``model`` cut at ``cuts`` (only its tensors are read), with LoRA on its projections."""
+               device_map: dict[str, str] | str | None = None, quantization: str | None = None,
+               gradient_checkpointing: bool = False) -> Segment:
+    """The trunk of ``model`` cut at ``cuts`` (only its tensors are read, quantized as they are read if asked), with
+    LoRA on its projections."""
     from .loading import split_model
 
-    parts = split_model(model, cuts=tuple(cuts), parts=("trunk",), dtype=dtype, device_map=device_map)
-    return prepare(parts["trunk"], "lora", lora, seed)
+    parts = split_model(model, cuts=tuple(cuts), parts=("trunk",), dtype=dtype, device_map=device_map,
+                        quantization=quantization)
+    trunk = prepare(parts["trunk"], "lora", lora, seed)
+    return trunk.set_gradient_checkpointing(gradient_checkpointing)
 
 
 @dataclass
@@ -767,6 +777,9 @@ class TrunkServer:
         if grad.shape != graph.y.shape:
             raise ValueError(f"gradient of shape {list(grad.shape)} for an output of shape {list(graph.y.shape)}")
         del session.graphs[key]
+        # a checkpointed trunk runs its layers again now: with this client's adapter, in training mode
+        self._use(session.adapter.name)
+        self.trunk.train(True)
         params = session.adapter.trainable
         for name, p in params:  # accumulate into this client's own buffers
             p.grad = session.grads.get(name)

@@ -7,7 +7,6 @@ import io
 import json
 import re
 from itertools import groupby
-from pathlib import Path
 
 import pytest
 import torch

@@ -210,8 +210,8 @@ def test_test_command_scores_generated_answers(tmp_path, capsys):
     from splittrain.cli import main
 
     run = tmp_path / "run"
-    cli = _fit(run, "--model.eval_generate", "true", "--model.eval_max_rows", "6",
-               "--model.generation.max_new_tokens", "6", "--model.generation.min_new_tokens", "2")
+    _fit(run, "--model.eval_generate", "true", "--model.eval_max_rows", "6",
+         "--model.generation.max_new_tokens", "6", "--model.generation.min_new_tokens", "2")
     summary = json.loads((run / "summary.json").read_text())
     evaluated = json.loads((run / "eval.json").read_text())
     assert evaluated["metrics"]["rows"] == 6 and len(evaluated["rows"]) == 6

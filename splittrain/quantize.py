@@ -1,0 +1,136 @@
+"""Frozen base weights quantized with bitsandbytes, tensor by tensor as a part loads.
+
+``model.quantization`` (the client's bottom and top) and ``model.trunk.quantization`` (the server's trunk) name a
+format: ``int8`` (LLM.int8: per-output-channel absmax scales, outliers above 6.0 computed in 16 bits), ``nf4`` or
+``fp4`` (4-bit blocks of 64 weights, each with a float32 absmax; ``nf4`` is QLoRA's normal-float code). What is
+quantized is every ``nn.Linear`` inside the decoder layers (the attention and MLP projections, which LoRA adapts
+through peft's bitsandbytes layers); the embedding, the norms and the LM head stay in the weight dtype, as
+transformers' own ``BitsAndBytesConfig`` loading leaves the head and as the tied Gemma head must (it *is* the
+embedding). The quantized numbers are bitsandbytes' own, so a split model over a quantized base computes what
+``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` computes.
+
+bitsandbytes was chosen because it is the library peft's LoRA layers, transformers' loader and QLoRA were built on,
+and since 0.49 it runs int8 and 4-bit on the CPU as well as on CUDA (torchao's 4-bit LoRA path and hqq's are
+CUDA-first or unsupported by peft's export). Quantized weights are frozen: a ``full`` client, which trains its base
+weights, cannot use them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+QUANTIZATIONS = {"int8": "8-bit LLM.int8, per-output-channel scales", "nf4": "4-bit normal float, blocks of 64",
+                 "fp4": "4-bit float, blocks of 64"}
+"""The formats ``model.quantization`` / ``model.trunk.quantization`` accept (null: the weight dtype)."""
+BLOCKSIZE = 64
+INT8_THRESHOLD = 6.0
+"""LLM.int8's outlier threshold, transformers' default (``llm_int8_threshold``)."""
+INSTALL = "pip install 'bitsandbytes>=0.50'"
+
+
+def check_name(quantization: str | None) -> str | None:
+    """``quantization`` if it is a known format (or None / ``"none"`` -> None); otherwise a one-line error."""
+    if quantization in (None, "none"):
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"unknown quantization {quantization!r}; known: {', '.join(QUANTIZATIONS)} (or null for "
+                        "none)")
+    return quantization
+
+
+def bitsandbytes() -> Any:
+    """The bitsandbytes module, or a one-line error saying what to install."""
+    # Without the optional `kernels` package its CPU backend warns at import, then uses its own 4-bit kernels
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(f"quantization needs the bitsandbytes library, which is not installed: {INSTALL}") from None
+    # On a float32 or bfloat16 model LLM.int8 casts each matmul's input to float16 and says so on every call
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    return bnb
+
+
+def quantized_linear(linear: nn.Module, quantization: str, compute_dtype: torch.dtype) -> nn.Module:
+    """The bitsandbytes layer (on the meta device, weight not yet loaded) that replaces ``linear``."""
+    bnb = bitsandbytes()
+    if type(linear) is not nn.Linear:
+        raise UserError(f"quantization replaces torch.nn.Linear projections; this model's are "
+                        f"{type(linear).__name__} (load it without quantization)")
+    bias = linear.bias is not None
+    with torch.device("meta"):
+        if quantization == "int8":
+            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias, has_fp16_weights=False,
+                                        threshold=INT8_THRESHOLD)
+        else:
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias, compute_dtype=compute_dtype,
+                                      compress_statistics=False, quant_type=quantization, quant_storage=torch.uint8)
+            # Its CPU inference path repacks the weights for AVX512-BF16 on the first no-grad forward (validation,
+            # generation), after which a training forward computes no gradient for its input: keep one layout.
+            layer.support_avx512bf16_for_cpu = False
+    layer.requires_grad_(False)
+    return layer
+
+
+def quantize_weight(layer: nn.Module, weight: torch.Tensor, device: torch.device) -> None:
+    """Quantize ``weight`` (a float tensor, any device) into ``layer``'s weight on ``device``."""
+    bnb = bitsandbytes()
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        param = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False).to(device)
+    else:
+        old = layer.weight
+        param = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=old.quant_type, blocksize=old.blocksize,
+                                  compress_statistics=old.compress_statistics, quant_storage=old.quant_storage,
+                                  module=layer).to(device)
+    layer.weight = param
+
+
+def replace_linears(segment: nn.Module, quantization: str, compute_dtype: torch.dtype) -> dict[str, nn.Module]:
+    """Swap every ``nn.Linear`` of ``segment``'s decoder layers for its bitsandbytes layer (meta, unloaded);
+    returns ``{weight key in segment.state_dict(): new layer}``."""
+    replaced: dict[str, nn.Module] = {}
+    layers = segment.decoder_layers
+    prefix = next(name for name, module in segment.named_modules() if module is layers)
+    for name, module in list(layers.named_modules()):
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            new = quantized_linear(module, quantization, compute_dtype)
+            layers.set_submodule(name, new)
+            replaced[f"{prefix}.{name}.weight"] = new
+    return replaced
+
+
+def probe(quantization: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Run one tiny quantized layer forward and backward on ``device``: a format the library cannot run there
+    fails here with one clear line, not later inside a kernel."""
+    bnb = bitsandbytes()
+    if device.type == "meta":
+        return
+    try:
+        layer = quantized_linear(nn.Linear(128, 64, bias=False), quantization, dtype)
+        quantize_weight(layer, torch.randn(64, 128, dtype=dtype), device)
+        x = torch.randn(2, 128, dtype=dtype, device=device, requires_grad=True)
+        layer(x).sum().backward()
+        if x.grad is None or not torch.isfinite(x.grad).all():
+            raise RuntimeError("the input gradient is missing or not finite")
+    except UserError:
+        raise
+    except Exception as exc:  # whatever the kernel raised: say which format, device and library failed
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"bitsandbytes {bnb.__version__} cannot run {quantization} on {device} with {dtype} "
+                        f"({reason}); use another quantization or device") from None
+
+
+def quantized_bytes(parameters: int, quantization: str | None, rows: int = 0, width: int = 2) -> int:
+    """Bytes of ``parameters`` weights (in ``rows`` output channels) stored in ``quantization`` (None: ``width``
+    bytes each): int8 adds a float32 scale per row, 4-bit a float32 absmax per block of 64."""
+    if quantization is None:
+        return parameters * width
+    if quantization == "int8":
+        return parameters + 4 * rows
+    return parameters // 2 + 4 * (parameters // BLOCKSIZE)
