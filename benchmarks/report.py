@@ -185,6 +185,39 @@ def memory_section(data: dict, targets: Targets) -> list[str]:
         *table(["path", "part", "own MiB", "read MiB", "peak MiB", "peak / own", "naive peak / own"], rows)]
 
 
+def quantization_section(data: dict, targets: Targets) -> list[str]:
+    """``quantization_quality.py``: answer quality of the quickstart fit on a float32, int8 and nf4 base (no target;
+    not rerun by this script, ~13 min a seed: ``python benchmarks/quantization_quality.py --seeds 0 1``)."""
+    runs = [r for r in data["runs"] if r.get("ok")]
+    num = lambda v, f="{:.3f}": f.format(v) if v is not None else "-"
+    diff = lambda r, k, f="{:+.3f}": f.format(r["diff_vs_reference"][k]) if k in r.get("diff_vs_reference", {}) else "-"
+    rows = [[r["run"], str(r["seed"]), num(r["exact_match"]), num(r["rouge_l"]), num(r["bleu"]),
+             num(r["val_loss"], "{:.4f}"), num(r["val_perplexity"]), num(r["val_token_accuracy"], "{:.4f}"),
+             f"{r['wall_s']:.0f}", diff(r, "exact_match"), diff(r, "rouge_l"), diff(r, "val_loss", "{:+.4f}"),
+             diff(r, "wall_s_ratio", "{:.2f}x")] for r in runs]
+    failed = [f"{r['run']} seed {r['seed']} ({r['status']})" for r in data["runs"] if not r.get("ok")]
+    seeds = sorted({r["seed"] for r in runs})
+    noise = []
+    if len(seeds) > 1:
+        spread = {name: s["exact_match"]["spread"] for name, s in data["summary"].items()
+                  if "exact_match" in s and len(s["seeds"]) > 1}
+        noise = [f"Exact match between seeds {', '.join(map(str, seeds))} (max - min): "
+                 + ", ".join(f"{name} {value:.3f}" for name, value in spread.items())
+                 + "; a difference from the reference smaller than that is noise.", ""]
+    return [
+        "## Quantized base weights: answer quality (`quantization_quality.py`)", "",
+        f"The quickstart fit (`{data['settings']['config']}`, steps: {data['settings']['steps']}, held-out rows: "
+        f"{data['settings']['eval_rows']}) in a child process per run: `full/float32` is the config as is; the "
+        f"`lora/*` runs train LoRA on the client's frozen base, float32 or quantized by bitsandbytes on both parties "
+        f"(decoder-layer projections; embedding, norms, head float32). Seed s sets `seed_everything`, `model.seed` "
+        f"and `data.seed`. The last columns are each quantized run minus `{data['settings']['reference']}` of the "
+        f"same seed (wall time as a ratio). Exact match, ROUGE-L and BLEU of the answers generated for the held-out "
+        f"rows; validation loss, perplexity and token accuracy after training. Ran {where(data)}.", "",
+        *table(["run", "seed", "exact match", "ROUGE-L", "BLEU", "val loss", "val ppl", "val token acc", "wall s",
+                "EM diff", "ROUGE-L diff", "val loss diff", "wall x"], rows),
+        *noise, *([f"Failed: {'; '.join(failed)}.", ""] if failed else [])]
+
+
 SHORT = {"float32": "f32", "bfloat16": "bf16"}
 
 
@@ -252,7 +285,8 @@ def main() -> None:
     for key, name, section in (("overhead", "split_overhead.json", overhead_section),
                                ("clients", "clients.json", clients_section),
                                ("slow", "slow_link.json", slow_link_section),
-                               ("memory", "load_memory.json", memory_section)):
+                               ("memory", "load_memory.json", memory_section),
+                               ("quantization", "quantization_quality.json", quantization_section)):
         data = load(name)
         if data is None:
             body += [f"`results/{name}` is missing: run `python benchmarks/report.py`.", ""]
