@@ -26,7 +26,7 @@ off, no sanity check, 2 validation batches, no sample answer, ``OMP_NUM_THREADS=
   the peak follows the live tensors instead of what the heap kept from earlier, differently shaped, allocations.
 
 With several simulated clients ``fit`` hands the heap pages freed by each client's backward pass back to the
-kernel (glibc's ``malloc_trim``, :func:`splittrain.federated.release_freed_memory`); a run with one client does
+kernel (glibc's ``malloc_trim``, :func:`splittrain.loading.release_freed_memory`); a run with one client does
 not, so glibc's heap keeps pages of earlier, differently shaped allocations there, and 2 or 4 clients can peak
 slightly below one. The ``mmap64k`` runs show the live growth without that effect.
 

@@ -73,11 +73,7 @@ Threat model and limits:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -197,28 +193,6 @@ def unflatten_into(vector: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Non
         offset += n
     if offset != vector.numel():
         raise ValueError(f"an average of {vector.numel()} values for {offset} parameter values")
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Give the heap pages freed since the last call back to the kernel (glibc only; a no-op elsewhere).
-
-    Simulated clients run one after another, and glibc keeps the pages a client's activations were freed from
-    for the next allocation of another shape, so without this the resident peak grows with the number of clients
-    although the live tensors do not (see ``benchmarks/federated_memory.py``)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class Averager(Protocol):

@@ -11,9 +11,14 @@ own folder, so no party ever holds another's weights.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import functools
 import json
+import math
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,8 @@ from .segments import Segment
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SPLIT_FILE = "split.json"
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+"""safetensors' names of the float dtypes."""
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -36,6 +43,28 @@ def rss_bytes() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed since the last call back to the kernel (glibc only; a no-op elsewhere).
+
+    glibc keeps freed pages for the next allocation of another shape, so without this the resident peak grows with
+    work whose live tensors do not: simulated clients run one after another (``benchmarks/federated_memory.py``),
+    tensors quantized one after another while a part loads."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def reset_peak_rss() -> bool:
@@ -468,23 +497,24 @@ def load_parts(
         bar = tqdm(total=len(needed), desc=f"loading {name}", unit="tensor", disable=not verbose)
         for shard, keys in sorted(by_shard.items()):
             report.shards.append(shard)
-            with safe_open(checkpoint.file(shard), "pt") as f:
+            path = checkpoint.file(shard)
+            with safe_open(path, "pt") as f:
                 stored = set(f.keys())
                 for key, ckpt_key in keys:
                     if ckpt_key not in stored:
                         raise KeyError(f"tensor {ckpt_key!r} (for part {name!r}) is missing from shard {shard}, "
                                        "although the index lists it there")
-                    tensor = f.get_tensor(ckpt_key)
+                    shape = tuple(f.get_slice(ckpt_key).get_shape())
+                    if shape != tuple(needed[key].shape):
+                        raise ValueError(f"tensor {ckpt_key!r} in {shard} has shape {shape}, the config implies "
+                                         f"{tuple(needed[key].shape)}")
                     report.tensors.append(ckpt_key)
-                    report.bytes_read += tensor.nbytes
-                    if tensor.shape != needed[key].shape:
-                        raise ValueError(f"tensor {ckpt_key!r} in {shard} has shape {tuple(tensor.shape)}, the "
-                                         f"config implies {tuple(needed[key].shape)}")
                     if key in quantized:
-                        quantize.quantize_weight(quantized[key], tensor.to(dtype=dtype or tensor.dtype), target)
+                        report.bytes_read += _quantize_from(path, ckpt_key, quantized[key], shape, target, dtype)
                     else:
+                        tensor = f.get_tensor(ckpt_key)
+                        report.bytes_read += tensor.nbytes
                         loaded[key] = tensor.to(device=target, dtype=dtype or tensor.dtype)
-                    del tensor
                     bar.update()
         bar.close()
         segment.load_state_dict(loaded, strict=False, assign=True)
@@ -496,6 +526,38 @@ def load_parts(
             print(report)
         segments[name], reports[name] = segment, report
     return SplitParts(segments, reports)
+
+
+def _quantize_from(path: str, key: str, layer: nn.Module, shape: tuple[int, ...], device: torch.device,
+                   dtype: torch.dtype | None) -> int:
+    """Quantize tensor ``key`` of the safetensors file ``path`` into ``layer``, reading it a block of rows at a time
+    with ``pread`` (not through a memory map, whose touched pages would stay resident until the file closes);
+    returns the bytes read."""
+    import struct
+
+    from . import quantize
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(size))[key]
+        stored = FLOAT_DTYPES.get(entry["dtype"])
+        if stored is None:
+            raise ValueError(f"tensor {key!r} in {path} is {entry['dtype']}: only float weights can be quantized")
+        begin, end = entry["data_offsets"]
+        row = math.prod(shape[1:]) * torch.empty(0, dtype=stored).element_size()
+        if tuple(entry["shape"]) != shape or end - begin != shape[0] * row:
+            raise ValueError(f"tensor {key!r} in {path} has a header that does not match its shape {shape}")
+        base = 8 + size + begin
+
+        def rows(start: int, stop: int) -> torch.Tensor:
+            buffer = bytearray((stop - start) * row)
+            if os.preadv(f.fileno(), [buffer], base + start * row) != len(buffer):
+                raise ValueError(f"{path} ends inside tensor {key!r}: the file is truncated")
+            return torch.frombuffer(buffer, dtype=stored).view(stop - start, *shape[1:])
+
+        quantize.quantize_weight(layer, rows, shape, device, dtype or stored)
+    release_freed_memory()
+    return end - begin
 
 
 def _split_loaded(model: nn.Module, cuts: Sequence[int] | int, parts: Sequence[str] | None,

@@ -25,8 +25,9 @@ from lightning.fabric.plugins import CheckpointIO
 
 from .cut import Pipeline, TrunkLink, cross, pipelined_loss, pipelined_outputs
 from .errors import UserError
-from .federated import FederatedSettings, LocalAverager, flatten, release_freed_memory, unflatten_into
+from .federated import FederatedSettings, LocalAverager, flatten, unflatten_into
 from .generate import GenerationOptions
+from .loading import release_freed_memory
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
 from .metrics import TokenMetrics
 from .privacy import Defense, PrivacySettings

@@ -18,6 +18,8 @@ weights, cannot use them.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +33,8 @@ QUANTIZATIONS = {"int8": "8-bit LLM.int8, per-output-channel scales", "nf4": "4-
 BLOCKSIZE = 64
 INT8_THRESHOLD = 6.0
 """LLM.int8's outlier threshold, transformers' default (``llm_int8_threshold``)."""
+CHUNK_ELEMENTS = 2**16
+"""Weights quantized at a time while a part loads (bounds the float copy and the quantizer's temporaries)."""
 INSTALL = "pip install 'bitsandbytes>=0.50'"
 
 
@@ -78,17 +82,49 @@ def quantized_linear(linear: nn.Module, quantization: str, compute_dtype: torch.
     return layer
 
 
-def quantize_weight(layer: nn.Module, weight: torch.Tensor, device: torch.device) -> None:
-    """Quantize ``weight`` (a float tensor, any device) into ``layer``'s weight on ``device``."""
+def quantize_weight(layer: nn.Module, rows: Callable[[int, int], torch.Tensor], shape: Sequence[int],
+                    device: torch.device, dtype: torch.dtype) -> None:
+    """Quantize a ``shape`` (out, in) weight into ``layer`` on ``device``, reading it ``rows(start, stop)`` at a
+    time in ``dtype``: bitsandbytes quantizes each block of rows (int8 scales are per row, 4-bit absmax per 64
+    consecutive weights, so blocks of whole rows and whole 64s give its whole-tensor numbers bit for bit), and
+    neither the float weight nor the quantizer's temporaries of more than :data:`CHUNK_ELEMENTS` are ever held."""
     bnb = bitsandbytes()
+    out_features, in_features = shape
     if isinstance(layer, bnb.nn.Linear8bitLt):
-        param = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False).to(device)
-    else:
-        old = layer.weight
-        param = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=old.quant_type, blocksize=old.blocksize,
-                                  compress_statistics=old.compress_statistics, quant_storage=old.quant_storage,
-                                  module=layer).to(device)
-    layer.weight = param
+        step = max(1, CHUNK_ELEMENTS // in_features)
+        cb = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        scb = torch.empty(out_features, dtype=torch.float32, device=device)
+        for start in range(0, out_features, step):
+            stop = min(start + step, out_features)
+            # as Int8Params quantizes: row-wise absmax of the float16 weight
+            block = rows(start, stop).to(device=device, dtype=torch.float16)
+            cb[start:stop], scb[start:stop], _ = bnb.functional.int8_vectorwise_quant(block)
+            del block
+        layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+        return
+    old = layer.weight
+    unit = old.blocksize // math.gcd(in_features, old.blocksize)  # rows per whole number of blocks
+    step = max(unit, CHUNK_ELEMENTS // in_features // unit * unit)
+    numel = out_features * in_features
+    packed = torch.empty((numel + 1) // 2, 1, dtype=old.quant_storage, device=device)
+    absmax = torch.empty(-(-numel // old.blocksize), dtype=torch.float32, device=device)
+    code = None
+    for start in range(0, out_features, step):
+        stop = min(start + step, out_features)
+        block = rows(start, stop).to(device=device, dtype=dtype)
+        data, state = bnb.functional.quantize_4bit(block, blocksize=old.blocksize, compress_statistics=False,
+                                                   quant_type=old.quant_type, quant_storage=old.quant_storage)
+        first = start * in_features
+        packed[first // 2:first // 2 + data.shape[0]] = data
+        absmax[first // old.blocksize:first // old.blocksize + state.absmax.numel()] = state.absmax
+        code = state.code
+        del block, data
+    state = bnb.functional.QuantState(absmax=absmax, shape=torch.Size(shape), code=code, blocksize=old.blocksize,
+                                      quant_type=old.quant_type, dtype=dtype)
+    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=old.blocksize,
+                                     compress_statistics=False, quant_type=old.quant_type,
+                                     quant_storage=old.quant_storage, module=layer, bnb_quantized=True)
+    layer.quant_state = state
 
 
 def replace_linears(segment: nn.Module, quantization: str, compute_dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -113,9 +149,11 @@ def probe(quantization: str, device: torch.device, dtype: torch.dtype) -> None:
         return
     try:
         layer = quantized_linear(nn.Linear(128, 64, bias=False), quantization, dtype)
-        quantize_weight(layer, torch.randn(64, 128, dtype=dtype), device)
+        weight = torch.randn(64, 128, dtype=dtype)
+        quantize_weight(layer, lambda start, stop: weight[start:stop], weight.shape, device, dtype)
         x = torch.randn(2, 128, dtype=dtype, device=device, requires_grad=True)
-        layer(x).sum().backward()
+        with torch.enable_grad():
+            layer(x).sum().backward()
         if x.grad is None or not torch.isfinite(x.grad).all():
             raise RuntimeError("the input gradient is missing or not finite")
     except UserError:
