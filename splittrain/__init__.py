@@ -9,6 +9,7 @@ computes, each party loading only its own weights::
     out.logits
 """
 
+import logging
 import os
 
 # Idle OpenMP threads (GNU libgomp, as in PyTorch's pip wheels) spin for about 300,000 iterations before they sleep.
@@ -16,6 +17,9 @@ import os
 # 10% per step over loopback, and pipelining gains nothing. A short spin costs a lone process nothing measurable.
 # Read once, when torch loads its OpenMP runtime: import splittrain first. A value the user set is kept.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# peft imports bitsandbytes whenever it is installed, and bitsandbytes' CPU backend then warns that an optional
+# kernels package is missing before it uses its own 4-bit kernels: nothing for a user to act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .families import FAMILIES, Family, get_family  # noqa: E402
 from .loading import (  # noqa: E402

@@ -50,8 +50,6 @@ def check_name(quantization: str | None) -> str | None:
 
 def bitsandbytes() -> Any:
     """The bitsandbytes module, or a one-line error saying what to install."""
-    # Without the optional `kernels` package its CPU backend warns at import, then uses its own 4-bit kernels
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes as bnb
     except ImportError:
