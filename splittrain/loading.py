@@ -493,6 +493,8 @@ def load_parts(
             by_shard.setdefault(checkpoint.weight_map[ckpt_key], []).append((key, ckpt_key))
         # quantized projections: each weight is quantized as it is read, so no float copy of the part is ever whole
         quantized = quantize.replace_linears(segment, quantization, dtype or stored_dtype) if quantization else {}
+        if quantization:  # what peft reads to wrap these layers in its bitsandbytes LoRA layers, as in a quantized model
+            segment.is_loaded_in_8bit, segment.is_loaded_in_4bit = quantization == "int8", quantization != "int8"
         loaded: dict[str, torch.Tensor] = {}
         bar = tqdm(total=len(needed), desc=f"loading {name}", unit="tensor", disable=not verbose)
         for shard, keys in sorted(by_shard.items()):

@@ -3,6 +3,7 @@ quantized base, a light load, and one clear line for each mistake."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import lightning as L
@@ -186,3 +187,27 @@ def test_gpt2_conv1d_projections_are_refused(checkpoint):
     _, folder = checkpoint("gpt2")
     with pytest.raises(UserError, match=r"replaces torch.nn.Linear projections; this model's are Conv1D"):
         split_model(folder, cuts=CUTS, quantization="int8")
+
+
+def test_a_quantized_run_exports_one_standard_peft_adapter(tmp_path, monkeypatch):
+    """fit over an int8 base on both parties, then export: a plain peft adapter that, over transformers' own int8
+    model of the base, gives the split model's logits."""
+    from peft import PeftModel
+
+    from splittrain.cli import main
+    from test_cli import _split_logits, fit
+
+    monkeypatch.setenv("SPLITTRAIN_CACHE", str(tmp_path / "cache"))
+    run, out = tmp_path / "run", tmp_path / "adapter"
+    cli = fit(run, "--model.client", "lora", "--model.quantization", "int8", "--model.trunk.quantization", "int8",
+              "--model.gradient_checkpointing", "true", steps=3)
+    main(["export", "--run", str(run), "--out", str(out)])
+    ids = torch.tensor([[1, 5, 40, 77, 100, 2, 1, 9]])
+    cli.model.eval()  # LLM.int8 treats outlier inputs differently in training mode
+    expected = _split_logits(cli, ids)
+    base = quantized_hf(json.loads((run / "run.json").read_text())["model"], "int8")
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        got = model(ids).logits
+    assert any(v.abs().sum() > 0 for k, v in cli.model.client_adapters().items() if "lora_B" in k)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
