@@ -603,6 +603,9 @@ def save_segments(segments: Sequence[Segment], directory: str | os.PathLike,
     first = segments[0]
     if any(s.config.to_dict() != first.config.to_dict() for s in segments[1:]):
         raise ValueError("segments to save together must come from the same model")
+    if any(getattr(s, "is_loaded_in_8bit", False) or getattr(s, "is_loaded_in_4bit", False) for s in segments):
+        raise ValueError("these segments hold quantized weights: save them from the unquantized checkpoint and "
+                         "quantize when each party loads its folder (load_segments(..., quantization=...))")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state: dict[str, torch.Tensor] = {}

@@ -183,6 +183,20 @@ def test_quantization_mistakes_get_one_clear_line(checkpoint, monkeypatch):
         split_model(folder, cuts=CUTS, quantization="int8")
 
 
+def test_a_party_folder_quantizes_as_it_loads_and_quantized_segments_are_not_saved(checkpoint, tmp_path):
+    from splittrain import load_segments, save_segments
+
+    _, folder = checkpoint("qwen2")
+    bottom, trunk, top = split_model(folder, cuts=CUTS)
+    save_segments([trunk], tmp_path / "server")
+    loaded = load_segments(tmp_path / "server", quantization="nf4")["trunk"]
+    direct = split_model(folder, cuts=CUTS, parts=("trunk",), quantization="nf4")["trunk"]
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), direct.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="hold quantized weights: save them from the unquantized checkpoint"):
+        save_segments([loaded], tmp_path / "again")
+
+
 def test_gpt2_conv1d_projections_are_refused(checkpoint):
     _, folder = checkpoint("gpt2")
     with pytest.raises(UserError, match=r"replaces torch.nn.Linear projections; this model's are Conv1D"):
