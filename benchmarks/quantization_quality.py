@@ -25,8 +25,13 @@ From each run: held-out exact match, ROUGE-L and BLEU (``summary.json``'s ``test
 validation loss, perplexity and token accuracy after training (``val_*``), the test rows' perplexity and token
 accuracy, the wall time of the child process and the fit's own seconds, and the distinct warning lines the run
 printed. The table shows each quantized run's difference from ``lora/float32`` of the same seed. A child that runs
-past ``--timeout`` is killed by its pid (its process group, which it leads); a run that fails is recorded with its
-log's tail and the script goes on with the others.
+past ``--timeout`` (or running when this script is interrupted or TERM-killed) is killed by its pid (its process
+group, which it leads); a run that fails is recorded with its log's tail and the script goes on with the others.
+
+The fits import ``splittrain`` from this script's checkout (they run in its root); each record names the commit and
+any modified files there. In a working tree others edit, run a copy pinned at a commit:
+``git worktree add /tmp/pinned HEAD && python /tmp/pinned/benchmarks/quantization_quality.py --out
+benchmarks/results/quantization_quality.json``.
 """
 
 from __future__ import annotations
@@ -120,14 +125,24 @@ def warnings_in(text: str) -> list[str]:
     return lines
 
 
+def code_version() -> dict:
+    """The commit the fits ran (``splittrain`` is imported from this checkout) and what in it differs from that commit:
+    in a shared working tree another edit may land mid-run, so run from a worktree pinned at a commit."""
+    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
+    return {"root": str(ROOT), "commit": git("rev-parse", "HEAD"),
+            "modified": git("status", "--porcelain", "--", "splittrain", "configs").splitlines()}
+
+
 def one_run(work: Path, name: str, seed: int, args, env: dict[str, str]) -> dict:
     run_dir = work / f"{name.replace('/', '-')}-seed{seed}"
     log = run_dir.with_suffix(".log")
     cmd = fit_command(run_dir, name, seed, args)
     print(f"== {name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    load_before = os.getloadavg()[0]
     status, seconds = run_fit(cmd, log, args.timeout, env)
     text = log.read_text(errors="replace")
     record: dict = {"run": name, "seed": seed, "args": RUNS[name], "wall_s": seconds, "status": status,
+                    "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0],
                     "warnings": warnings_in(text)}
     summary_file = run_dir / "summary.json"
     if status != 0 or not summary_file.is_file():
@@ -223,6 +238,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "quantization_quality.json")
     args = parser.parse_args()
 
+    # a TERM (a kill of this script) unwinds like Ctrl-C, so the running fit is killed too (see run_fit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    code = code_version()
+    if code["modified"]:
+        print(f"warning: {ROOT} differs from {code['commit'][:10]} in {code['modified']}", flush=True)
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -252,6 +272,8 @@ def main() -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
     elapsed = time.perf_counter() - began
+    for r in runs:
+        r["code"] = code
 
     runs = previous + runs
     runs.sort(key=lambda r: (r["seed"], list(RUNS).index(r["run"])))

@@ -212,7 +212,9 @@ def quantization_section(data: dict, targets: Targets) -> list[str]:
         f"(decoder-layer projections; embedding, norms, head float32). Seed s sets `seed_everything`, `model.seed` "
         f"and `data.seed`. The last columns are each quantized run minus `{data['settings']['reference']}` of the "
         f"same seed (wall time as a ratio). Exact match, ROUGE-L and BLEU of the answers generated for the held-out "
-        f"rows; validation loss, perplexity and token accuracy after training. Ran {where(data)}.", "",
+        f"rows; validation loss, perplexity and token accuracy after training. Ran {where(data)}"
+        + (f", splittrain at {', '.join(sorted({r['code']['commit'][:10] for r in runs if 'code' in r}))}"
+           if any("code" in r for r in runs) else "") + ".", "",
         *table(["run", "seed", "exact match", "ROUGE-L", "BLEU", "val loss", "val ppl", "val token acc", "wall s",
                 "EM diff", "ROUGE-L diff", "val loss diff", "wall x"], rows),
         *noise, *([f"Failed: {'; '.join(failed)}.", ""] if failed else [])]
