@@ -506,15 +506,15 @@ def load_parts(
                     if ckpt_key not in stored:
                         raise KeyError(f"tensor {ckpt_key!r} (for part {name!r}) is missing from shard {shard}, "
                                        "although the index lists it there")
-                    shape = tuple(f.get_slice(ckpt_key).get_shape())
-                    if shape != tuple(needed[key].shape):
-                        raise ValueError(f"tensor {ckpt_key!r} in {shard} has shape {shape}, the config implies "
-                                         f"{tuple(needed[key].shape)}")
                     report.tensors.append(ckpt_key)
-                    if key in quantized:
+                    shape = tuple(needed[key].shape)
+                    if key in quantized:  # checks the stored shape itself
                         report.bytes_read += _quantize_from(path, ckpt_key, quantized[key], shape, target, dtype)
                     else:
                         tensor = f.get_tensor(ckpt_key)
+                        if tuple(tensor.shape) != shape:
+                            raise ValueError(f"tensor {ckpt_key!r} in {shard} has shape {tuple(tensor.shape)}, the "
+                                             f"config implies {shape}")
                         report.bytes_read += tensor.nbytes
                         loaded[key] = tensor.to(device=target, dtype=dtype or tensor.dtype)
                     bar.update()
@@ -547,8 +547,10 @@ def _quantize_from(path: str, key: str, layer: nn.Module, shape: tuple[int, ...]
             raise ValueError(f"tensor {key!r} in {path} is {entry['dtype']}: only float weights can be quantized")
         begin, end = entry["data_offsets"]
         row = math.prod(shape[1:]) * torch.empty(0, dtype=stored).element_size()
-        if tuple(entry["shape"]) != shape or end - begin != shape[0] * row:
-            raise ValueError(f"tensor {key!r} in {path} has a header that does not match its shape {shape}")
+        if tuple(entry["shape"]) != shape:
+            raise ValueError(f"tensor {key!r} in {path} has shape {tuple(entry['shape'])}, the config implies {shape}")
+        if end - begin != shape[0] * row:
+            raise ValueError(f"tensor {key!r} in {path} has a header whose offsets do not match its shape {shape}")
         base = 8 + size + begin
 
         def rows(start: int, stop: int) -> torch.Tensor:
