@@ -203,7 +203,13 @@ def quantization_section(data: dict, targets: Targets) -> list[str]:
                   if "exact_match" in s and len(s["seeds"]) > 1}
         noise = [f"Exact match between seeds {', '.join(map(str, seeds))} (max - min): "
                  + ", ".join(f"{name} {value:.3f}" for name, value in spread.items())
-                 + "; a difference from the reference smaller than that is noise.", ""]
+                 + " (one seed's difference from the reference within that is indistinguishable from seed noise).", ""]
+    loads = [x for r in runs for x in (r.get("load_1min_before"), r.get("load_1min_after")) if x is not None]
+    if loads:
+        noise += [f"Wall times are of a shared machine (1-minute load average {min(loads):.1f}-{max(loads):.1f} around "
+                  f"the runs on {data['machine']['cpu_count']} cores): `wall x` is no speed measurement. The quickstart "
+                  "base is random and a LoRA client cannot train its random embedding and head, hence the low "
+                  "`lora/*` scores; quantizing random weights says little about a pretrained model's loss.", ""]
     return [
         "## Quantized base weights: answer quality (`quantization_quality.py`)", "",
         f"The quickstart fit (`{data['settings']['config']}`, steps: {data['settings']['steps']}, held-out rows: "
