@@ -429,16 +429,24 @@ def estimate_command(configs: Sequence[str], device: str | None = None, as_json:
     data = {**{"batch_size": 8, "max_length": 512}, **data}
     if device is None:
         device = "cuda" if str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda") else "cpu"
+    trunk = module.trunk_settings
     parties = estimate_memory(module.model_name, module.cuts, int(data["batch_size"]), int(data["max_length"]),
-                              module.dtype_name, module.client_mode, module.client_lora.r,
-                              module.trunk_settings.lora.r, module.trunk_settings.lora.targets, device,
-                              loss_chunk=module.loss_chunk)
+                              module.dtype_name, module.client_mode, module.client_lora.r, trunk.lora.r,
+                              trunk.lora.targets, device, loss_chunk=module.loss_chunk,
+                              quantization=module.quantization, trunk_quantization=trunk.quantization,
+                              gradient_checkpointing=module.gradient_checkpointing,
+                              trunk_gradient_checkpointing=trunk.gradient_checkpointing)
     if as_json:
         print(estimate_json(parties))
     else:
+        weights = module.dtype_name or "checkpoint"
+        client = (f"client {module.client_mode} ({module.quantization or weights} weights, checkpointing "
+                  f"{'on' if module.gradient_checkpointing else 'off'}, "
+                  f"{f'loss chunks of {module.loss_chunk}' if module.loss_chunk > 0 else 'whole logits'})")
+        server = (f"server ({trunk.quantization or weights} weights, checkpointing "
+                  f"{'on' if trunk.gradient_checkpointing else 'off'})")
         print(format_estimate(parties, f"{module.model_name} cut at {list(module.cuts)}, batch {data['batch_size']} "
-                                       f"x {data['max_length']} tokens, {module.dtype_name or 'checkpoint'} weights, "
-                                       f"client {module.client_mode}, on {device}"))
+                                       f"x {data['max_length']} tokens, {client}, {server}, on {device}"))
     return {name: party.as_dict() for name, party in parties.items()}
 
 

@@ -5,24 +5,47 @@ its tensors are assigned to bottom, trunk and top by layer, as :func:`splittrain
 comes from a local folder's ``config.json``, from a recipe when the hub id is one of a recipe's sizes (no download
 at all), or from the hub (``config.json`` only).
 
-The other terms are models of what training keeps, per party:
+The other terms are models of what training keeps, per party, each party with its own settings (``quantization``
+and ``gradient_checkpointing`` for the client's bottom and top, ``trunk_quantization`` and
+``trunk_gradient_checkpointing`` for the server's trunk):
 
+- ``weights``: every tensor in the weight dtype; with a quantization, the decoder layers' ``nn.Linear`` weights in
+  its format instead (:func:`splittrain.quantize.quantized_bytes`: int8 one byte each and a float32 scale per output
+  row, 4-bit half a byte each and a float32 absmax per block of 64), their biases, the norms, the embedding and the
+  head staying in the weight dtype. An unquantized part's tensors are memory-mapped from the checkpoint and become
+  resident when the first forward pass touches them: at the peak all of them are;
 - adapters, their gradients and AdamW's two moments in float32 (peft keeps adapters in float32);
 - a ``full`` client: gradients and AdamW moments of every client tensor, in the weight dtype;
-- activations saved for backward, per token and decoder layer ``12 hidden + 2 kv_dim + 4 intermediate`` elements
-  in the compute dtype (what autograd keeps for a Qwen2 layer with LoRA on its projections, counted with
-  ``saved_tensors_hooks``: norm inputs and outputs, projection inputs, rotated queries and keys, attention inputs
-  with keys and values repeated to every head, its output, the MLP's gate, up and product), plus at the top the
-  logits, their log-softmax and their gradient in float32 (``3 x vocab`` per token); and half as much again as
-  ``workspace`` (the forward pass's freed temporaries that the allocator still holds at the peak). With the chunked
-  loss (``loss_chunk`` positions at a time, fewer than the batch's tokens; :mod:`splittrain.loss`) the top keeps no
-  logits: the workspace holds one chunk's float32 logits, softmax taken in place, and for a bfloat16 or softcapped
-  head a second copy (``2 x loss_chunk x vocab`` float32 at most; ``benchmarks/chunked_loss.py`` measured 1.1 and
-  1.6 such chunks for fp32 with a frozen and a trained head, the latter with the head's gradient) instead;
-- ``runtime``: the process itself (interpreter, torch, Lightning, tokenizer and data for the client; measured on
-  CPU with the 0.9M-parameter quickstart model over tcp), or the CUDA context on a GPU.
+- ``activations``: what autograd saves for backward, per token and decoder layer ``4 hidden + 2 q_dim + 2 kv_dim +
+  4 intermediate + heads + r`` per LoRA-adapted projection, in the compute dtype (counted with
+  ``saved_tensors_hooks`` on a Qwen2 layer with torch's SDPA: the norms' inputs and normalized states, the
+  projections' inputs, the rotated queries and keys, the values, the attention's output and log-sum-exp, the MLP's
+  gate, up and product, the LoRA A outputs). A quantized layer saves nothing more: bitsandbytes' int8 keeps its
+  input (the tensor LoRA's A keeps as well; on CUDA also its few outlier columns) and 4-bit keeps only its packed
+  weight. With activation checkpointing a layer keeps only its input (``hidden`` per token), and one layer's saved
+  tensors exist again while it is recomputed in backward. The top adds, with whole logits, the float32 logits,
+  their log-softmax and in backward the gradients of both (``4 x vocab`` per token);
+- ``workspace``: what the allocator holds besides at the peak. On CPU glibc's heap grows with the forward passes
+  and keeps much of what they free: measured, the peak holds about half (:data:`HEAP_RETAINED`) of the bytes that
+  the forward passes of all the party's layers but one allocate, checkpointed or not (the first layer's freed
+  blocks are taken again by the next ones); per token and layer that is every projection's output (four times for
+  a LoRA-adapted one: base, LoRA B, scaled, sum) and ``8 hidden + 5.5 q_dim + 4.5 kv_dim + 2 intermediate``
+  (norms, residual sums, rotary embedding, attention output, activation). Tensors above glibc's 32 MiB mmap
+  threshold go back to the system when freed, so of those only one layer's count. On CUDA the caching allocator
+  reuses freed blocks from layer to layer: one layer's allocations (a model, not measured here). A quantized party
+  dequantizes each projection's weight into the compute dtype for its matmuls (bitsandbytes' CPU int8 training
+  path and its 4-bit path, in forward and backward): one layer's projections on CPU, twice with checkpointing (the
+  recomputation dequantizes them again), the largest at a time on CUDA. With the chunked loss (``loss_chunk``
+  positions at a time, fewer than the batch's tokens; :mod:`splittrain.loss`) the top keeps no logits: the
+  workspace holds one chunk's float32 logits, softmax taken in place, and for a bfloat16 or softcapped head a
+  second copy (``benchmarks/chunked_loss.py`` measured 1.1 and 1.6 such chunks for fp32 with a frozen and a
+  trained head, the latter with the head's gradient, which ``gradients`` counts);
+- ``runtime``: the process itself (interpreter, torch, Lightning, peft, tokenizer and data for the client; measured
+  on CPU as each process's RSS before its first step with a tiny model over tcp), plus bitsandbytes' kernels and
+  the loader's probe for a quantized party, or the CUDA context on a GPU.
 
-``benchmarks/estimate_check.py`` compares the estimate with measured peak RSS per party.
+``benchmarks/estimate_check.py`` compares the estimate with measured peak RSS per party, for every combination of
+quantization, chunked loss and checkpointing.
 """
 
 from __future__ import annotations
@@ -35,11 +58,20 @@ from typing import Any
 import torch
 
 from .loss import LOSS_CHUNK
+from .quantize import check_name, quantized_bytes
 
 GiB = 2**30
-RUNTIME_BYTES = {"client": int(0.52 * GiB), "server": int(0.40 * GiB)}
-"""Resident memory of a party's process before any model tensor (CPU, measured on the quickstart runs)."""
+MiB = 2**20
+RUNTIME_BYTES = {"client": int(0.54 * GiB), "server": int(0.44 * GiB)}
+"""Resident memory of a party's process before any model tensor (CPU, measured with a tiny model over tcp)."""
+BITSANDBYTES_BYTES = 8 * MiB
+"""What a quantized party's process adds: bitsandbytes' CPU kernels and the loader's probe of the format."""
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
+MMAP_THRESHOLD = 32 * MiB
+"""glibc's largest dynamic mmap threshold: a freed block above it goes back to the system at once."""
+HEAP_RETAINED = 0.5
+"""The share of its layers' forward allocations (below the mmap threshold; all layers but one) that glibc's heap
+still holds at a party's peak, measured on CPU (``benchmarks/estimate_check.py``)."""
 
 
 @dataclass
@@ -88,21 +120,48 @@ def model_config(model: str) -> Any:
     return config.get_text_config(decoder=True)
 
 
-def _lora_params(layer: torch.nn.Module, targets: list[str], r: int) -> int:
-    total = 0
-    for name, module in layer.named_modules():
-        if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
-            total += r * (module.in_features + module.out_features)
-    return total
+def _projections(layer: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The decoder layer's ``nn.Linear`` projections (what quantization replaces), by short name."""
+    return [(name.rsplit(".", 1)[-1], m) for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+@dataclass
+class _Layer:
+    """Per token, the elements one decoder layer's training forward saves for backward and allocates in all, and
+    its projections' weight elements (one entry each)."""
+
+    saved: int
+    allocated: list[int]
+    """Sizes of the forward pass's tensors, per token: each is ``tokens x size`` elements."""
+    projections: list[int]
+
+
+def _layer(config: Any, layer: torch.nn.Module, adapted: list[str], r: int) -> _Layer:
+    """What one decoder layer keeps and allocates, as counted for a Qwen2 layer on CPU with torch's SDPA (see the
+    module docstring)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q_dim, kv_dim = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    projections = _projections(layer)
+    lora = [m for name, m in projections if name in adapted]
+    saved = 4 * hidden + 2 * q_dim + 2 * kv_dim + 4 * inter + config.num_attention_heads + r * len(lora)
+    # an adapted projection allocates its output four times (base, LoRA B, scaled, sum), a plain one once
+    allocated = [m.out_features for _, m in projections for _ in range(4 if m in lora else 1)]
+    allocated += [hidden] * 8 + [q_dim] * 5 + [q_dim // 2] + [kv_dim] * 4 + [kv_dim // 2] + [inter] * 2
+    return _Layer(saved, allocated, [m.weight.numel() for _, m in projections])
 
 
 def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len: int, dtype: str | None = None,
                     client: str = "lora", client_lora_r: int = 8, trunk_lora_r: int = 8,
                     lora_targets: list[str] | None = None, device: str = "cpu", loss_chunk: int = LOSS_CHUNK,
+                    quantization: str | None = None, trunk_quantization: str | None = None,
+                    gradient_checkpointing: bool = False, trunk_gradient_checkpointing: bool = False,
                     ) -> dict[str, PartyMemory]:
     """Peak bytes of the client (bottom + top) and of the server (trunk) when training ``model`` cut at ``cuts``
     on batches of ``batch_size`` x ``seq_len`` tokens, weights in ``dtype`` (default: the config's), the loss
-    computed ``loss_chunk`` positions at a time (0: whole logits; default: the client's)."""
+    computed ``loss_chunk`` positions at a time (0: whole logits; default: the client's); ``quantization`` and
+    ``gradient_checkpointing`` are the client's base weights' format (``int8``, ``nf4``, ``fp4``; None: ``dtype``)
+    and activation checkpointing, ``trunk_quantization`` and ``trunk_gradient_checkpointing`` the server's."""
     from transformers import AutoModelForCausalLM
 
     from .families import get_family
@@ -115,51 +174,74 @@ def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len:
         raise ValueError(f"cuts {list(cuts)} must satisfy 0 < c1 < c2 < {layers_n} (the model's layers)")
     if client not in ("frozen", "lora", "full"):
         raise ValueError(f"client must be 'frozen', 'lora' or 'full', got {client!r}")
+    quantizations = {"client": check_name(quantization), "server": check_name(trunk_quantization)}
+    if quantizations["client"] and client == "full":
+        raise ValueError(f"quantization {quantization} freezes the client's base weights: client 'full' trains them")
+    checkpointing = {"client": gradient_checkpointing, "server": trunk_gradient_checkpointing}
     weight_dtype = getattr(torch, dtype) if dtype else (getattr(config, "dtype", None) or torch.float32)
     if isinstance(weight_dtype, str):
         weight_dtype = getattr(torch, weight_dtype)
     width = torch.empty(0, dtype=weight_dtype).element_size()
     with torch.device("meta"):
         full = AutoModelForCausalLM.from_config(config)
-    text = getattr(full, family.stack)
-    layers = getattr(text, family.layers)
+    layers = getattr(getattr(full, family.stack), family.layers)
     targets = lora_targets or list(family.lora_targets)
-    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     outside = sum(p.numel() for n, p in full.named_parameters() if f"{family.layer_path}." not in n)
+    tokens = batch_size * seq_len
+    cpu = not device.startswith("cuda")
 
     parties = {"client": PartyMemory(layers=list(range(c1)) + list(range(c2, layers_n))),
                "server": PartyMemory(layers=list(range(c1, c2)))}
     for name, party in parties.items():
-        party.parameters = sum(per_layer[i] for i in party.layers) + (outside if name == "client" else 0)
+        quantized, r = quantizations[name], trunk_lora_r if name == "server" else client_lora_r
+        adapted = targets if name == "server" or client == "lora" else []
+        shapes = [_layer(config, layers[i], adapted, r) for i in party.layers]
+        party.parameters = sum(sum(p.numel() for p in layers[i].parameters()) for i in party.layers)
+        party.parameters += outside if name == "client" else 0
         party.weights = party.parameters * width
-        lora = sum(_lora_params(layers[i], targets, trunk_lora_r if name == "server" else client_lora_r)
-                   for i in party.layers)
-        if name == "server" or client == "lora":
+        if quantized:
+            linears = [m for i in party.layers for _, m in _projections(layers[i])]
+            dense = sum(m.weight.numel() for m in linears)
+            party.weights += quantized_bytes(dense, quantized, sum(m.out_features for m in linears), width) - dense * width
+        lora = sum(r * (m.in_features + m.out_features) for i in party.layers for n, m in _projections(layers[i])
+                   if n in adapted)
+        if adapted:
             party.trainable = lora
-            party.adapters = lora * 4
-            party.gradients = lora * 4
+            party.adapters = party.gradients = lora * 4
             party.optimizer = 2 * lora * 4
-        elif client == "full":
+        elif client == "full" and name == "client":
             party.trainable = party.parameters
             party.gradients = party.parameters * width
             party.optimizer = 2 * party.parameters * width
-        party.runtime = CUDA_CONTEXT_BYTES if device.startswith("cuda") else RUNTIME_BYTES[name]
+        party.runtime = CUDA_CONTEXT_BYTES if not cpu else RUNTIME_BYTES[name]
+        party.runtime += BITSANDBYTES_BYTES if quantized else 0
 
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    kv_dim = config.num_key_value_heads * head_dim
-    q_dim = config.num_attention_heads * head_dim
-    tokens = batch_size * seq_len
-    per_token_layer = 6 * hidden + 6 * q_dim + 2 * kv_dim + 4 * config.intermediate_size
-    for party in parties.values():
-        party.activations = tokens * per_token_layer * width * len(party.layers)
+        if not shapes:
+            continue
+        biggest = max(shapes, key=lambda s: s.saved)
+        if checkpointing[name]:  # each layer's input, and one layer's saved tensors while it runs again
+            party.activations = tokens * (config.hidden_size * len(shapes) + biggest.saved) * width
+        else:
+            party.activations = tokens * sum(s.saved for s in shapes) * width
+        # what the allocator holds besides: on CPU glibc's heap keeps about HEAP_RETAINED of the layers' forward
+        # allocations but one layer's (those above its mmap threshold go back to the system: one layer's at a time);
+        # CUDA's caching allocator reuses them from layer to layer (one layer's)
+        sizes = [size * tokens * width for size in biggest.allocated]
+        kept = sum(x for x in sizes if x <= MMAP_THRESHOLD) if cpu else 0
+        party.workspace = int(HEAP_RETAINED * (len(shapes) - 1) * kept) + sum(sizes) - kept
+        if quantized:  # each projection's weight dequantized into the compute dtype for its matmuls
+            weights = [n * width for n in biggest.projections]
+            small = sum(x for x in weights if x <= MMAP_THRESHOLD) if cpu else 0
+            small *= 2 if checkpointing[name] else 1  # and again for the recomputation
+            party.workspace += small + max((x for x in weights if not cpu or x > MMAP_THRESHOLD), default=0)
+
+    top = parties["client"]
     chunked = 0 < loss_chunk < tokens  # a batch of at most loss_chunk tokens takes the plain path
-    if not chunked:
-        parties["client"].activations += 3 * tokens * config.vocab_size * 4
-    for party in parties.values():
-        party.workspace = party.activations // 2
-    if chunked:
-        parties["client"].workspace += 2 * loss_chunk * config.vocab_size * 4
+    if chunked:  # one chunk's float32 logits, a second copy for a bfloat16 or softcapped head
+        copies = 1 if width == 4 and getattr(config, "final_logit_softcapping", None) is None else 2
+        top.workspace += copies * loss_chunk * config.vocab_size * 4
+    else:  # float32 logits, their log-softmax and, in backward, the gradients of both
+        top.activations += 4 * tokens * config.vocab_size * 4
     return parties
 
 
