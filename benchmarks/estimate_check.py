@@ -1,19 +1,21 @@
 """How close ``splittrain estimate`` comes to the measured peak memory of each party, for every combination of
 quantization (none, int8, nf4), chunked loss (on, off) and activation checkpointing (on, off).
 
-    python benchmarks/estimate_check.py              # the full grid on the ~123M shape, 3 combinations on ~347M (~20 min)
+    python benchmarks/estimate_check.py        # the whole grid on the ~123M shape, 3 combinations on ~347M (~20 min)
     python benchmarks/estimate_check.py --sizes medium --combos none/0/off int8/128/on
 
 For each shape, a random Qwen2-shaped model is built and saved with ``save_pretrained`` into a temporary folder,
 then trained split over tcp on loopback: ``python -m splittrain serve`` (the trunk, LoRA r16) and ``python -m
-splittrain fit`` (bottom + top, ``client: lora`` r8) are separate child processes, 2 steps of batch 4 x 128 packed
-quickstart tokens, one validation batch. A combination ``QUANT/CHUNK/CKPT`` sets the quantization and the activation
-checkpointing of both parties (``model.quantization`` and ``model.trunk.quantization``, ``model.gradient_checkpointing``
-and ``model.trunk.gradient_checkpointing``) and the client's ``model.loss_chunk`` (0: whole logits; 128: four chunks
-of the batch's 512 positions). Each child's peak RSS is the kernel's (``os.wait4``'s ``ru_maxrss``: anon plus
-touched file-backed pages of the memory-mapped weights; the script builds the model in a child too, since a
-child's figure starts from the spawning process's own peak). The estimate is ``splittrain.estimate_memory(model,
-cuts, 4, 128, client="lora", client_lora_r=8, trunk_lora_r=16, ...)`` with the combination's settings, on CPU.
+splittrain fit`` (bottom + top, ``client: lora`` r8) are separate child processes, 8 steps of batch 4 x 128 packed
+quickstart tokens, one validation batch (the peaks grow over the first steps as the heap fragments: after 2 steps
+they were about 3% lower, after 16 or 60 steps no higher than after 8). A combination ``QUANT/CHUNK/CKPT`` sets the
+quantization and the activation checkpointing of both parties (``model.quantization`` and
+``model.trunk.quantization``, ``model.gradient_checkpointing`` and ``model.trunk.gradient_checkpointing``) and the
+client's ``model.loss_chunk`` (0: whole logits; 128: four chunks of the batch's 512 positions). Each child's peak
+RSS is the kernel's (``os.wait4``'s ``ru_maxrss``: anon plus touched file-backed pages of the memory-mapped
+weights; the script builds the model in a child too, since a child's figure starts from the spawning process's own
+peak). The estimate is ``splittrain.estimate_memory(model, cuts, 4, 128, client="lora", client_lora_r=8,
+trunk_lora_r=16, ...)`` with the combination's settings, on CPU.
 
 Target: every party within 10% of its measured peak.
 """
@@ -44,7 +46,7 @@ SHAPES = {  # Qwen2, fp32, tied embeddings (the head touches the whole matrix, a
     "large": (dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
                    num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True), (3, 9)),
 }
-BATCH, LENGTH, CHUNK, TARGET = 4, 128, 128, 0.10
+BATCH, LENGTH, CHUNK, STEPS, TARGET = 4, 128, 128, 8, 0.10
 GRID = [f"{q}/{c}/{g}" for q in ("none", "int8", "nf4") for c in (0, CHUNK) for g in ("off", "on")]
 COMBOS = {"medium": GRID, "large": ["none/0/off", f"int8/{CHUNK}/on", f"nf4/{CHUNK}/on"]}
 """The combinations each shape runs by default: the whole grid on the medium shape, three on the large one."""
@@ -155,7 +157,8 @@ def measure(work: Path, name: str, model: Path, cuts: tuple[int, int], combo: Co
     common = ["--model.model", str(model), "--model.cuts", json.dumps(list(cuts)), "--model.client", "lora",
               "--model.client_lora.r", "8", "--model.trunk.lora.r", "16", *combo.options()]
     return run_split(work, name, common, [
-        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
+        "--trainer.limit_val_batches", "1",
         "--trainer.callbacks", "[]", "--data.batch_size", str(BATCH), "--data.packing", "true",
         "--data.max_length", str(LENGTH), "--data.limit", "400"])
 
@@ -216,7 +219,8 @@ def main() -> None:
     print(f"target: every party within {TARGET:.0%} of its measured peak: {'met' if met else 'MISSED'} (worst "
           f"{worst['size']} {worst['combo']} {worst['party']}: {worst['estimate_over_measured']:.3f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "batch": BATCH, "length": LENGTH, "target": TARGET,
+    args.out.write_text(json.dumps({"machine": machine(), "batch": BATCH, "length": LENGTH, "steps": STEPS,
+                                    "target": TARGET,
                                     "shapes": {s: {"config": SHAPES[s][0], "cuts": SHAPES[s][1]} for s in args.sizes},
                                     "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -5,8 +5,10 @@
     python benchmarks/report.py --no-run     # RESULTS.md and the plot from the JSON already in results/
 
 ``slow_link.py`` needs Linux and root (a network namespace shaped with tc); elsewhere its section says why it was
-skipped. The report holds every table, each target with the figure that meets or misses it, the machine and date
-of each run, and ``results/ratios.png`` (matplotlib): every ratio beside its target.
+skipped. The sections of ``quantization_quality.py``, ``chunked_loss.py``, ``client_memory.py`` and
+``estimate_check.py`` are read from their JSON as it is: each of those scripts reruns itself. The report holds every
+table, each target with the figure that meets or misses it, the machine and date of each run, and
+``results/ratios.png`` (matplotlib): every ratio beside its target.
 """
 
 from __future__ import annotations
@@ -226,6 +228,87 @@ def quantization_section(data: dict, targets: Targets) -> list[str]:
         *noise, *([f"Failed: {'; '.join(failed)}.", ""] if failed else [])]
 
 
+
+def chunked_loss_section(data: dict, targets: Targets) -> list[str]:
+    """``chunked_loss.py``: one training step of a large-vocabulary top, whole logits vs chunks (no target; not rerun
+    by this script: ``python benchmarks/chunked_loss.py``)."""
+    shape = data["shape"]
+    rows = [[r["head"], str(r["chunk"]) if r["chunk"] else "whole logits", f"{r['peak_mib']:.0f}",
+             f"{r['peak_ratio']:.3f}", f"{r['saved_mib']:.0f}", f"{r['step_s']:.2f}", f"{r['time_ratio']:.3f}",
+             f"{r['fastest_ratio']:.3f}", f"{r['loss_diff']:.1e}"] for r in data["runs"]]
+    return [
+        "## The chunked loss (`chunked_loss.py`)", "",
+        f"One training step of a Qwen2 top (its last layer, final norm and untied head, fp32) at vocabulary "
+        f"{shape['vocab_size']}, hidden {shape['hidden_size']}, {shape['rows']} x {shape['length']} tokens (one "
+        f"float32 tokens x vocab tensor is {data['whole_logits_mib']:.0f} MiB), the head frozen (`client: lora`) or "
+        f"trained (`client: full`). Peak RSS of the step over the RSS before it, in a fresh interpreter per "
+        f"configuration; median of {data['rounds']} steps taken in turns. Ran {where(data)}.", "",
+        *table(["head", "loss_chunk", "peak MiB", "x whole", "saved MiB", "s/step", "x whole", "fastest x whole",
+                "loss diff"], rows)]
+
+
+def client_memory_section(data: dict, targets: Targets) -> list[str]:
+    """``client_memory.py``: the client's peak RSS and step time at a 152k vocabulary (not rerun by this script,
+    ~15 min: ``python benchmarks/client_memory.py``)."""
+    by = {r["config"]: r for r in data["runs"]}
+    targets.add("client at a 152k vocabulary, int8 + chunked + checkpointing: peak RSS / plain",
+                by["int8 + chunked + checkpointing"]["memory_ratio"], data["memory_target"])
+    targets.add("client at a 152k vocabulary, chunked + checkpointing: step time / plain",
+                by["chunked + checkpointing"]["time_ratio"], data["time_target"])
+    gib = lambda b: f"{b / 2**30:.2f}"
+    rows = [[r["config"], gib(r["client_peak_bytes"]), f"{r['memory_ratio']:.3f}", f"{r['step_s']:.2f}",
+             f"{r['time_ratio']:.3f}", f"{r['client_own_s']:.2f}", f"{r['own_time_ratio']:.3f}",
+             gib(r["client_estimate"]["total"]), f"{r['estimate_over_measured']:.3f}", gib(r["server_peak_bytes"])]
+            for r in data["runs"]]
+    shape = data["shape"]
+    return [
+        "## The client at a 152k vocabulary (`client_memory.py`)", "",
+        f"A {data['params'] / 1e6:.0f}M-parameter Qwen2 shape (vocab {shape['vocab_size']}, hidden "
+        f"{shape['hidden_size']}, {shape['num_hidden_layers']} layers, tied embeddings, fp32) cut at "
+        f"{tuple(data['cuts'])}: the client holds the embedding (also the head), the first and the last layer and "
+        f"trains LoRA r{data['client_lora_r']}; the server trains LoRA r{data['trunk_lora_r']} on the others, the "
+        f"same in every configuration. `serve` and `fit` are child processes over {data['transport']} on loopback, "
+        f"batches of {data['rows']} x {data['length']} tokens, {data['steps']} steps (the first a warm-up). A "
+        f"configuration sets only the client: plain is whole logits (`model.loss_chunk 0`) without checkpointing or "
+        f"quantization, chunked is the default `loss_chunk` 512. Peak RSS of the fit process (loading included); the "
+        f"median step (batch start to optimizer step) and the client's own part of it (the step minus its waits "
+        f"for the server's replies). Configurations run one after another, so the machine's drift between them is "
+        f"in the time ratios. The estimate is `splittrain estimate`'s client total. Ran {where(data)}.", "",
+        *table(["client", "peak GiB", "x plain", "step s", "x plain", "own s", "x plain", "estimate GiB",
+                "estimate / peak", "server peak GiB"], rows)]
+
+
+def estimate_section(data: dict, targets: Targets) -> list[str]:
+    """``estimate_check.py``: ``splittrain estimate`` against each party's measured peak RSS (not rerun by this
+    script, ~20 min: ``python benchmarks/estimate_check.py``)."""
+    sizes = list(dict.fromkeys(r["size"] for r in data["rows"]))
+    for size in sizes:
+        rows = [r for r in data["rows"] if r["size"] == size]
+        worst = max(abs(r["estimate_over_measured"] - 1) for r in rows)
+        targets.add(f"estimate, {size} shape, {len(rows) // 2} combinations: worst |estimate / peak RSS - 1|", worst,
+                    data["target"])
+    gib = lambda b: f"{b / 2**30:.3f}"
+    rows = []
+    for size in sizes:
+        for combo in dict.fromkeys(r["combo"] for r in data["rows"] if r["size"] == size):
+            party = {r["party"]: r for r in data["rows"] if (r["size"], r["combo"]) == (size, combo)}
+            rows.append([size, combo, *(x for name in ("client", "server") for x in (
+                gib(party[name]["measured_bytes"]), gib(party[name]["estimate"]["total"]),
+                f"{party[name]['estimate_over_measured']:.3f}"))])
+    params = {r["size"]: r["params"] for r in data["rows"]}
+    shapes = "; ".join(f"{size}: {params[size] / 1e6:.0f}M parameters, hidden {shape['config']['hidden_size']}, "
+                       f"{shape['config']['num_hidden_layers']} layers, cuts {tuple(shape['cuts'])}"
+                       for size, shape in data["shapes"].items() if size in params)
+    return [
+        "## The memory estimate against measured peaks (`estimate_check.py`)", "",
+        f"Random Qwen2 shapes (vocab 32000, fp32, tied embeddings; {shapes}) trained split over tcp on loopback, "
+        f"`serve` and `fit` as child processes: 2 steps of {data['batch']} x {data['length']} tokens and one "
+        f"validation batch, client LoRA r8, trunk LoRA r16. A combination `quantization/loss_chunk/checkpointing` "
+        f"sets both parties (loss_chunk 0: whole logits). Measured: each process's peak RSS (`ru_maxrss`); estimate: "
+        f"`splittrain.estimate_memory` with the same settings, on CPU. Ran {where(data)}.", "",
+        *table(["shape", "combination", "client peak GiB", "estimate", "ratio", "server peak GiB", "estimate",
+                "ratio"], rows)]
+
 SHORT = {"float32": "f32", "bfloat16": "bf16"}
 
 
@@ -294,10 +377,14 @@ def main() -> None:
                                ("clients", "clients.json", clients_section),
                                ("slow", "slow_link.json", slow_link_section),
                                ("memory", "load_memory.json", memory_section),
-                               ("quantization", "quantization_quality.json", quantization_section)):
+                               ("quantization", "quantization_quality.json", quantization_section),
+                               ("chunked", "chunked_loss.json", chunked_loss_section),
+                               ("client_memory", "client_memory.json", client_memory_section),
+                               ("estimate", "estimate_check.json", estimate_section)):
         data = load(name)
         if data is None:
-            body += [f"`results/{name}` is missing: run `python benchmarks/report.py`.", ""]
+            script = "report.py" if name in {json_name for json_name, _ in BENCHMARKS.values()} else name[:-5] + ".py"
+            body += [f"`results/{name}` is missing: run `python benchmarks/{script}`.", ""]
             continue
         sections[key] = data
         body += section(data, targets)

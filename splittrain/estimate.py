@@ -17,10 +17,11 @@ and ``gradient_checkpointing`` for the client's bottom and top, ``trunk_quantiza
 - adapters, their gradients and AdamW's two moments in float32 (peft keeps adapters in float32);
 - a ``full`` client: gradients and AdamW moments of every client tensor, in the weight dtype;
 - ``activations``: what autograd saves for backward, per token and decoder layer ``4 hidden + 2 q_dim + 2 kv_dim +
-  4 intermediate + heads + r`` per LoRA-adapted projection, in the compute dtype (counted with
+  4 intermediate + r`` per LoRA-adapted projection in the compute dtype and ``heads`` in float32 (counted with
   ``saved_tensors_hooks`` on a Qwen2 layer with torch's SDPA: the norms' inputs and normalized states, the
   projections' inputs, the rotated queries and keys, the values, the attention's output and log-sum-exp, the MLP's
-  gate, up and product, the LoRA A outputs). A quantized layer saves nothing more: bitsandbytes' int8 keeps its
+  gate, up and product, the LoRA A outputs); in a 16-bit dtype two of the hidden-sized ones are float32 (the norms
+  compute in float32). A quantized layer saves nothing more: bitsandbytes' int8 keeps its
   input (the tensor LoRA's A keeps as well; on CUDA also its few outlier columns) and 4-bit keeps only its packed
   weight. With activation checkpointing a layer keeps only its input (``hidden`` per token), and one layer's saved
   tensors exist again while it is recomputed in backward. The top adds, with whole logits, the float32 logits,
@@ -41,8 +42,8 @@ and ``gradient_checkpointing`` for the client's bottom and top, ``trunk_quantiza
   second copy (``benchmarks/chunked_loss.py`` measured 1.1 and 1.6 such chunks for fp32 with a frozen and a
   trained head, the latter with the head's gradient, which ``gradients`` counts);
 - ``runtime``: the process itself (interpreter, torch, Lightning, peft, tokenizer and data for the client; measured
-  on CPU as each process's RSS before its first step with a tiny model over tcp), plus bitsandbytes' kernels and
-  the loader's probe for a quantized party, or the CUDA context on a GPU.
+  on CPU as each process's RSS before its first step with a tiny model over tcp) and for a quantized party
+  bitsandbytes' CPU kernels and the loader's probe, or the CUDA context on a GPU.
 
 ``benchmarks/estimate_check.py`` compares the estimate with measured peak RSS per party, for every combination of
 quantization, chunked loss and checkpointing.
@@ -127,8 +128,8 @@ def _projections(layer: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
 
 @dataclass
 class _Layer:
-    """Per token, the elements one decoder layer's training forward saves for backward and allocates in all, and
-    its projections' weight elements (one entry each)."""
+    """Per token, the bytes one decoder layer's training forward saves for backward and the elements it allocates
+    in all, and its projections' weight elements (one entry each)."""
 
     saved: int
     allocated: list[int]
@@ -136,15 +137,16 @@ class _Layer:
     projections: list[int]
 
 
-def _layer(config: Any, layer: torch.nn.Module, adapted: list[str], r: int) -> _Layer:
-    """What one decoder layer keeps and allocates, as counted for a Qwen2 layer on CPU with torch's SDPA (see the
-    module docstring)."""
+def _layer(config: Any, layer: torch.nn.Module, adapted: list[str], r: int, width: int) -> _Layer:
+    """What one decoder layer keeps and allocates in a compute dtype of ``width`` bytes, as counted for a Qwen2
+    layer on CPU with torch's SDPA (see the module docstring)."""
     hidden, inter = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     q_dim, kv_dim = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     projections = _projections(layer)
     lora = [m for name, m in projections if name in adapted]
-    saved = 4 * hidden + 2 * q_dim + 2 * kv_dim + 4 * inter + config.num_attention_heads + r * len(lora)
+    saved = (4 * hidden + 2 * q_dim + 2 * kv_dim + 4 * inter + r * len(lora)) * width
+    saved += 4 * config.num_attention_heads + 2 * hidden * (4 - width)  # float32 log-sum-exp and norm states
     # an adapted projection allocates its output four times (base, LoRA B, scaled, sum), a plain one once
     allocated = [m.out_features for _, m in projections for _ in range(4 if m in lora else 1)]
     allocated += [hidden] * 8 + [q_dim] * 5 + [q_dim // 2] + [kv_dim] * 4 + [kv_dim // 2] + [inter] * 2
@@ -195,14 +197,15 @@ def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len:
     for name, party in parties.items():
         quantized, r = quantizations[name], trunk_lora_r if name == "server" else client_lora_r
         adapted = targets if name == "server" or client == "lora" else []
-        shapes = [_layer(config, layers[i], adapted, r) for i in party.layers]
+        shapes = [_layer(config, layers[i], adapted, r, width) for i in party.layers]
         party.parameters = sum(sum(p.numel() for p in layers[i].parameters()) for i in party.layers)
         party.parameters += outside if name == "client" else 0
         party.weights = party.parameters * width
         if quantized:
             linears = [m for i in party.layers for _, m in _projections(layers[i])]
             dense = sum(m.weight.numel() for m in linears)
-            party.weights += quantized_bytes(dense, quantized, sum(m.out_features for m in linears), width) - dense * width
+            rows = sum(m.out_features for m in linears)
+            party.weights += quantized_bytes(dense, quantized, rows, width) - dense * width
         lora = sum(r * (m.in_features + m.out_features) for i in party.layers for n, m in _projections(layers[i])
                    if n in adapted)
         if adapted:
@@ -213,16 +216,15 @@ def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len:
             party.trainable = party.parameters
             party.gradients = party.parameters * width
             party.optimizer = 2 * party.parameters * width
-        party.runtime = CUDA_CONTEXT_BYTES if not cpu else RUNTIME_BYTES[name]
-        party.runtime += BITSANDBYTES_BYTES if quantized else 0
+        party.runtime = RUNTIME_BYTES[name] + (BITSANDBYTES_BYTES if quantized else 0) if cpu else CUDA_CONTEXT_BYTES
 
         if not shapes:
             continue
         biggest = max(shapes, key=lambda s: s.saved)
         if checkpointing[name]:  # each layer's input, and one layer's saved tensors while it runs again
-            party.activations = tokens * (config.hidden_size * len(shapes) + biggest.saved) * width
+            party.activations = tokens * (config.hidden_size * len(shapes) * width + biggest.saved)
         else:
-            party.activations = tokens * sum(s.saved for s in shapes) * width
+            party.activations = tokens * sum(s.saved for s in shapes)
         # what the allocator holds besides: on CPU glibc's heap keeps about HEAP_RETAINED of the layers' forward
         # allocations but one layer's (those above its mmap threshold go back to the system: one layer's at a time);
         # CUDA's caching allocator reuses them from layer to layer (one layer's)
