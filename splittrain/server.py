@@ -37,7 +37,8 @@ from .lora import LoraSettings, prepare
 from .segments import Activations, Segment
 from .state import load_state, save_state
 from .transport import Header, SessionBusy, Tensors, fingerprint
-from .transport.wire import FLOAT_DTYPES, ProtocolError, TensorSpec
+from .transport.protocol import Bounds, check_request
+from .transport.wire import ProtocolError, TensorSpec
 
 log = logging.getLogger("splittrain.server")
 
@@ -574,93 +575,18 @@ class TrunkServer:
             return reply
 
     def check(self, client: str, header: Header, specs: list[TensorSpec]) -> None:
-        """Check a frame's header from an authenticated ``client`` before its payload is read.
-
-        Names, dtypes and shapes must be what the kind carries for this model; field types are checked too.
-        """
-        kind = header["kind"]
-        if kind not in self._handlers:
-            raise ProtocolError(f"unknown message kind {kind!r}; expected one of {sorted(self._handlers)}")
-        if type(header.get("seq")) is not int or header["seq"] < 1:
-            raise ProtocolError("every request needs a positive integer 'seq'")
-        if "ack" in header and (type(header["ack"]) is not int or not 0 <= header["ack"] < header["seq"]):
-            raise ProtocolError("'ack' must be an integer in 0..seq-1")
-        spec = {s.name: s for s in specs}
-        hidden = int(self.trunk.config.hidden_size)
-        if kind == "forward":
-            names = set(spec)
-            if not {"hidden_states", "position_ids"} <= names <= {"hidden_states", "position_ids", "attention_mask"}:
-                raise ProtocolError(f"forward carries hidden_states, position_ids and optionally attention_mask, "
-                                    f"not {sorted(names)}")
-            h = spec["hidden_states"]
-            if h.dtype not in FLOAT_DTYPES or len(h.shape) != 3 or h.shape[2] != hidden:
-                raise ProtocolError(f"hidden_states must be (batch, seq, {hidden}) in one of {FLOAT_DTYPES}, "
-                                    f"got {list(h.shape)} {h.dtype}")
-            batch, seq = h.shape[:2]
-            if not (1 <= batch <= self.limits.max_batch and 1 <= seq <= self.max_seq):
-                raise ProtocolError(f"batch {batch} x sequence {seq} is outside 1..{self.limits.max_batch} x "
-                                    f"1..{self.max_seq}")
-            p = spec["position_ids"]
-            if p.dtype not in ("int32", "int64") or len(p.shape) != 2 or p.shape[0] not in (1, batch) \
-                    or p.shape[1] != seq:
-                raise ProtocolError(f"position_ids must be (1 or {batch}, {seq}) integers, got {list(p.shape)} {p.dtype}")
-            m = spec.get("attention_mask")
-            if m is not None and (m.dtype not in ("uint8", "bool", "int32", "int64") or list(m.shape) != [batch, seq]):
-                raise ProtocolError(f"attention_mask must be ({batch}, {seq}) integers, got {list(m.shape)} {m.dtype}")
-            _check_key(header.get("key"))
-            for flag in ("training", "need_input_grad"):
-                if type(header.get(flag, False)) is not bool:
-                    raise ProtocolError(f"'{flag}' must be true or false")
-            if header.get("training") and type(header.get("step")) is not int:
-                raise ProtocolError("a training forward pass carries the client's optimizer step ('step')")
-            if "generation" in header:
-                _check_generation(header.get("generation"))
-                if header.get("training") or type(header.get("start")) is not bool:
-                    raise ProtocolError("a generation forward pass is not training and says whether it 'start's")
-        elif kind == "backward":
-            _check_key(header.get("key"))
-            g = spec.get("grad")
-            if set(spec) != {"grad"} or g.dtype not in FLOAT_DTYPES:
-                raise ProtocolError(f"backward carries one gradient 'grad' in one of {FLOAT_DTYPES}")
+        """Check a frame's header from an authenticated ``client`` before its payload is read: what the protocol's
+        table says of its kind (:func:`~splittrain.transport.protocol.check_request`) within this model and these
+        limits, and a gradient's shape against the forward pass it answers."""
+        check_request(header, specs, Bounds(int(self.trunk.config.hidden_size), self.limits.max_batch, self.max_seq))
+        if header["kind"] == "backward":
             # Without the lock: another client's trunk compute must not hold up reading this payload. A graph that
             # goes meanwhile is refused by the handler.
             session = self.sessions.get(client)
             graph = session.graphs.get(tuple(header["key"])) if session is not None else None
-            if graph is not None and list(g.shape) != list(graph.y.shape):
-                raise ProtocolError(f"gradient of shape {list(g.shape)} for an output of shape {list(graph.y.shape)}")
-            if graph is None and (len(g.shape) != 3 or g.shape[2] != hidden or not (
-                    1 <= g.shape[0] <= self.limits.max_batch and 1 <= g.shape[1] <= self.max_seq)):
-                raise ProtocolError(f"gradient must be (batch <= {self.limits.max_batch}, seq <= {self.max_seq}, "
-                                    f"{hidden}), got {list(g.shape)}")
-        elif kind == "aggregate":
-            masked = spec.get("masked")
-            if set(spec) != {"masked"} or masked.dtype != "int64" or len(masked.shape) != 1:
-                raise ProtocolError("aggregate carries one 1-d int64 tensor 'masked'")
-            participants = header.get("participants")
-            if not (type(header.get("nonce")) is int and isinstance(header.get("weight"), (int, float))
-                    and header["weight"] >= 0 and isinstance(participants, list)
-                    and all(type(i) is int for i in participants) and len(participants) <= 2**16):
-                raise ProtocolError("aggregate carries an integer 'nonce', a 'weight' >= 0 and 'participants'")
-        else:
-            if spec:
-                raise ProtocolError(f"{kind} carries no tensors")
-            if kind == "step":
-                scale = header.get("scale")
-                if type(header.get("participant", True)) is not bool:
-                    raise ProtocolError("'participant' must be true or false")
-                if type(header.get("step")) is not int or not (
-                        scale is None or (isinstance(scale, (int, float)) and 0 <= scale <= 1)):
-                    raise ProtocolError("step carries an integer 'step' and a 'scale' in [0, 1] or null")
-            if kind == "keys" and not (isinstance(header.get("public"), str) and re.fullmatch(r"[0-9a-f]{64}", header["public"])
-                                       and isinstance(header.get("weight"), (int, float)) and header["weight"] >= 0):
-                raise ProtocolError("keys carries a 32-byte hex X25519 'public' key and a 'weight' >= 0")
-            if kind == "join" and not (type(header.get("index")) is int and type(header.get("samples")) is int
-                                       and header["samples"] >= 0):
-                raise ProtocolError("join carries the client's integer 'index' and 'samples'")
-            if kind == "end_generation":
-                _check_generation(header.get("generation"))
-            if kind in ("save", "load") and not (isinstance(header.get("tag"), str) and _TAG.fullmatch(header["tag"])):
-                raise ProtocolError(f"bad checkpoint tag {header.get('tag')!r}")
+            shape = list(specs[0].shape)
+            if graph is not None and shape != list(graph.y.shape):
+                raise ProtocolError(f"gradient of shape {shape} for an output of shape {list(graph.y.shape)}")
 
     def _forward(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         if "generation" in header:
@@ -1157,17 +1083,6 @@ def _combine(contributions: list[tuple[dict[str, torch.Tensor], float]], mean: b
     if mean and total:
         combined = {name: g / total for name, g in combined.items()}
     return combined
-
-
-def _check_key(key: Any) -> None:
-    if (not isinstance(key, list) or not 1 <= len(key) <= 4
-            or not all((type(k) is int and abs(k) < 2**53) or (isinstance(k, str) and len(k) <= 64) for k in key)):
-        raise ProtocolError("'key' must be a list of 1 to 4 short strings or integers")
-
-
-def _check_generation(generation: Any) -> None:
-    if not (isinstance(generation, str) and re.fullmatch(r"[0-9A-Za-z_-]{1,64}", generation)):
-        raise ProtocolError("'generation' must be an id of 1 to 64 letters, digits, '-' or '_'")
 
 
 def _finite(name: str, tensor: torch.Tensor) -> None:

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from . import Answered, Header, RemoteError, Tensors, fingerprint_mismatch
-from .wire import ST_HEADER_LIMIT, Frame, ProtocolError, TensorSpec, encode, frame_bytes, read_frame
+from .protocol import check_reply, reply_limit, serve_frames
+from .wire import Frame, ProtocolError, encode, frame_bytes, read_frame
 
 SERVER_RANK = 0
 
@@ -147,44 +148,25 @@ def serve(server: Any, timeout: float = 600.0) -> None:
 
 def _serve_rank(server: Any, rank: int) -> None:
     """Answer client ``rank`` until it says goodbye."""
-    while True:
-        reader = DistReader(rank)
+    client = f"rank{rank}"
+    serve_frames(server, client, lambda: DistReader(rank), lambda buffers: send_frame(buffers, rank),
+                 hello=lambda frame: _hello(server, rank, client, frame), fatal_protocol_errors=False)
 
-        def check(header: Header, specs: list[TensorSpec]) -> None:
-            if header["kind"] in ("hello", "bye"):
-                if specs:
-                    raise ProtocolError(f"{header['kind']} carries no tensors")
-                return
-            server.check(f"rank{reader.src}", header, specs)
 
-        frame = read_frame(reader, server.limits.max_frame_bytes, check)
-        client, seq = f"rank{reader.src}", frame.header.get("seq")
-        if frame.kind == "hello":
-            claimed = frame.header.get("fingerprint")
-            mismatch = fingerprint_mismatch(claimed if isinstance(claimed, dict) else {}, server.fingerprint)
-            if mismatch:
-                send_frame(encode("error", {"error": f"the trunk server serves another split: {mismatch}",
-                                            "fatal": True}), reader.src)
-                raise RuntimeError(f"rank {reader.src} has another split than the trunk server: {mismatch}")
-            try:
-                resume = server.open_session(client, frame.header.get("session", client), frame.header.get("schedule"))
-            except ValueError as exc:  # another trunk schedule
-                send_frame(encode("error", {"error": str(exc), "fatal": True}), reader.src)
-                raise RuntimeError(f"rank {reader.src} refused: {exc}") from None
-            send_frame(encode("welcome", {"fingerprint": server.fingerprint, **resume}), reader.src)
-            continue
-        if frame.kind == "bye":
-            server.end_session(client)
-            send_frame(encode("reply", {"seq": seq}), reader.src)
-            return
-        fields = {k: v for k, v in frame.header.items() if k not in ("kind", "tensors")}
-        try:
-            header, tensors = server.handle(client, frame.kind, fields, frame.tensors)
-        except (KeyError, ValueError, RuntimeError, FileNotFoundError) as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            send_frame(encode("error", {"error": str(message), "seq": seq, "fatal": False}), reader.src)
-            continue
-        send_frame(encode("reply", {**header, "seq": seq}, tensors), reader.src)
+def _hello(server: Any, rank: int, client: str, frame: Frame) -> None:
+    """Open ``client``'s session (rank ``rank``) if its fingerprint and trunk schedule are the server's."""
+    claimed = frame.header.get("fingerprint")
+    mismatch = fingerprint_mismatch(claimed if isinstance(claimed, dict) else {}, server.fingerprint)
+    if mismatch:
+        send_frame(encode("error", {"error": f"the trunk server serves another split: {mismatch}", "fatal": True}),
+                   rank)
+        raise RuntimeError(f"rank {rank} has another split than the trunk server: {mismatch}")
+    try:
+        resume = server.open_session(client, frame.header.get("session", client), frame.header.get("schedule"))
+    except ValueError as exc:  # another trunk schedule
+        send_frame(encode("error", {"error": str(exc), "fatal": True}), rank)
+        raise RuntimeError(f"rank {rank} refused: {exc}") from None
+    send_frame(encode("welcome", {"fingerprint": server.fingerprint, **resume}), rank)
 
 
 # ================================================================================================ client
@@ -223,18 +205,8 @@ class DistTransport:
         if self.closed:
             raise RuntimeError("this client said goodbye to the trunk server on rank 0; it serves no more requests")
         self.seq += 1
-        expected = {name: tuple(t.shape) for name, t in tensors.items() if name in ("hidden_states", "grad")}
-        expected.setdefault("sq_norm", ())
-        if "masked" in tensors:
-            expected["sum"] = tuple(tensors["masked"].shape)
-
-        def check(reply: Header, specs: list[TensorSpec]) -> None:
-            if reply["kind"] not in ("reply", "error") or any(
-                    s.name not in expected or s.shape != expected[s.name] for s in specs):
-                raise ProtocolError(f"unexpected reply to {kind} from the trunk server")
-
-        limit = sum(t.nbytes for t in tensors.values()) + 1024 + ST_HEADER_LIMIT
-        frame = self._exchange(encode(kind, {**header, "seq": self.seq}, tensors), check, limit)
+        frame = self._exchange(encode(kind, {**header, "seq": self.seq}, tensors), check_reply(kind, tensors),
+                               reply_limit(tensors))
         if frame.kind == "error":
             raise RemoteError(f"trunk server: {frame.header.get('error')}")
         if frame.header.get("seq") != self.seq:

@@ -38,14 +38,14 @@ import time
 from collections import OrderedDict, deque
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy
 
 from ..errors import UserError
 from . import Header, RemoteError, SessionBusy, Tensors, fingerprint_mismatch
+from .protocol import check_reply, reply_limit, serve_frames
 from .wire import (
-    ST_HEADER_LIMIT,
     Frame,
     PeerClosed,
     ProtocolError,
@@ -486,7 +486,8 @@ class TcpServer:
             if client is None:
                 return
             sock.settimeout(self.idle_timeout)
-            self._serve(sock, reader, client, session_id, where)
+            serve_frames(self.server, client, lambda: reader, lambda buffers: send_frame(sock, buffers),
+                         session=session_id, log=log)
         except (OSError, PeerClosed, ssl.SSLError) as exc:
             log.info("connection from %s ended: %s", where, exc)
         except ProtocolError as exc:
@@ -595,38 +596,6 @@ class TcpServer:
         log.info("client %r connected from %s (session %s, %s)", name, where, session_id[:8],
                  "resumed" if resume["known"] else "new")
         return name, session_id
-
-    def _serve(self, sock: socket.socket, reader: SocketReader, client: str, session_id: str, where: str) -> None:
-        limit = self.server.limits.max_frame_bytes
-
-        def check(header: Header, specs: list[TensorSpec]) -> None:
-            if header["kind"] == "bye":
-                if specs:
-                    raise ProtocolError("bye carries no tensors")
-                return
-            self.server.check(client, header, specs)
-
-        while True:
-            try:
-                frame = read_frame(reader, limit, check)
-            except PeerClosed:
-                return
-            seq = frame.header.get("seq")
-            if frame.kind == "bye":
-                self.server.end_session(client, session_id)
-                send_frame(sock, encode("reply", {"seq": seq}))
-                return
-            fields = {k: v for k, v in frame.header.items() if k not in ("kind", "tensors")}
-            try:
-                header, tensors = self.server.handle(client, frame.kind, fields, frame.tensors, session_id)
-            except ProtocolError:
-                raise
-            except (KeyError, ValueError, RuntimeError, FileNotFoundError) as exc:
-                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-                log.warning("client %r: %s refused: %s", client, frame.kind, message)
-                send_frame(sock, encode("error", {"error": str(message), "seq": seq, "fatal": False}))
-                continue
-            send_frame(sock, encode("reply", {**header, "seq": seq}, tensors))
 
 
 # ================================================================================================ client
@@ -879,36 +848,13 @@ class TcpTransport:
     def _read_reply(self, kind: str, header: Header, tensors: Tensors) -> Frame:
         if self.reader is None:
             raise ConnectionError("not connected")
-        limit = sum(t.nbytes for t in tensors.values()) + 1024 + ST_HEADER_LIMIT
-        frame = read_frame(self.reader, limit, self._reply_check(kind, header, tensors))
+        frame = read_frame(self.reader, reply_limit(tensors), check_reply(kind, tensors))
         self.wire_bytes += frame.nbytes
         if frame.header.get("seq") not in (header["seq"], None):
             raise ProtocolError(f"reply to request {frame.header.get('seq')} while waiting for {header['seq']}")
         if frame.kind == "error" and frame.header.get("seq") is None:
             raise RemoteError(f"trunk server: {frame.header.get('error')}")
         return frame
-
-    def _reply_check(self, kind: str, header: Header, tensors: Tensors) -> Callable:
-        """Replies are checked like requests: a server cannot make this client allocate or trust junk."""
-        expected: dict[str, tuple[int, ...]] = {}
-        if kind == "forward":
-            expected = {"hidden_states": tuple(tensors["hidden_states"].shape)}
-        elif kind == "backward":
-            expected = {"grad": tuple(tensors["grad"].shape)}
-        elif kind == "grad_sq_norm":
-            expected = {"sq_norm": ()}
-        elif kind == "aggregate":
-            expected = {"sum": tuple(tensors["masked"].shape)}
-
-        def check(reply: Header, specs: list[TensorSpec]) -> None:
-            if reply["kind"] not in ("reply", "error"):
-                raise ProtocolError(f"unexpected {reply['kind']!r} frame from the server")
-            shapes = {s.name: s.shape for s in specs}
-            if reply["kind"] == "reply" and any(shapes[n] != expected.get(n, shapes[n]) for n in shapes) or \
-                    not set(shapes) <= set(expected):
-                raise ProtocolError(f"the server replied to {kind} with tensors {shapes}, expected {expected}")
-
-        return check
 
     def _resume_restarted(self, welcome: Header) -> None:
         """The server lost this session (it restarted): replay the steps it had not saved, and answer every
