@@ -63,7 +63,7 @@ from .quantize import check_name, quantized_bytes
 
 GiB = 2**30
 MiB = 2**20
-RUNTIME_BYTES = {"client": int(0.54 * GiB), "server": int(0.44 * GiB)}
+RUNTIME_BYTES = {"client": int(0.56 * GiB), "server": int(0.45 * GiB)}
 """Resident memory of a party's process before any model tensor (CPU, measured with a tiny model over tcp)."""
 BITSANDBYTES_BYTES = 8 * MiB
 """What a quantized party's process adds: bitsandbytes' CPU kernels and the loader's probe of the format."""
