@@ -1,9 +1,12 @@
 """Transports move the cut protocol's messages between a client and the trunk server.
 
-A message is a kind (``forward``, ``backward``, ``grad_sq_norm``, ``step``, ``save``, ``load``), a small
-JSON-able header and a dict of tensors; the reply has the same shape. Transports differ only in how those
-bytes move: ``local`` hands them to an in-process :class:`~splittrain.server.TrunkServer` untouched; ``tcp``
-and ``dist`` serialize them with :mod:`splittrain.transport.wire`.
+A message is a kind, a small JSON-able header and a dict of tensors; the reply has the same shape. The kinds
+(``forward``, ``backward``, ``grad_sq_norm``, ``step``, ``save``, ``load``, ``join``, ``keys``, ``aggregate``,
+``end_generation``), their fields, tensors and reply tensors are one table, :data:`~.protocol.KINDS`, in
+:mod:`splittrain.transport.protocol`, with the checks it drives and the loop that serves a client's frames.
+Transports differ only in how those bytes move: ``local`` hands them to an in-process
+:class:`~splittrain.server.TrunkServer` untouched; ``tcp`` and ``dist`` serialize them with
+:mod:`splittrain.transport.wire` and open and close sessions (``hello``, ``bye``) in their own way.
 
 ``submit`` sends a message without waiting for its reply, so a client can keep several micro-batches in flight
 (pipelining): the server answers one connection's requests in order, and ``result()`` of a later request waits
