@@ -288,8 +288,11 @@ def test_real_size_configs_print_and_estimate_without_downloading(name, capsys, 
     spec = get_recipe(family).size(size.split("_")[0])
     layers = spec.architecture["num_hidden_layers"]
     assert len(estimate["client"]["layers"]) + len(estimate["server"]["layers"]) == layers
+    assert estimate["server"]["weights"] == 2 * estimate["server"]["parameters"]  # bfloat16
+    # the client's projections are 4- or 8-bit, its embedding, norms and head bfloat16
+    assert 0.5 * estimate["client"]["parameters"] < estimate["client"]["weights"] < 2 * estimate["client"]["parameters"]
+    assert estimate["client"]["total"] <= 1.5 * estimate["server"]["total"]
     for party in ("client", "server"):
-        assert estimate[party]["weights"] == 2 * estimate[party]["parameters"]  # bfloat16
         assert 0 < estimate[party]["trainable"] < estimate[party]["parameters"] / 50  # LoRA
     assert "client" in capsys.readouterr().out
 
