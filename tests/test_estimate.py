@@ -98,12 +98,14 @@ def test_cli_estimate_passes_quantization_and_checkpointing(capsys):
     from splittrain.cli import main
 
     config = str(Path(__file__).resolve().parents[1] / "configs" / "gemma" / "7b_lora.yaml")
-    plain = main(["estimate", "--config", config])
+    off = ["--model.trunk.gradient_checkpointing", "false"]  # the config turns on all three
+    plain = main(["estimate", "--config", config, "--model.quantization", "null", "--model.gradient_checkpointing",
+                  "false", *off])
     capsys.readouterr()
     quantized = main(["estimate", "--config", config, "--model.quantization", "int8",
-                      "--model.gradient_checkpointing", "true"])
+                      "--model.gradient_checkpointing", "true", *off])
     title = capsys.readouterr().out.splitlines()[0]
-    assert "client lora (int8 weights, checkpointing on, loss chunks of 512)" in title
+    assert "client lora (int8 weights, checkpointing on, loss chunks of 256)" in title
     assert "server (bfloat16 weights, checkpointing off)" in title
     assert quantized["server"] == plain["server"]
     client, before = quantized["client"], plain["client"]
