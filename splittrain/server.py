@@ -37,7 +37,7 @@ from .lora import LoraSettings, prepare
 from .segments import Activations, Segment
 from .state import load_state, save_state
 from .transport import Header, SessionBusy, Tensors, fingerprint
-from .transport.protocol import Bounds, check_request
+from .transport.protocol import TAG, Bounds, check_request
 from .transport.wire import ProtocolError, TensorSpec
 
 log = logging.getLogger("splittrain.server")
@@ -45,7 +45,6 @@ log = logging.getLogger("splittrain.server")
 LATEST = "latest"
 FEDERATION = "federation"
 """The owner of a federation's shared trunk adapter."""
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]{0,63}")
 
 
 @dataclass
@@ -917,7 +916,7 @@ class TrunkServer:
         adapter = adapter or self.adapter()
         if adapter.folder is None:
             raise RuntimeError("this trunk server has no run folder to keep checkpoints in")
-        if not _TAG.fullmatch(tag):
+        if not TAG.fullmatch(tag):
             raise ValueError(f"bad checkpoint tag {tag!r}")
         return adapter.folder / f"{tag}.safetensors"
 
