@@ -69,7 +69,8 @@ def role_serve(args) -> None:
     seconds) until the last timed step is applied, writes them to ``--result``, and serves until every client
     said goodbye."""
     from splittrain.federated import FederatedSettings
-    from splittrain.server import OptimSettings, TrunkServer, load_trunk
+    from splittrain.server import TrunkServer, load_trunk
+    from splittrain.optim import OptimSettings
     from splittrain.transport.tcp import TcpServer
 
     pin(args.cores, 1)

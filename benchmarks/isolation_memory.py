@@ -65,7 +65,8 @@ def main() -> None:
 
     from splittrain.loading import rss_bytes
     from splittrain.lora import LoraSettings
-    from splittrain.server import OptimSettings, TrunkServer, load_trunk
+    from splittrain.server import TrunkServer, load_trunk
+    from splittrain.optim import OptimSettings
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:

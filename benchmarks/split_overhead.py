@@ -64,7 +64,8 @@ def lora_settings():
 
 
 def trunk_server(folder: str):
-    from splittrain.server import OptimSettings, TrunkServer, load_trunk
+    from splittrain.server import TrunkServer, load_trunk
+    from splittrain.optim import OptimSettings
 
     return TrunkServer(load_trunk(folder, CUTS, lora_settings()), OptimSettings(lr=1e-3))
 
@@ -108,7 +109,7 @@ class Unsplit:
         from transformers import AutoModelForCausalLM
 
         from splittrain.lora import init_lora, lora_config, model_family
-        from splittrain.server import OptimSettings, build_optimizer
+        from splittrain.optim import OptimSettings, build_optimizer
 
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         self.model.requires_grad_(False)

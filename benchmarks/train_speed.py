@@ -39,7 +39,7 @@ def monolithic(folder: str, cuts: tuple[int, int], batches, settings) -> list[fl
     from transformers import AutoModelForCausalLM
 
     from splittrain.lora import init_lora, lora_config, model_family
-    from splittrain.modules import OptimSettings, build_optimizer
+    from splittrain.optim import OptimSettings, build_optimizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.requires_grad_(False)
@@ -60,7 +60,8 @@ def monolithic(folder: str, cuts: tuple[int, int], batches, settings) -> list[fl
 def split(folder: str, cuts: tuple[int, int], batches, settings) -> tuple[list[float], int]:
     import splittrain
     from splittrain.cut import TrunkLink, cross
-    from splittrain.server import OptimSettings, TrunkServer, load_trunk
+    from splittrain.server import TrunkServer, load_trunk
+    from splittrain.optim import OptimSettings
     from splittrain.transport.local import LocalTransport
 
     bottom, top = splittrain.split_model(folder, cuts=cuts, parts=("bottom", "top"))

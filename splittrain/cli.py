@@ -493,7 +493,7 @@ def check_model(module: Any) -> None:
     part a layer, its device map names its parts. Raises :class:`UserError` saying which setting is wrong."""
     from .families import get_family
     from .loading import Checkpoint, part_ranges, resolve_device_map
-    from .modules import resolve_model
+    from .quickstart import resolve_model
 
     try:
         checkpoint = Checkpoint(resolve_model(module.model_name))

@@ -108,7 +108,7 @@ def model_config(model: str) -> Any:
     download), or any hub id (its config.json only)."""
     from transformers import AutoConfig
 
-    from .modules import resolve_model
+    from .quickstart import resolve_model
 
     if not Path(model).exists() and not model.startswith(("quickstart", "tiny-")):
         from recipes import NAMES, get_recipe

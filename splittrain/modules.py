@@ -30,9 +30,11 @@ from .generate import GenerationOptions
 from .loading import release_freed_memory
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
 from .metrics import TokenMetrics
+from .optim import OptimSettings, build_optimizer
 from .privacy import Defense, PrivacySettings
+from .quickstart import resolve_model
 from .segments import Activations, Segment
-from .server import OptimSettings, TrunkSettings, build_optimizer
+from .server import TrunkSettings
 from .state import load_state, save_state
 from .transport import TRANSPORTS
 from .transport.wire import FLOAT_DTYPES
@@ -40,19 +42,7 @@ from .transport.wire import FLOAT_DTYPES
 RUN_FILE = "run.json"
 TOKEN_ENV = "SPLITTRAIN_TOKEN"
 
-__all__ = ["ClientModule", "OptimSettings", "SafetensorsCheckpointIO", "TrunkSettings", "build_optimizer"]
-
-
-def resolve_model(model: str) -> str:
-    """``"quickstart"`` names the embedded tiny model and ``"tiny-<recipe>"`` (``tiny-gemma3``) a tiny random
-    model of a recipe family (both built on first use); anything else is a hub id or folder."""
-    from .quickstart import TINY_PREFIX, model_dir, tiny_dir
-
-    if model == "quickstart":
-        return str(model_dir())
-    if model.startswith(TINY_PREFIX) and not Path(model).exists():
-        return str(tiny_dir(model.removeprefix(TINY_PREFIX)))
-    return model
+__all__ = ["ClientModule", "SafetensorsCheckpointIO"]
 
 
 class ClientModule(L.LightningModule):

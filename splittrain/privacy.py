@@ -246,7 +246,7 @@ def audit(module: Any, datamodule: Any, settings: AuditSettings, run_dir: str | 
     import math
 
     from .loading import split_model
-    from .modules import resolve_model
+    from .quickstart import resolve_model
 
     if module.server is None:
         raise ValueError("the audit plays the server in this process: run it with model.transport local")

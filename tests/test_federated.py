@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 
 from splittrain.federated import FederatedSettings
 from splittrain.lora import adapter_state_dict
-from splittrain.modules import ClientModule, OptimSettings, TrunkSettings, build_optimizer
+from splittrain.modules import ClientModule, TrunkSettings
+from splittrain.optim import OptimSettings, build_optimizer
 from conftest import VOCAB
 from test_training import CUTS, LORA, layer_of, peft_model
 

@@ -198,7 +198,8 @@ def tiny_server(checkpoint, tmp_path):
     thread (``tls=`` a server context for TLS), for clients 'alice' (token "a" * 32) and 'bob' ("b" * 32); stopped at
     the end of the test."""
     from splittrain.lora import LoraSettings
-    from splittrain.server import OptimSettings, TrunkServer, load_trunk
+    from splittrain.server import TrunkServer, load_trunk
+    from splittrain.optim import OptimSettings
     from splittrain.transport.tcp import TcpServer
 
     _, folder = checkpoint("qwen2")
@@ -539,7 +540,8 @@ LINEAR = {"lr": 0.002, "schedule": "linear", "warmup_steps": 2}
 def test_a_federation_refuses_another_schedule_an_independent_client_gets_its_own(checkpoint, tmp_path):
     from splittrain.federated import FederatedSettings
     from splittrain.lora import LoraSettings
-    from splittrain.server import OptimSettings, TrunkServer, load_trunk
+    from splittrain.server import TrunkServer, load_trunk
+    from splittrain.optim import OptimSettings
 
     _, folder = checkpoint("qwen2")
     optim = OptimSettings(**LINEAR)
@@ -568,7 +570,7 @@ def test_an_independent_client_trains_with_its_own_schedule_over_tcp(procs, tmp_
     """The server's config says max_steps 40; a client run with --trainer.max_steps 24 (linear schedule) ends exactly
     as the in-process 24-step run, its trunk schedule's learning rate down to 0 at step 24."""
     from splittrain.cli import main
-    from splittrain.server import OptimSettings, build_optimizer
+    from splittrain.optim import OptimSettings, build_optimizer
 
     quick = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml").read_text())
     trunk = {**quick["model"]["trunk"], "optim": LINEAR}

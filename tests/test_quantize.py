@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from splittrain import quantize, split_model
 from splittrain.errors import UserError
 from splittrain.lora import adapter_state_dict, init_lora, lora_config, model_family
-from splittrain.modules import ClientModule, TrunkSettings, build_optimizer
+from splittrain.modules import ClientModule, TrunkSettings
+from splittrain.optim import build_optimizer
 from conftest import batch
 from test_training import CUTS, LORA, OPTIM, STEPS, assert_same, batches
 

@@ -11,7 +11,8 @@ import torch
 from processes import needs_openssl, self_signed
 
 from splittrain.lora import LoraSettings
-from splittrain.server import OptimSettings, ServerLimits, SessionBusy, TrunkServer, load_trunk
+from splittrain.optim import OptimSettings
+from splittrain.server import ServerLimits, SessionBusy, TrunkServer, load_trunk
 from splittrain.state import load_state
 from splittrain.transport.wire import ProtocolError, TensorSpec
 

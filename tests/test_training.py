@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from splittrain.lora import LoraSettings, adapter_state_dict, init_lora, lora_config, model_family
-from splittrain.modules import ClientModule, OptimSettings, TrunkSettings, build_optimizer
+from splittrain.modules import ClientModule, TrunkSettings
+from splittrain.optim import OptimSettings, build_optimizer
 from conftest import batch
 from processes import needs_openssl, self_signed
 

@@ -24,6 +24,16 @@ TINY_PREFIX = "tiny-"
 INDEX_FILE = "model.safetensors.index.json"  # written last by a sharded save: its presence means a complete model
 
 
+def resolve_model(model: str) -> str:
+    """``"quickstart"`` names the embedded tiny model and ``"tiny-<recipe>"`` (``tiny-gemma3``) a tiny random
+    model of a recipe family (both built on first use); anything else is a hub id or folder."""
+    if model == "quickstart":
+        return str(model_dir())
+    if model.startswith(TINY_PREFIX) and not Path(model).exists():
+        return str(tiny_dir(model.removeprefix(TINY_PREFIX)))
+    return model
+
+
 def model_dir(cache: str | Path | None = None) -> Path:
     """Folder of the quickstart model (config, weights in 2 MB shards, tokenizer), built on the first call.
 

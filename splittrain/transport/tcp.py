@@ -627,7 +627,7 @@ class TcpTransport:
         tls_ca: CA file that signed the server's certificate; enables TLS.
         timeout: seconds to wait for a connection or a reply.
         reconnect_timeout: seconds to keep reconnecting before giving up.
-        schedule: the trunk schedule this client trains with (:meth:`~splittrain.server.OptimSettings.resolved`);
+        schedule: the trunk schedule this client trains with (:meth:`~splittrain.optim.OptimSettings.resolved`);
             the server makes this client's adapter with it, or refuses one that differs from its federation's.
     """
 
