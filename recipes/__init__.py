@@ -11,11 +11,16 @@ A tokenizer's own chat template always wins over the recipe's fallback (:func:`c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-NAMES = ("qwen2", "gemma", "gemma3")
-"""The recipes, by name (each is the module ``recipes.<name>``)."""
-LLAMA_LIKE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from splittrain.families import LLAMA_LORA_TARGETS
+
+RecipeName = Literal["qwen2", "gemma", "gemma3"]
+"""A recipe's name (each is the module ``recipes.<name>``): the one list of recipes, typed for configs."""
+NAMES: tuple[str, ...] = get_args(RecipeName)
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")
+"""Special tokens that close an assistant turn in the chat formats splittrain knows (ChatML: Qwen2; Gemma and
+Gemma-3; Llama-3): without a recipe, generation stops on any of them the tokenizer has, besides its EOS."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class Recipe:
     special_tokens: dict[str, Any] = field(default_factory=dict)
     """The family's tokenizer specials: ``bos``, ``eos``, ``pad`` (None where it has none) and ``extra`` (turn
     markers), in the order of their ids."""
-    lora_targets: tuple[str, ...] = LLAMA_LIKE_LORA_TARGETS
+    lora_targets: tuple[str, ...] = LLAMA_LORA_TARGETS
     generation: dict[str, Any] = field(default_factory=dict)
     """Generation defaults (:class:`splittrain.generate.GenerationOptions` names)."""
     sizes: dict[str, ModelSize] = field(default_factory=dict)
@@ -112,16 +117,21 @@ def chat_template_for(tokenizer: Any, recipe: Recipe | str) -> str:
     return (get_recipe(recipe) if isinstance(recipe, str) else recipe).chat_template
 
 
-def stop_token_ids(tokenizer: Any, recipe: Recipe | str) -> list[int]:
-    """Token ids that end an answer: the tokenizer's EOS and the recipe's end-of-turn token, when it has them."""
-    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    ids = []
+def stop_token_ids(tokenizer: Any, recipe: Recipe | str | None = None) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the recipe's end-of-turn token (without a recipe: each
+    of :data:`END_OF_TURN_TOKENS`), those the tokenizer has."""
+    if recipe is not None:
+        turns: tuple[str, ...] = ((get_recipe(recipe) if isinstance(recipe, str) else recipe).end_of_turn,)
+    else:
+        specials = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        turns = tuple(t for t in END_OF_TURN_TOKENS if t in specials)
     eos = tokenizer.eos_token_id
-    ids += [eos] if isinstance(eos, int) else list(eos or [])
-    turn = tokenizer.convert_tokens_to_ids(recipe.end_of_turn)
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
     unknown = getattr(tokenizer, "unk_token_id", None)
-    if isinstance(turn, int) and turn != unknown and turn not in ids:
-        ids.append(turn)
+    for token in turns:
+        turn = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(turn, int) and turn != unknown and turn not in ids:
+            ids.append(turn)
     return ids
 
 

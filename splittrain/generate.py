@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from recipes import pad_token_id, stop_token_ids
+
 from .segments import Segment
 
 
@@ -39,7 +41,7 @@ class GenerationOptions:
     stop_strings: list[str] = field(default_factory=list)
     """Stop a row once its text ends with one of these (needs the tokenizer)."""
     eos_token_id: list[int] | None = None
-    """Stop token ids (default: the tokenizer's EOS and its end-of-turn token, see :data:`END_OF_TURN_TOKENS`)."""
+    """Stop token ids (default: the tokenizer's EOS and its end-of-turn token, see :data:`recipes.END_OF_TURN_TOKENS`)."""
     pad_token_id: int | None = None
     """Fills finished rows (default: the tokenizer's pad token, else the first stop token)."""
     seed: int | None = None
@@ -159,20 +161,10 @@ def _stopping(options: GenerationOptions, prompt_length: int, stop_ids: list[int
     return criteria
 
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")
-"""Special tokens that close an assistant turn in the chat formats of the supported families (ChatML, Gemma,
-Llama-3): generation stops on any of them the tokenizer has, besides its EOS."""
-
-
 def _stop_ids(options: GenerationOptions, tokenizer: Any) -> list[int]:
     if options.eos_token_id is not None:
         return list(options.eos_token_id)
-    if tokenizer is None:
-        return []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    specials = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return ids + [specials[t] for t in END_OF_TURN_TOKENS if t in specials and specials[t] not in ids]
+    return [] if tokenizer is None else stop_token_ids(tokenizer)
 
 
 @torch.no_grad()
@@ -288,7 +280,7 @@ def answers(bottom: Segment, trunk: Any, top: Segment, tokenizer: Any,
     """Answer each prompt (a user message or a conversation) through the chat template; decoded new text,
     special tokens skipped. Prompts run in batches of ``batch_size``, left-padded."""
     options = GenerationOptions.of(options, **overrides)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     rows = chat_prompts(tokenizer, prompts, chat_template)
     out: list[str] = []
     starts = range(0, len(rows), batch_size)

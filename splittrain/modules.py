@@ -23,6 +23,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
+from recipes import RecipeName
+
 from .cut import Pipeline, TrunkLink, cross, pipelined_loss, pipelined_outputs
 from .errors import UserError
 from .federated import FederatedSettings, LocalAverager, flatten, unflatten_into
@@ -116,7 +118,7 @@ class ClientModule(L.LightningModule):
                  sample_prompt: str | None = None, device_map: dict[str, str] | str | None = None,
                  federated: FederatedSettings = FederatedSettings(), generation: GenerationOptions = GenerationOptions(),
                  eval_generate: bool = False, eval_max_rows: int | None = 200,
-                 recipe: Literal["qwen2", "gemma", "gemma3"] | None = None,
+                 recipe: RecipeName | None = None,
                  privacy: PrivacySettings = PrivacySettings(), pipeline: int = 1, loss_chunk: int = 512,
                  quantization: Literal["int8", "nf4", "fp4"] | None = None, gradient_checkpointing: bool = False,
                  ) -> None:
