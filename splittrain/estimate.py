@@ -153,6 +153,109 @@ def _layer(config: Any, layer: torch.nn.Module, adapted: list[str], r: int, widt
     return _Layer(saved, allocated, [m.weight.numel() for _, m in projections])
 
 
+@dataclass
+class _Model:
+    """A model built from its config on the ``meta`` device: its config, decoder layers, the parameters outside
+    them, the weight dtype's width in bytes and the projections LoRA adapts by default."""
+
+    config: Any
+    layers: torch.nn.ModuleList
+    outside: int
+    width: int
+    targets: list[str]
+
+
+def _meta_model(config: Any, dtype: str | None, lora_targets: list[str] | None) -> _Model:
+    """The model of ``config`` (no weights, no memory), weights in ``dtype`` (default: the config's)."""
+    from transformers import AutoModelForCausalLM
+
+    from .families import get_family
+
+    family = get_family(config.model_type)
+    weight_dtype = getattr(torch, dtype) if dtype else (getattr(config, "dtype", None) or torch.float32)
+    if isinstance(weight_dtype, str):
+        weight_dtype = getattr(torch, weight_dtype)
+    with torch.device("meta"):
+        full = AutoModelForCausalLM.from_config(config)
+    outside = sum(p.numel() for n, p in full.named_parameters() if f"{family.layer_path}." not in n)
+    return _Model(config, getattr(getattr(full, family.stack), family.layers), outside,
+                  torch.empty(0, dtype=weight_dtype).element_size(), lora_targets or list(family.lora_targets))
+
+
+def _check_settings(cuts: tuple[int, int], layers_n: int, client: str, quantization: str | None,
+                    trunk_quantization: str | None) -> dict[str, str | None]:
+    """The parties' quantization formats, once the cuts and the client's mode are checked (``ValueError``)."""
+    c1, c2 = cuts
+    if not 0 < c1 < c2 < layers_n:
+        raise ValueError(f"cuts {list(cuts)} must satisfy 0 < c1 < c2 < {layers_n} (the model's layers)")
+    if client not in ("frozen", "lora", "full"):
+        raise ValueError(f"client must be 'frozen', 'lora' or 'full', got {client!r}")
+    quantizations = {"client": check_name(quantization), "server": check_name(trunk_quantization)}
+    if quantizations["client"] and client == "full":
+        raise ValueError(f"quantization {quantization} freezes the client's base weights: client 'full' trains them")
+    return quantizations
+
+
+def _add_weights(party: PartyMemory, model: _Model, quantized: str | None, with_outside: bool) -> None:
+    """The party's parameters and their bytes: its layers (their projections in ``quantized``'s format), and with
+    ``with_outside`` the embedding, final norm and head."""
+    layers, width = model.layers, model.width
+    party.parameters = sum(sum(p.numel() for p in layers[i].parameters()) for i in party.layers)
+    party.parameters += model.outside if with_outside else 0
+    party.weights = party.parameters * width
+    if quantized:
+        linears = [m for i in party.layers for _, m in _projections(layers[i])]
+        dense = sum(m.weight.numel() for m in linears)
+        rows = sum(m.out_features for m in linears)
+        party.weights += quantized_bytes(dense, quantized, rows, width) - dense * width
+
+
+def _add_training_state(party: PartyMemory, model: _Model, adapted: list[str], r: int, full: bool) -> None:
+    """What training adds to the weights: LoRA adapters (float32) with their gradients and AdamW moments, or with
+    ``full`` gradients and moments of every tensor in the weight dtype."""
+    lora = sum(r * (m.in_features + m.out_features) for i in party.layers for n, m in _projections(model.layers[i])
+               if n in adapted)
+    if adapted:
+        party.trainable = lora
+        party.adapters = party.gradients = lora * 4
+        party.optimizer = 2 * lora * 4
+    elif full:
+        party.trainable = party.parameters
+        party.gradients = party.parameters * model.width
+        party.optimizer = 2 * party.parameters * model.width
+
+
+def _add_activations(party: PartyMemory, shapes: list[_Layer], tokens: int, hidden: int, width: int,
+                     checkpointing: bool, quantized: str | None, cpu: bool) -> None:
+    """What the party's layers save for backward and what the allocator holds besides (see the module docstring)."""
+    biggest = max(shapes, key=lambda s: s.saved)
+    if checkpointing:  # each layer's input, and one layer's saved tensors while it runs again
+        party.activations = tokens * (hidden * len(shapes) * width + biggest.saved)
+    else:
+        party.activations = tokens * sum(s.saved for s in shapes)
+    # what the allocator holds besides: on CPU glibc's heap keeps about HEAP_RETAINED of the layers' forward
+    # allocations but one layer's (those above its mmap threshold go back to the system: one layer's at a time);
+    # CUDA's caching allocator reuses them from layer to layer (one layer's)
+    sizes = [size * tokens * width for size in biggest.allocated]
+    kept = sum(x for x in sizes if x <= MMAP_THRESHOLD) if cpu else 0
+    party.workspace = int(HEAP_RETAINED * (len(shapes) - 1) * kept) + sum(sizes) - kept
+    if quantized:  # each projection's weight dequantized into the compute dtype for its matmuls
+        weights = [n * width for n in biggest.projections]
+        small = sum(x for x in weights if x <= MMAP_THRESHOLD) if cpu else 0
+        small *= 2 if checkpointing else 1  # and again for the recomputation
+        party.workspace += small + max((x for x in weights if not cpu or x > MMAP_THRESHOLD), default=0)
+
+
+def _add_loss(top: PartyMemory, config: Any, tokens: int, width: int, loss_chunk: int) -> None:
+    """The top's logits: one chunk's in the workspace with the chunked loss, else whole ones kept for backward."""
+    if 0 < loss_chunk < tokens:  # a batch of at most loss_chunk tokens takes the plain path
+        # one chunk's float32 logits, a second copy for a bfloat16 or softcapped head
+        copies = 1 if width == 4 and getattr(config, "final_logit_softcapping", None) is None else 2
+        top.workspace += copies * loss_chunk * config.vocab_size * 4
+    else:  # float32 logits, their log-softmax and, in backward, the gradients of both
+        top.activations += 4 * tokens * config.vocab_size * 4
+
+
 def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len: int, dtype: str | None = None,
                     client: str = "lora", client_lora_r: int = 8, trunk_lora_r: int = 8,
                     lora_targets: list[str] | None = None, device: str = "cpu", loss_chunk: int = LOSS_CHUNK,
@@ -164,86 +267,26 @@ def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len:
     computed ``loss_chunk`` positions at a time (0: whole logits; default: the client's); ``quantization`` and
     ``gradient_checkpointing`` are the client's base weights' format (``int8``, ``nf4``, ``fp4``; None: ``dtype``)
     and activation checkpointing, ``trunk_quantization`` and ``trunk_gradient_checkpointing`` the server's."""
-    from transformers import AutoModelForCausalLM
-
-    from .families import get_family
-
     config = model_config(model)
-    family = get_family(config.model_type)
     layers_n = config.num_hidden_layers
-    c1, c2 = cuts
-    if not 0 < c1 < c2 < layers_n:
-        raise ValueError(f"cuts {list(cuts)} must satisfy 0 < c1 < c2 < {layers_n} (the model's layers)")
-    if client not in ("frozen", "lora", "full"):
-        raise ValueError(f"client must be 'frozen', 'lora' or 'full', got {client!r}")
-    quantizations = {"client": check_name(quantization), "server": check_name(trunk_quantization)}
-    if quantizations["client"] and client == "full":
-        raise ValueError(f"quantization {quantization} freezes the client's base weights: client 'full' trains them")
+    quantizations = _check_settings(cuts, layers_n, client, quantization, trunk_quantization)
+    meta = _meta_model(config, dtype, lora_targets)
     checkpointing = {"client": gradient_checkpointing, "server": trunk_gradient_checkpointing}
-    weight_dtype = getattr(torch, dtype) if dtype else (getattr(config, "dtype", None) or torch.float32)
-    if isinstance(weight_dtype, str):
-        weight_dtype = getattr(torch, weight_dtype)
-    width = torch.empty(0, dtype=weight_dtype).element_size()
-    with torch.device("meta"):
-        full = AutoModelForCausalLM.from_config(config)
-    layers = getattr(getattr(full, family.stack), family.layers)
-    targets = lora_targets or list(family.lora_targets)
-    outside = sum(p.numel() for n, p in full.named_parameters() if f"{family.layer_path}." not in n)
-    tokens = batch_size * seq_len
-    cpu = not device.startswith("cuda")
-
+    tokens, cpu = batch_size * seq_len, not device.startswith("cuda")
+    c1, c2 = cuts
     parties = {"client": PartyMemory(layers=list(range(c1)) + list(range(c2, layers_n))),
                "server": PartyMemory(layers=list(range(c1, c2)))}
     for name, party in parties.items():
         quantized, r = quantizations[name], trunk_lora_r if name == "server" else client_lora_r
-        adapted = targets if name == "server" or client == "lora" else []
-        shapes = [_layer(config, layers[i], adapted, r, width) for i in party.layers]
-        party.parameters = sum(sum(p.numel() for p in layers[i].parameters()) for i in party.layers)
-        party.parameters += outside if name == "client" else 0
-        party.weights = party.parameters * width
-        if quantized:
-            linears = [m for i in party.layers for _, m in _projections(layers[i])]
-            dense = sum(m.weight.numel() for m in linears)
-            rows = sum(m.out_features for m in linears)
-            party.weights += quantized_bytes(dense, quantized, rows, width) - dense * width
-        lora = sum(r * (m.in_features + m.out_features) for i in party.layers for n, m in _projections(layers[i])
-                   if n in adapted)
-        if adapted:
-            party.trainable = lora
-            party.adapters = party.gradients = lora * 4
-            party.optimizer = 2 * lora * 4
-        elif client == "full" and name == "client":
-            party.trainable = party.parameters
-            party.gradients = party.parameters * width
-            party.optimizer = 2 * party.parameters * width
+        adapted = meta.targets if name == "server" or client == "lora" else []
+        _add_weights(party, meta, quantized, with_outside=name == "client")
+        _add_training_state(party, meta, adapted, r, full=client == "full" and name == "client")
         party.runtime = RUNTIME_BYTES[name] + (BITSANDBYTES_BYTES if quantized else 0) if cpu else CUDA_CONTEXT_BYTES
-
-        if not shapes:
-            continue
-        biggest = max(shapes, key=lambda s: s.saved)
-        if checkpointing[name]:  # each layer's input, and one layer's saved tensors while it runs again
-            party.activations = tokens * (config.hidden_size * len(shapes) * width + biggest.saved)
-        else:
-            party.activations = tokens * sum(s.saved for s in shapes)
-        # what the allocator holds besides: on CPU glibc's heap keeps about HEAP_RETAINED of the layers' forward
-        # allocations but one layer's (those above its mmap threshold go back to the system: one layer's at a time);
-        # CUDA's caching allocator reuses them from layer to layer (one layer's)
-        sizes = [size * tokens * width for size in biggest.allocated]
-        kept = sum(x for x in sizes if x <= MMAP_THRESHOLD) if cpu else 0
-        party.workspace = int(HEAP_RETAINED * (len(shapes) - 1) * kept) + sum(sizes) - kept
-        if quantized:  # each projection's weight dequantized into the compute dtype for its matmuls
-            weights = [n * width for n in biggest.projections]
-            small = sum(x for x in weights if x <= MMAP_THRESHOLD) if cpu else 0
-            small *= 2 if checkpointing[name] else 1  # and again for the recomputation
-            party.workspace += small + max((x for x in weights if not cpu or x > MMAP_THRESHOLD), default=0)
-
-    top = parties["client"]
-    chunked = 0 < loss_chunk < tokens  # a batch of at most loss_chunk tokens takes the plain path
-    if chunked:  # one chunk's float32 logits, a second copy for a bfloat16 or softcapped head
-        copies = 1 if width == 4 and getattr(config, "final_logit_softcapping", None) is None else 2
-        top.workspace += copies * loss_chunk * config.vocab_size * 4
-    else:  # float32 logits, their log-softmax and, in backward, the gradients of both
-        top.activations += 4 * tokens * config.vocab_size * 4
+        if party.layers:
+            shapes = [_layer(config, meta.layers[i], adapted, r, meta.width) for i in party.layers]
+            _add_activations(party, shapes, tokens, config.hidden_size, meta.width, checkpointing[name], quantized,
+                             cpu)
+    _add_loss(parties["client"], config, tokens, meta.width, loss_chunk)
     return parties
 
 
