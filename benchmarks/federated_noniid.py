@@ -61,7 +61,7 @@ def shards(seed: int) -> tuple[list[list[int]], object]:
     training rows, method ``column``, this column and seed), and the loaded rows."""
     from datasets import load_dataset
 
-    from splittrain.data import partition
+    from splittrain.federated.partition import partition
     from splittrain.quickstart import TRAIN_FILE
 
     rows = load_dataset("json", data_files=str(TRAIN_FILE), split="train")  # as InstructionDataModule._load does

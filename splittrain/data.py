@@ -2,8 +2,9 @@
 
 Three row shapes are understood (see :func:`to_messages`): ``messages`` (a list of role/content dicts), alpaca
 (``instruction``, ``input``, ``output``) and ``prompt``/``completion``. A conversation is rendered with the
-tokenizer's chat template (or a fallback from :data:`CHAT_TEMPLATES`) and only the assistant turns carry labels,
-each through its end-of-turn token. :func:`render` prints which tokens are trained: look at it before training.
+tokenizer's chat template (or a fallback: a recipe's, one of :data:`~splittrain.chat_templates.CHAT_TEMPLATES`)
+and only the assistant turns carry labels, each through its end-of-turn token. :func:`render` prints which tokens are
+trained: look at it before training.
 
 From YAML (LightningCLI)::
 
@@ -16,8 +17,9 @@ Local ``.jsonl``/``.json`` files are checked line by line before ``datasets`` re
 a line that is not JSON, not an object, not one of the three row shapes or without an assistant turn is refused as
 ``file:line: what is wrong``, with the count of other bad lines; nothing is skipped silently.
 
-Federated clients each train on their own disjoint shard of the rows: :func:`partition` draws the shards (iid, label
-skew from a Dirichlet, or one client per value of a column) and :meth:`InstructionDataModule.shard` applies them.
+Federated clients each train on their own disjoint shard of the rows: :func:`~splittrain.federated.partition.partition`
+draws the shards (iid, label skew from a Dirichlet, or one client per value of a column) and
+:meth:`InstructionDataModule.shard` applies them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 import transformers
 from datasets import load_dataset
@@ -40,25 +41,13 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
-from recipes import NAMES as RECIPE_NAMES
+from recipes import NAMES as RECIPE_NAMES, chat_template_for, pad_token_id
 
+from .chat_templates import CHAT_TEMPLATES
 from .errors import UserError
+from .federated.partition import PartitionMethod, check_clients, check_partition, partition
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
-PARTITIONS = ("iid", "dirichlet", "column")  # the methods of `partition`
-
-# Jinja chat templates, rendered by transformers' `apply_chat_template` (trim_blocks and lstrip_blocks on); the
-# families' official instruct formats are the recipes' (`chat_template: qwen2 | gemma | gemma3`, see `recipes`).
-CHAT_TEMPLATES: dict[str, str] = {
-    # ChatML as Qwen2 writes it, without Qwen2's injected default system prompt.
-    "chatml": (
-        "{% for message in messages %}"
-        r"{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-        "{% endfor %}"
-        r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-}
-
 
 def to_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     """One data row as ``[{"role": ..., "content": ...}, ...]`` with at least one assistant turn.
@@ -220,12 +209,10 @@ def resolve_chat_template(tokenizer: Any, fallback: str | None) -> str:
     """The Jinja template to render with: the tokenizer's own, else ``fallback``: a :data:`CHAT_TEMPLATES` name, a
     recipe name (``qwen2``, ``gemma``, ``gemma3``: the official instruct format, see :mod:`recipes`) or a raw
     template string. Raises ``ValueError`` when there is neither."""
+    if fallback in RECIPE_NAMES:
+        return chat_template_for(tokenizer, fallback)
     if tokenizer.chat_template:
         return tokenizer.get_chat_template()
-    if fallback in RECIPE_NAMES:
-        from recipes import get_recipe
-
-        return get_recipe(fallback).chat_template
     if fallback is not None:
         return CHAT_TEMPLATES.get(fallback, fallback)
     raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no chat template and no fallback was given: pass "
@@ -358,81 +345,6 @@ def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int, 
     return batch
 
 
-def partition(rows: Any, clients: int, method: Literal["iid", "dirichlet", "column"] = "iid", alpha: float = 0.5,
-              column: str | None = None, seed: int = 0) -> list[list[int]]:
-    """``clients`` disjoint lists of row indices, each ascending, that together cover every row; the same for the
-    same arguments.
-
-    ``rows`` needs ``len`` and column access (``rows[column]``, e.g. a ``datasets.Dataset``).
-
-    - ``iid``: a seeded permutation cut into near-equal parts.
-    - ``dirichlet``: label skew. The rows of each value of ``column`` (values in sorted order) are shuffled and
-      split by proportions drawn from Dirichlet(``alpha``) over the clients: the smaller ``alpha``, the more each
-      value concentrates on few clients. The proportions depend only on the sorted values, ``clients``, ``alpha``
-      and ``seed``, so two splits with the same values (train, validation) get the same skew. A client left empty
-      takes one row from the largest shard.
-    - ``column``: each value of ``column`` goes wholly to one client: the k-th value in sorted order to client
-      ``k % clients``.
-
-    Raises ``ValueError`` for a bad option, or when the rows (or the values, for ``column``) are fewer than the
-    clients: every client gets at least one row.
-    """
-    _check_clients(clients)
-    _check_partition(method, alpha, column)
-    if method == "iid":
-        if len(rows) < clients:
-            raise UserError(f"{len(rows)} rows cannot be split among {clients} clients (model.federated.clients): "
-                            "every client needs a row")
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
-        return [sorted(part.tolist()) for part in torch.tensor_split(order, clients)]
-
-    try:
-        labels = list(rows[column])
-    except (KeyError, ValueError) as error:  # a datasets.Dataset raises ValueError, mappings and frames KeyError
-        raise UserError(f"data.partition_column {column!r} is not a column of the rows") from error
-    rows_of: dict[Any, list[int]] = {}
-    for index, label in enumerate(labels):
-        rows_of.setdefault(label, []).append(index)
-    values = sorted(rows_of)
-    if method == "column":
-        if len(values) < clients:
-            raise UserError(f"column {column!r} (data.partition_column) has {len(values)} distinct values, fewer "
-                            f"than the {clients} clients (model.federated.clients): each client needs a value")
-        return [sorted(i for k in range(client, len(values), clients) for i in rows_of[values[k]])
-                for client in range(clients)]
-
-    if len(labels) < clients:
-        raise UserError(f"{len(labels)} rows cannot be split among {clients} clients (model.federated.clients): "
-                        "every client needs a row")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    proportions = rng.dirichlet([alpha] * clients, size=len(values))  # drawn first: independent of the row counts
-    shards: list[list[int]] = [[] for _ in range(clients)]
-    for value, shares in zip(values, proportions):
-        indices = rng.permutation(rows_of[value])
-        cuts = (np.cumsum(shares)[:-1] * len(indices)).astype(int)
-        for shard, part in zip(shards, np.split(indices, cuts)):
-            shard.extend(part.tolist())
-    for shard in shards:
-        if not shard:  # the largest shard has at least 2 rows here, since there are at least as many rows as clients
-            shard.append(max(shards, key=len).pop())
-    return [sorted(shard) for shard in shards]
-
-
-def _check_clients(clients: int) -> None:
-    if not (isinstance(clients, int) and clients >= 1):
-        raise UserError(f"model.federated.clients must be an integer >= 1, got {clients!r}")
-
-
-def _check_partition(method: str, alpha: float, column: str | None) -> None:
-    if method not in PARTITIONS:
-        raise UserError(f"unknown data.partition {method!r}: expected one of {', '.join(PARTITIONS)}")
-    if not alpha > 0:
-        raise UserError(f"data.partition_alpha must be > 0, got {alpha!r}")
-    if method != "iid" and column is None:
-        raise UserError(f"data.partition {method!r} splits by a column: set data.partition_column (e.g. a label or "
-                        "task column of the rows)")
-
-
 class EpochBatchSampler(Sampler[list[int]]):
     """Batches of example indices in a seeded order per epoch, able to start mid-epoch (resume).
 
@@ -512,7 +424,7 @@ class InstructionDataModule(L.LightningDataModule):
     def __init__(self, train: str, tokenizer: str, val: str | None = None, chat_template: str | None = None,
                  max_length: int = 512, batch_size: int = 8, packing: bool = False, val_size: float = 0.1,
                  seed: int = 0, num_workers: int = 0, limit: int | None = None,
-                 partition: Literal["iid", "dirichlet", "column"] = "iid", partition_alpha: float = 0.5,
+                 partition: PartitionMethod = "iid", partition_alpha: float = 0.5,
                  partition_column: str | None = None, test: str | None = None,
                  system: Literal["keep", "fold"] = "keep") -> None:
         """
@@ -544,7 +456,7 @@ class InstructionDataModule(L.LightningDataModule):
         if system not in ("keep", "fold"):
             raise UserError(f"data.system must be 'keep' or 'fold', got {system!r}")
         super().__init__()
-        _check_partition(partition, partition_alpha, partition_column)
+        check_partition(partition, partition_alpha, partition_column)
         if train == "quickstart":  # the embedded data set: its own validation rows unless told otherwise
             from .quickstart import TRAIN_FILE, VAL_FILE
 
@@ -574,9 +486,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.chat_template = resolve_chat_template(self.tokenizer, chat_template)  # fail now, not after loading data
         # Fold as the template renders: Gemma's templates trim each turn, so the user's text is trimmed before folding.
         self.trim_folded = system == "fold" and template_trims(self.tokenizer, self.chat_template)
-        # Tokenizers without a pad token (Llama) pad with eos: padded positions are masked and unlabelled anyway.
-        self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                             else self.tokenizer.eos_token_id)
+        self.pad_token_id = pad_token_id(self.tokenizer)  # eos where there is no pad token (Llama)
         self.train_dataset: Any = None
         self.val_dataset: Any = None
         self.test_dataset: Any = None
@@ -623,7 +533,7 @@ class InstructionDataModule(L.LightningDataModule):
         Call before the dataloaders are built: with several clients :meth:`train_dataloader` gives one loader per
         held client. ``shard(1)`` is the unsharded default.
         """
-        _check_clients(clients)
+        check_clients(clients)
         held = range(clients) if held is None else held
         if not held or not all(isinstance(c, int) and 0 <= c < clients for c in held):
             raise ValueError(f"held clients {list(held)} must be a non-empty selection of 0..{clients - 1}")

@@ -12,7 +12,8 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader
 
 from splittrain import quickstart
-from splittrain.data import InstructionDataModule, partition, to_messages, tokenize_conversation
+from splittrain.data import InstructionDataModule, to_messages, tokenize_conversation
+from splittrain.federated.partition import partition
 from splittrain.quickstart import make_data
 
 TASK_NAMES = [task.name for task in make_data.TASKS]

@@ -8,6 +8,7 @@ A new aggregation rule is a setting in :mod:`.settings` plus its client half and
 """
 
 from .averaging import Averager, DistAverager, LocalAverager, flatten, unflatten_into
+from .partition import PARTITIONS, PartitionMethod, partition  # noqa: F401  (each client's shard of the rows)
 from .secagg import (CONTEXT, KEY_BYTES, SCALE_BITS, KeyPair, Masker, SecureAverager, aggregate, decode, encode, mask,
                      mask_stream, pair_context)
 from .settings import AVERAGES, TRUNK_UPDATES, WEIGHTINGS, FederatedSettings, round_half_up

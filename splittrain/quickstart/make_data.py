@@ -143,7 +143,7 @@ def train_tokenizer(rows: Iterable[dict], vocab_size: int = VOCAB_SIZE, special_
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from splittrain.data import CHAT_TEMPLATES
+    from splittrain.chat_templates import CHAT_TEMPLATES
 
     specials = special_tokens or SPECIAL_TOKENS
 
