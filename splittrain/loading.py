@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from .families import Family, get_family
-from .segments import Segment
+# save_segments lives beside Segment (Segment.save writes through it); cli.py and splittrain/__init__.py still import
+# it from here.
+from .segments import SPLIT_FILE, Segment, save_segments  # noqa: F401
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SPLIT_FILE = "split.json"
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 """safetensors' names of the float dtypes."""
 
@@ -589,42 +590,7 @@ def _split_loaded(model: nn.Module, cuts: Sequence[int] | int, parts: Sequence[s
     return SplitParts(segments, reports)
 
 
-# ------------------------------------------------------------------------------------------ save / load
-def save_segments(segments: Sequence[Segment], directory: str | os.PathLike,
-                  max_shard_size: int | str = "5GB") -> Path:
-    """Write segments of one model into ``directory`` as a partial checkpoint a party can load alone.
-
-    The folder holds ``config.json`` (the model's transformers config), ``model.safetensors`` (or shards
-    plus an index) with the segments' tensors under their checkpoint names, and ``split.json`` (family,
-    number of layers, each part's layer range).
-    """
-    from huggingface_hub import save_torch_state_dict
-
-    if not segments:
-        raise ValueError("nothing to save")
-    first = segments[0]
-    if any(s.config.to_dict() != first.config.to_dict() for s in segments[1:]):
-        raise ValueError("segments to save together must come from the same model")
-    if any(getattr(s, "is_loaded_in_8bit", False) or getattr(s, "is_loaded_in_4bit", False) for s in segments):
-        raise ValueError("these segments hold quantized weights: save them from the unquantized checkpoint and "
-                         "quantize when each party loads its folder (load_segments(..., quantization=...))")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state: dict[str, torch.Tensor] = {}
-    for segment in segments:
-        for key, tensor in segment.state_dict().items():
-            state.setdefault(key, tensor)
-    save_torch_state_dict(state, directory, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    first.config.save_pretrained(directory)
-    meta = {
-        "family": first.family.name,
-        "num_layers": first.config.num_hidden_layers,
-        "parts": {s.name: [s.start, s.stop] for s in sorted(segments, key=lambda s: s.start)},
-    }
-    (directory / SPLIT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return directory
-
-
+# ------------------------------------------------------------------------------------ saved segment folders
 def _read_split(directory: Path) -> dict[str, Any]:
     path = Path(directory) / SPLIT_FILE
     if not path.is_file():

@@ -10,18 +10,26 @@ travel with the activations::
     s = bottom(input_ids, attention_mask=mask)   # -> Activations
     s = trunk(s)                                  # -> Activations
     out = top(s)                                  # -> CausalLMOutputWithPast; out.logits
+
+:func:`save_segments` (and :meth:`Segment.save`) write segments into a folder a party loads alone
+(:func:`splittrain.load_segment`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .families import Family
+
+SPLIT_FILE = "split.json"
+"""A saved segment folder's record of the split: family, number of layers, each part's layer range."""
 
 
 @dataclass
@@ -237,13 +245,39 @@ class Segment(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write this segment as a partial checkpoint (safetensors + config + split.json) into ``directory``."""
-        from .loading import save_segments
-
         return save_segments([self], directory)
 
-    @classmethod
-    def load(cls, directory: str | Path, **kwargs: Any) -> "Segment":
-        """Load a segment written by :meth:`save` (seed-API spelling of :func:`splittrain.load_segment`)."""
-        from .loading import load_segment
 
-        return load_segment(directory, **kwargs)
+def save_segments(segments: Sequence[Segment], directory: str | os.PathLike,
+                  max_shard_size: int | str = "5GB") -> Path:
+    """Write segments of one model into ``directory`` as a partial checkpoint a party can load alone.
+
+    The folder holds ``config.json`` (the model's transformers config), ``model.safetensors`` (or shards
+    plus an index) with the segments' tensors under their checkpoint names, and ``split.json`` (family,
+    number of layers, each part's layer range).
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    if not segments:
+        raise ValueError("nothing to save")
+    first = segments[0]
+    if any(s.config.to_dict() != first.config.to_dict() for s in segments[1:]):
+        raise ValueError("segments to save together must come from the same model")
+    if any(getattr(s, "is_loaded_in_8bit", False) or getattr(s, "is_loaded_in_4bit", False) for s in segments):
+        raise ValueError("these segments hold quantized weights: save them from the unquantized checkpoint and "
+                         "quantize when each party loads its folder (load_segments(..., quantization=...))")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    for segment in segments:
+        for key, tensor in segment.state_dict().items():
+            state.setdefault(key, tensor)
+    save_torch_state_dict(state, directory, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    first.config.save_pretrained(directory)
+    meta = {
+        "family": first.family.name,
+        "num_layers": first.config.num_hidden_layers,
+        "parts": {s.name: [s.start, s.stop] for s in sorted(segments, key=lambda s: s.start)},
+    }
+    (directory / SPLIT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
