@@ -451,9 +451,6 @@ def load_parts(
     quantization: str | None = None,
 ) -> SplitParts:
     """Load the parts named in ``ranges`` (name -> layer range) from ``checkpoint``; see :func:`split_model`."""
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-
     from . import quantize
 
     config = checkpoint.text_config
@@ -462,14 +459,15 @@ def load_parts(
     wanted = _select(ranges, parts)
     devices = resolve_device_map(list(ranges), device, device_map)
     stored_dtype = as_dtype(getattr(config, "dtype", None)) or torch.float32
-    skeleton = _skeleton(config, dtype or stored_dtype, attn_implementation)
+    build_dtype = dtype or stored_dtype
+    skeleton = _skeleton(config, build_dtype, attn_implementation)
     _decoder_stack(skeleton, fam, f"{config.model_type!r} model")
     prefixes = checkpoint.prefixes(fam)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     quantization = quantize.check_name(quantization)
     if quantization:
         for target in {devices[name] for name in wanted}:
-            quantize.probe(quantization, target, dtype or stored_dtype)
+            quantize.probe(quantization, target, build_dtype)
 
     segments: dict[str, Segment] = {}
     reports: dict[str, PartReport] = {}
@@ -479,47 +477,14 @@ def load_parts(
         target = devices[name]
         own_embedding = None
         if stop == config.num_hidden_layers and tied and "bottom" in segments and segments["bottom"].device != target:
-            # Storage cannot be shared across devices: the top reads its own copy of the embedding (the two
-            # copies stay equal unless the client trains them in full).
-            fresh = _skeleton(config, dtype or stored_dtype, attn_implementation)
-            own_embedding = getattr(getattr(fresh, fam.stack), fam.embedding)
+            own_embedding = _fresh_embedding(config, fam, build_dtype, attn_implementation)
         segment = _segment_from(skeleton, fam, config, name, start, stop, tied, own_embedding)
-        needed = {key: t for key, t in segment.state_dict(keep_vars=True).items() if t.is_meta}
         report = PartReport(name, (start, stop))
-        by_shard: dict[str, list[tuple[str, str]]] = {}  # shard -> (segment key, checkpoint key)
-        for key in needed:
-            ckpt_key = _checkpoint_key(key, fam, prefixes)
-            if ckpt_key not in checkpoint.weight_map:
-                raise KeyError(f"tensor {ckpt_key!r} (for part {name!r}) is not in {checkpoint.source!r}")
-            by_shard.setdefault(checkpoint.weight_map[ckpt_key], []).append((key, ckpt_key))
-        # quantized projections: each weight is quantized as it is read, so no float copy of the part is ever whole
-        quantized = quantize.replace_linears(segment, quantization, dtype or stored_dtype) if quantization else {}
-        if quantization:  # what peft reads to wrap these layers in its bitsandbytes LoRA layers, as in a quantized model
-            segment.is_loaded_in_8bit, segment.is_loaded_in_4bit = quantization == "int8", quantization != "int8"
-        loaded: dict[str, torch.Tensor] = {}
-        bar = tqdm(total=len(needed), desc=f"loading {name}", unit="tensor", disable=not verbose)
-        for shard, keys in sorted(by_shard.items()):
-            report.shards.append(shard)
-            path = checkpoint.file(shard)
-            with safe_open(path, "pt") as f:
-                stored = set(f.keys())
-                for key, ckpt_key in keys:
-                    if ckpt_key not in stored:
-                        raise KeyError(f"tensor {ckpt_key!r} (for part {name!r}) is missing from shard {shard}, "
-                                       "although the index lists it there")
-                    report.tensors.append(ckpt_key)
-                    shape = tuple(needed[key].shape)
-                    if key in quantized:  # checks the stored shape itself
-                        report.bytes_read += _quantize_from(path, ckpt_key, quantized[key], shape, target, dtype)
-                    else:
-                        tensor = f.get_tensor(ckpt_key)
-                        if tuple(tensor.shape) != shape:
-                            raise ValueError(f"tensor {ckpt_key!r} in {shard} has shape {tuple(tensor.shape)}, the "
-                                             f"config implies {shape}")
-                        report.bytes_read += tensor.nbytes
-                        loaded[key] = tensor.to(device=target, dtype=dtype or tensor.dtype)
-                    bar.update()
-        bar.close()
+        needed = {key: t for key, t in segment.state_dict(keep_vars=True).items() if t.is_meta}
+        by_shard = _keys_by_shard(checkpoint, needed, fam, prefixes, name)
+        quantized = _quantized_layers(segment, quantization, build_dtype)
+        loaded = _read_part(checkpoint, by_shard, {key: tuple(t.shape) for key, t in needed.items()}, quantized,
+                            report, target, dtype, verbose)
         segment.load_state_dict(loaded, strict=False, assign=True)
         _materialize_buffers(segment, skeleton, target)
         segment.eval()  # as from_pretrained returns a model: dropout off until training calls .train()
@@ -529,6 +494,73 @@ def load_parts(
             print(report)
         segments[name], reports[name] = segment, report
     return SplitParts(segments, reports)
+
+
+def _fresh_embedding(config: Any, family: Family, dtype: torch.dtype, attn_implementation: str | None) -> nn.Module:
+    """An embedding of its own for a tied top on another device than the bottom: storage cannot be shared across
+    devices, so the top reads its own copy (the two stay equal unless the client trains them in full)."""
+    return getattr(getattr(_skeleton(config, dtype, attn_implementation), family.stack), family.embedding)
+
+
+def _quantized_layers(segment: Segment, quantization: str | None, dtype: torch.dtype) -> dict[str, nn.Module]:
+    """Segment key -> the ``quantization`` layer that replaced its projection (none without quantization). Each
+    weight is quantized as it is read, so no float copy of the part is ever whole; the segment is marked as a
+    quantized model is, which peft reads to wrap these layers in its bitsandbytes LoRA layers."""
+    from . import quantize
+
+    if not quantization:
+        return {}
+    quantized = quantize.replace_linears(segment, quantization, dtype)
+    segment.is_loaded_in_8bit, segment.is_loaded_in_4bit = quantization == "int8", quantization != "int8"
+    return quantized
+
+
+def _keys_by_shard(checkpoint: Checkpoint, needed: Iterable[str], family: Family, prefixes: tuple[str, str],
+                   part: str) -> dict[str, list[tuple[str, str]]]:
+    """Shard -> (segment key, checkpoint key) of the ``needed`` segment keys; a key the checkpoint lacks raises."""
+    by_shard: dict[str, list[tuple[str, str]]] = {}
+    for key in needed:
+        ckpt_key = _checkpoint_key(key, family, prefixes)
+        if ckpt_key not in checkpoint.weight_map:
+            raise KeyError(f"tensor {ckpt_key!r} (for part {part!r}) is not in {checkpoint.source!r}")
+        by_shard.setdefault(checkpoint.weight_map[ckpt_key], []).append((key, ckpt_key))
+    return by_shard
+
+
+def _read_part(checkpoint: Checkpoint, by_shard: Mapping[str, Sequence[tuple[str, str]]],
+               shapes: Mapping[str, tuple[int, ...]], quantized: Mapping[str, nn.Module], report: PartReport,
+               device: torch.device, dtype: torch.dtype | None, verbose: bool) -> dict[str, torch.Tensor]:
+    """The part's float tensors by segment key, read shard by shard onto ``device`` (in ``dtype``, else as stored);
+    the ``quantized`` layers' weights are quantized into them as they are read instead. Each read is recorded in
+    ``report``; a tensor missing from its shard or of another shape than ``shapes`` says raises."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    loaded: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(shapes), desc=f"loading {report.name}", unit="tensor", disable=not verbose)
+    for shard, keys in sorted(by_shard.items()):
+        report.shards.append(shard)
+        path = checkpoint.file(shard)
+        with safe_open(path, "pt") as f:
+            stored = set(f.keys())
+            for key, ckpt_key in keys:
+                if ckpt_key not in stored:
+                    raise KeyError(f"tensor {ckpt_key!r} (for part {report.name!r}) is missing from shard {shard}, "
+                                   "although the index lists it there")
+                report.tensors.append(ckpt_key)
+                shape = shapes[key]
+                if key in quantized:  # checks the stored shape itself
+                    report.bytes_read += _quantize_from(path, ckpt_key, quantized[key], shape, device, dtype)
+                else:
+                    tensor = f.get_tensor(ckpt_key)
+                    if tuple(tensor.shape) != shape:
+                        raise ValueError(f"tensor {ckpt_key!r} in {shard} has shape {tuple(tensor.shape)}, the "
+                                         f"config implies {shape}")
+                    report.bytes_read += tensor.nbytes
+                    loaded[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                bar.update()
+    bar.close()
+    return loaded
 
 
 def _quantize_from(path: str, key: str, layer: nn.Module, shape: tuple[int, ...], device: torch.device,
