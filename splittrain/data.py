@@ -457,32 +457,15 @@ class InstructionDataModule(L.LightningDataModule):
             raise UserError(f"data.system must be 'keep' or 'fold', got {system!r}")
         super().__init__()
         check_partition(partition, partition_alpha, partition_column)
-        if train == "quickstart":  # the embedded data set: its own validation rows unless told otherwise
-            from .quickstart import TRAIN_FILE, VAL_FILE
-
-            train, val = str(TRAIN_FILE), val or str(VAL_FILE)
-        if tokenizer == "quickstart":
-            from .quickstart import TOKENIZER_DIR
-
-            tokenizer = str(TOKENIZER_DIR)
-        elif tokenizer.startswith("tiny-") and not Path(tokenizer).exists():  # a tiny recipe model's own
-            from .quickstart import TINY_PREFIX, tiny_dir
-
-            tokenizer = str(tiny_dir(tokenizer.removeprefix(TINY_PREFIX)))
+        train, val = _named_rows(train, val)
+        tokenizer = _tokenizer_source(tokenizer)
         self.save_hyperparameters({"train": train, "tokenizer": tokenizer, "val": val, "chat_template": chat_template,
                                    "max_length": max_length, "batch_size": batch_size, "packing": packing,
                                    "val_size": val_size, "seed": seed, "num_workers": num_workers, "limit": limit,
                                    "partition": partition, "partition_alpha": partition_alpha,
                                    "partition_column": partition_column, "test": test, "system": system})
-        for name, source in (("train", train), ("val", val), ("test", test)):  # fail now, not after loading the model
-            if source is not None and _is_local_file(source) and not Path(source).is_file():
-                raise UserError(f"data.{name}: {_missing(source)}")
-        if tokenizer.startswith(("/", ".", "~")) and not Path(tokenizer).expanduser().exists():
-            raise UserError(f"data.tokenizer {tokenizer}: no such folder (a tokenizer folder or a hub id was expected)")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        except (OSError, ValueError) as error:  # no such folder or hub id, or not a tokenizer
-            raise UserError(f"data.tokenizer {tokenizer!r} cannot be loaded: {_brief(error)}") from error
+        _check_files_exist(train=train, val=val, test=test)  # fail now, not after loading the model
+        self.tokenizer = _load_tokenizer(tokenizer)
         self.chat_template = resolve_chat_template(self.tokenizer, chat_template)  # fail now, not after loading data
         # Fold as the template renders: Gemma's templates trim each turn, so the user's text is trimmed before folding.
         self.trim_folded = system == "fold" and template_trims(self.tokenizer, self.chat_template)
@@ -682,6 +665,43 @@ def _encode_row(row: Mapping[str, Any], index: int, tokenizer: Any, max_length: 
         hint = ("; data.system: fold merges a system message into the first user turn"
                 if "system" in str(error).lower() and not fold else "")
         raise UserError(f"{source}: the chat template cannot render a row ({_brief(error)}){hint}") from error
+
+
+def _named_rows(train: str, val: str | None) -> tuple[str, str | None]:
+    """``train: quickstart`` names the embedded data set, whose own validation rows serve unless ``val`` is given;
+    other sources are returned as they are."""
+    if train != "quickstart":
+        return train, val
+    from .quickstart import TRAIN_FILE, VAL_FILE
+
+    return str(TRAIN_FILE), val or str(VAL_FILE)
+
+
+def _tokenizer_source(tokenizer: str) -> str:
+    """The folder of the ``quickstart`` tokenizer (shipped, no model to build) and of a ``tiny-<recipe>`` model's;
+    other names (a folder or a hub id) as they are."""
+    from .quickstart import TOKENIZER_DIR, resolve_model
+
+    return str(TOKENIZER_DIR) if tokenizer == "quickstart" else resolve_model(tokenizer)
+
+
+def _check_files_exist(**sources: str | None) -> None:
+    """Raise :class:`~splittrain.errors.UserError` for the first local data file of ``sources`` (``data.<name>``
+    -> source) that is missing."""
+    for name, source in sources.items():
+        if source is not None and _is_local_file(source) and not Path(source).is_file():
+            raise UserError(f"data.{name}: {_missing(source)}")
+
+
+def _load_tokenizer(tokenizer: str) -> Any:
+    """``AutoTokenizer`` of a folder or hub id; :class:`~splittrain.errors.UserError` when there is no such folder
+    or it cannot be loaded."""
+    if tokenizer.startswith(("/", ".", "~")) and not Path(tokenizer).expanduser().exists():
+        raise UserError(f"data.tokenizer {tokenizer}: no such folder (a tokenizer folder or a hub id was expected)")
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as error:  # no such folder or hub id, or not a tokenizer
+        raise UserError(f"data.tokenizer {tokenizer!r} cannot be loaded: {_brief(error)}") from error
 
 
 def _is_local_file(source: str) -> bool:
