@@ -215,7 +215,8 @@ class Checkpoint:
     Hub shards are fetched one at a time as a part asks for them, so a party downloads only its shards.
     """
 
-    def __init__(self, source: str | os.PathLike, revision: str | None = None, token: str | bool | None = None):
+    def __init__(self, source: str | os.PathLike, revision: str | None = None,
+                 token: str | bool | None = None) -> None:
         self.source = str(source)
         self.revision, self.token = revision, token
         self.local = Path(self.source).is_dir()

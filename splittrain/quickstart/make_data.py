@@ -21,7 +21,10 @@ import json
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
@@ -136,7 +139,7 @@ def write_jsonl(rows: Iterable[dict], path: Path) -> None:
 
 def train_tokenizer(rows: Iterable[dict], vocab_size: int = VOCAB_SIZE, special_tokens: list[str] | None = None,
                     eos: str = "<|im_end|>", pad: str = "<|endoftext|>", bos: str | None = None,
-                    chat_template: str | None = "chatml"):
+                    chat_template: str | None = "chatml") -> PreTrainedTokenizerFast:
     """A byte-level BPE (digits split one by one) trained on the rows, as a transformers fast tokenizer. By default
     the quickstart's: ChatML template, eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos; ``chat_template=None``
     leaves it without a template (a recipe's fallback then renders)."""
