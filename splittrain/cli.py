@@ -38,40 +38,150 @@ traceback instead. Anything else is a bug and keeps its traceback. Called with a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
+import functools
+import inspect
 import json
 import math
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from .errors import UserError
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test")
+LIGHTNING_COMMANDS = {"fit": "train split (LightningCLI: --config, --print_config, dotted overrides)",
+                      "validate": "validate a model or checkpoint", "test": "test a model or checkpoint"}
+"""The commands LightningCLI parses and runs (:func:`_lightning_cli`), with their help."""
 DEBUG_ENV = "SPLITTRAIN_DEBUG"
 """Set to 1 to see the traceback of a user's mistake (as ``--debug`` does)."""
 
 
-def split_command(model: str, cuts: Sequence[int], out: str | Path, dtype: str | None = None,
-                  family: str | None = None, revision: str | None = None,
-                  max_shard_size: str = "5GB", verbose: bool = True) -> dict[str, Path]:
-    """Cut ``model`` and write one folder per party under ``out``; each party's parts are loaded alone."""
-    from .loading import Checkpoint, load_parts, part_ranges, party_parts, save_segments
+# ================================================================================= options from dataclasses
+@dataclass
+class Options:
+    """Command-line options made from the fields of a dataclass, or from the parameters of a callable (help from
+    its ``Args:``), with their names, types, defaults and help: a flag for a ``bool``, a repeatable option for a
+    list (one option followed by its values where the field's metadata says ``nargs``)."""
 
-    checkpoint = Checkpoint(model, revision=revision)
-    ranges = part_ranges(checkpoint.text_config.num_hidden_layers, tuple(cuts))
-    written = {}
-    for party, names in party_parts(list(ranges)).items():
-        segments = load_parts(checkpoint, ranges, names, dtype=dtype, verbose=verbose, family=family)
-        written[party] = save_segments(list(segments), Path(out) / party, max_shard_size=max_shard_size)
-        if verbose:
-            print(f"{party}: {', '.join(names)} -> {written[party]}")
-        del segments
-    return written
+    source: Callable[..., Any]
+    only: tuple[str, ...] = ()
+    """The fields offered (default: every one)."""
+    skip: tuple[str, ...] = ()
+    """Fields left at their defaults."""
+    flags: dict[str, str] = field(default_factory=dict)
+    """An option's spelling where it is not its field's name (``stop`` for ``stop_strings``)."""
+    one_of: tuple[str, ...] = ()
+    """Options of which exactly one must be given."""
+    overrides: bool = False
+    """Every option defaults to None and :meth:`value` is a dict of those given (they override a config's)."""
+    help: dict[str, str] = field(default_factory=dict)
+    """Help of a field whose source does not document it."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Add the options to ``parser``."""
+        group = parser.add_mutually_exclusive_group(required=True) if self.one_of else None
+        docs = _field_docs(self.source)
+        for name, (kind, default, metadata) in self._fields().items():
+            help_ = self.help.get(name, docs.get(name))
+            kwargs = _argument(name, kind, None if self.overrides else default, help_, metadata)
+            target = group if group is not None and name in self.one_of else parser
+            target.add_argument(f"--{self.flags.get(name, name)}", **kwargs)
+
+    def value(self, ns: argparse.Namespace) -> Any:
+        """The source's instance from the options parsed into ``ns`` (a dict of keyword arguments for a callable,
+        or of the options given when they are ``overrides``)."""
+        given = {name: getattr(ns, name) for name in self._fields() if getattr(ns, name) is not None}
+        return self.source(**given) if dataclasses.is_dataclass(self.source) and not self.overrides else given
+
+    def _fields(self) -> dict[str, tuple[Any, Any, Mapping[str, Any]]]:
+        """The offered fields: type, default (``REQUIRED`` when it has none) and metadata, by name."""
+        fields = _parameters(self.source)
+        return {name: spec for name, spec in fields.items()
+                if (not self.only or name in self.only) and name not in self.skip}
+
+
+REQUIRED = inspect.Parameter.empty
+"""The default of a field that has none."""
+
+
+def _parameters(source: Callable[..., Any]) -> dict[str, tuple[Any, Any, Mapping[str, Any]]]:
+    """A dataclass's fields, or a callable's parameters: type, default and metadata, by name."""
+    import typing
+
+    if dataclasses.is_dataclass(source):
+        hints = typing.get_type_hints(source)
+        return {f.name: (hints[f.name], _field_default(f), f.metadata) for f in dataclasses.fields(source) if f.init}
+    hints = typing.get_type_hints(source.__init__ if isinstance(source, type) else source)
+    return {p.name: (hints.get(p.name, str), p.default, {}) for p in inspect.signature(source).parameters.values()}
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default (its factory's product), or ``REQUIRED``."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else REQUIRED
+
+
+def _field_docs(source: Callable[..., Any]) -> dict[str, str]:
+    """Help for a dataclass's fields (their attribute docstrings) or a callable's parameters (its ``Args:``), as
+    plain text: reST markup dropped, one line, a lower-case start and no final period, as argparse's own help."""
+    import docstring_parser
+
+    docs = {}
+    for param in docstring_parser.parse_from_object(source).params:
+        text = re.sub(r":\w+:`~?(?:[\w.]*\.)?([^`]+)`", r"\1", param.description or "").replace("``", "")
+        text = " ".join(text.split()).rstrip(".")
+        if text[:1].isupper() and text[1:2].islower():
+            text = text[0].lower() + text[1:]
+        docs[param.arg_name] = text.replace("%", "%%")
+    return docs
+
+
+def _argument(name: str, kind: Any, default: Any, help_: str | None, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """argparse's ``add_argument`` keywords for a field of type ``kind``."""
+    import types
+    import typing
+
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    kwargs: dict[str, Any] = {"dest": name, "help": help_}
+    if default is REQUIRED:
+        kwargs["required"] = True
+    if kind is bool:
+        return {**kwargs, "action": "store_true", "default": False if default is REQUIRED else default}
+    if typing.get_origin(kind) is list:
+        kind = typing.get_args(kind)[0]
+        if "nargs" in metadata:
+            kwargs["nargs"] = metadata["nargs"]
+        else:  # repeated; None for no value: argparse would append to a default list
+            kwargs.update(action="append", help=f"{help_} (repeatable)" if help_ else "repeatable")
+            default = None
+    if default is not REQUIRED:
+        kwargs["default"] = default
+    return {**kwargs, "type": kind}
+
+
+@dataclass
+class Command:
+    """A command besides LightningCLI's: its function, called with one value per :class:`Options` (and, when it
+    takes them, the config overrides), its help and its options."""
+
+    run: Callable[..., Any]
+    help: str
+    options: tuple[Options, ...]
+    epilog: str | None = None
+    overrides: tuple[str, ...] = ()
+    """Prefixes of the config overrides it takes besides its options (``--model.``)."""
+
+    def __call__(self, ns: argparse.Namespace, overrides: Sequence[str]) -> Any:
+        values = [options.value(ns) for options in self.options]
+        return self.run(*values, overrides) if self.overrides else self.run(*values)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,132 +192,214 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{command + ': ' if command else ''}{message} (see `python -m {self.prog} --help`)")
 
 
-def _tools_parser() -> argparse.ArgumentParser:
-    from .server import ServerLimits
-    from .transport.tcp import HANDSHAKE_TIMEOUT
-
+def _tools_parser(commands: Mapping[str, Command]) -> argparse.ArgumentParser:
+    """The command line of ``commands``; LightningCLI's commands are listed, and parsed by it."""
     parser = _Parser(prog="splittrain", description="Split-learning fine-tuning of decoder LLMs.",
                      epilog="python -m splittrain fit --help lists every training setting; --debug (anywhere, or "
                             f"{DEBUG_ENV}=1) shows the traceback of an error")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, what in (("fit", "train split (LightningCLI: --config, --print_config, dotted overrides)"),
-                       ("validate", "validate a model or checkpoint"), ("test", "test a model or checkpoint")):
-        commands.add_parser(name, help=what, add_help=False)  # handled by LightningCLI before parsing gets here
-    split = commands.add_parser("split", help="cut a checkpoint into one folder per party (client/, server/)")
-    split.add_argument("--model", required=True, help="hub id or local folder of a safetensors checkpoint")
-    split.add_argument("--cuts", required=True, type=int, nargs="+", help="cut layers, e.g. --cuts 6 12")
-    split.add_argument("--out", required=True, help="output folder; gets client/ and server/")
-    split.add_argument("--dtype", default=None, help="convert weights, e.g. bfloat16 (default: keep)")
-    split.add_argument("--family", default=None, help="family for an unregistered model type of the same shape")
-    split.add_argument("--revision", default=None, help="hub revision")
-    split.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard to write")
-    split.add_argument("--quiet", action="store_true", help="no progress bars or reports")
-    export = commands.add_parser("export", help="write one peft adapter (or merged checkpoint) for a run")
-    export.add_argument("--run", required=True, help="run folder of a fit (holds run.json and checkpoints/)")
-    export.add_argument("--out", required=True, help="output folder")
-    export.add_argument("--ckpt", default=None, help="client checkpoint (default: RUN/checkpoints/last.ckpt)")
-    serve = commands.add_parser(
-        "serve", help="run the trunk server of a config for tcp clients",
-        epilog="--model.* overrides are applied to the config as for fit (e.g. --model.cuts '[2, 4]'), and "
-               "--trainer.max_steps N (the steps a federation's trunk schedule spans; independent clients bring "
-               "their own)")
-    serve.add_argument("--config", required=True, action="append", help="the run's config (its model section)")
-    serve.add_argument("--address", default="127.0.0.1:7000", help="HOST:PORT to listen on (port 0: any free)")
-    serve.add_argument("--tokens", required=True, help="tokens.json: client name -> token (see `token`)")
-    serve.add_argument("--tls_cert", default=None, help="TLS certificate (PEM); required off a private network")
-    serve.add_argument("--tls_key", default=None, help="TLS private key (PEM)")
-    serve.add_argument("--resume", action="store_true", help="restore the newest trunk checkpoint of the run folder")
-    serve.add_argument("--save_every", type=int, default=1,
-                       help="save each client's trunk/<client>/latest.safetensors every N of its steps (a restarted "
-                            "server loses no step)")
-    serve.add_argument("--run_dir", default=None, help="checkpoints and server_status.json (default: the "
-                       "config's trainer.default_root_dir)")
-    limits = ServerLimits()
-    serve.add_argument("--session_timeout", type=float, default=limits.session_timeout,
-                       help="seconds a disconnected client's session waits for it to reconnect")
-    serve.add_argument("--max_connections", type=int, default=64, help="authenticated connections served at once")
-    serve.add_argument("--handshake_timeout", type=float, default=HANDSHAKE_TIMEOUT,
-                       help="seconds a connection has to authenticate (TLS included)")
-    serve.add_argument("--max_handshakes", type=int, default=64, help="connections authenticating at once (past "
-                       "it, a new connection takes the place of the oldest)")
-    serve.add_argument("--max_handshakes_per_address", type=int, default=8,
-                       help="connections authenticating at once from one address")
-    serve.add_argument("--max_graphs", type=int, default=limits.max_graphs,
-                       help="forward passes waiting for their backward pass, per client")
-    serve.add_argument("--max_graph_bytes", type=int, default=limits.max_graph_bytes,
-                       help="bytes those graphs may keep for backward, per client")
-    serve.add_argument("--max_graph_age", type=float, default=limits.max_graph_age,
-                       help="seconds a forward pass may wait for its backward pass")
-    serve.add_argument("--max_batch", type=int, default=limits.max_batch, help="rows per forward pass")
-    serve.add_argument("--max_seq", type=int, default=None,
-                       help="tokens per row (default: the model's max_position_embeddings)")
-    serve.add_argument("--max_frame_bytes", type=int, default=limits.max_frame_bytes,
-                       help="largest payload an authenticated client may send")
-    serve.add_argument("--max_generations", type=int, default=limits.max_generations,
-                       help="generations whose trunk KV cache is kept, per client (least recently used go first)")
-    serve.add_argument("--max_generation_bytes", type=int, default=limits.max_generation_bytes,
-                       help="bytes a client's trunk KV caches may hold")
-    serve.add_argument("--generation_timeout", type=float, default=limits.generation_timeout,
-                       help="seconds an idle generation's trunk KV cache is kept")
-    serve.add_argument("--max_unacknowledged", type=int, default=limits.max_unacknowledged,
-                       help="replies kept per client until it acknowledges them (a pipelining client's micro-batches "
-                            "in flight)")
-    serve.add_argument("--threads", type=int, default=None,
-                       help="torch threads for the trunk's compute (default: torch's, one per core); give the server "
-                            "its share of the cores when clients compute on the same machine")
-    generate = commands.add_parser(
-        "generate", help="answer prompts with a split model (after fit: --ckpt_path last)",
-        epilog="--model.* and --data.* overrides are applied to the config as for fit; decoding defaults come from "
-               "the config's model.generation")
-    generate.add_argument("--config", required=True, action="append", help="the run's config")
-    generate.add_argument("--ckpt_path", default=None,
-                          help="'last' (the run folder's checkpoints/last.ckpt) or a checkpoint file")
-    what = generate.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="one user message; the answer streams to the terminal")
-    what.add_argument("--prompts", help="a .jsonl file: one {\"prompt\": ...} or {\"messages\": [...]} per line")
-    generate.add_argument("--out", default=None, help="write answers as .jsonl here (default: print them)")
-    generate.add_argument("--batch_size", type=int, default=16, help="prompts generated together (left-padded)")
-    generate.add_argument("--max_new_tokens", type=int, default=None)
-    generate.add_argument("--min_new_tokens", type=int, default=None)
-    generate.add_argument("--do_sample", action="store_true", default=None, help="sample (default: greedy)")
-    generate.add_argument("--temperature", type=float, default=None)
-    generate.add_argument("--top_k", type=int, default=None)
-    generate.add_argument("--top_p", type=float, default=None)
-    generate.add_argument("--repetition_penalty", type=float, default=None)
-    generate.add_argument("--stop", action="append", default=None, dest="stop_strings",
-                          help="stop a row at this text (repeatable)")
-    generate.add_argument("--stop_token_id", type=int, action="append", default=None, dest="eos_token_id",
-                          help="stop a row at this token id (repeatable; default: the tokenizer's EOS)")
-    generate.add_argument("--seed", type=int, default=None, help="seed of sampling")
-    generate.add_argument("--force_load", action="store_true",
-                          help="restore --ckpt_path's trunk on a server even while other clients of its federation "
-                               "train it (it goes back for them too; refused without this flag)")
-    estimate = commands.add_parser(
-        "estimate", help="memory per party of a config (weights, adapters, gradients, optimizer, activations)",
-        epilog="needs no weights: parameter counts come from the model's config (a recipe's, a local config.json, "
-               "or the hub's config.json alone); --model.* and --data.* overrides apply as for fit")
-    estimate.add_argument("--config", required=True, action="append", help="a fit config")
-    estimate.add_argument("--device", default=None,
-                          help="cpu or cuda (default: cuda when the config's trainer.accelerator is gpu/cuda)")
-    estimate.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    audit = commands.add_parser(
-        "audit", help="play the honest-but-curious server against a run: token recovery, label inference",
-        epilog="the server's side learns only from public rows and the frames; --model.* and --data.* overrides "
-               "apply as for fit; the trunk must run in this process (model.transport local)")
-    audit.add_argument("--config", required=True, action="append", help="the run's config")
-    audit.add_argument("--ckpt_path", default=None, help="'last' or a checkpoint file")
-    audit.add_argument("--public", default=None, help="public rows for the attacks (default: the validation rows)")
-    audit.add_argument("--client_rows", type=int, default=200, help="client training rows attacked")
-    audit.add_argument("--public_rows", type=int, default=600, help="public rows the attacks learn from")
-    token = commands.add_parser("token", help="add a client with a fresh random token to a tokens file")
-    token.add_argument("--tokens", required=True, help="tokens.json to create or extend (mode 600)")
-    token.add_argument("--client", required=True, help="the client's name")
-    token.add_argument("--out", required=True, help="file to write the client's token to (mode 600)")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, what in LIGHTNING_COMMANDS.items():
+        subparsers.add_parser(name, help=what, add_help=False)  # handled by LightningCLI before parsing gets here
+    for name, command in commands.items():
+        subparser = subparsers.add_parser(name, help=command.help, epilog=command.epilog)
+        for options in command.options:
+            options.add_to(subparser)
     return parser
 
 
-def client_settings(configs: Sequence[str], overrides: Sequence[str] = (), with_data: bool = False):
+@functools.cache
+def _commands() -> dict[str, Command]:
+    """The commands besides LightningCLI's, by name: each one's function and the dataclasses of its options."""
+    from .generate import GenerationOptions
+    from .audit import AuditSettings, audit
+    from .server import ServerLimits
+    from .transport.tcp import TcpServer
+
+    config = ("--model.", "--data.")
+    applied = "--model.* and --data.* overrides apply as for fit"
+    return {
+        "split": Command(split_command, "cut a checkpoint into one folder per party (client/, server/)",
+                         (Options(SplitOptions),)),
+        "export": Command(export_command, "write one peft adapter (or merged checkpoint) for a run",
+                          (Options(ExportOptions),)),
+        "serve": Command(
+            serve_command, "run the trunk server of a config for tcp clients",
+            (Options(ServeOptions), Options(TcpServer, only=("max_connections", "handshake_timeout", "max_handshakes",
+                                                             "max_handshakes_per_address")), Options(ServerLimits)),
+            epilog="--model.* overrides are applied to the config as for fit (e.g. --model.cuts '[2, 4]'), and "
+                   "--trainer.max_steps N (the steps a federation's trunk schedule spans; independent clients bring "
+                   "their own)", overrides=("--model.", "--trainer.max_steps")),
+        "generate": Command(
+            generate_command, "answer prompts with a split model (after fit: --ckpt_path last)",
+            (Options(RunOptions), Options(GenerateOptions, one_of=("prompt", "prompts")),
+             Options(GenerationOptions, skip=("pad_token_id",), flags={"stop_strings": "stop",
+                                                                         "eos_token_id": "stop_token_id"},
+                     overrides=True)),
+            epilog="--model.* and --data.* overrides are applied to the config as for fit; decoding defaults come "
+                   "from the config's model.generation", overrides=config),
+        "estimate": Command(
+            estimate_command, "memory per party of a config (weights, adapters, gradients, optimizer, activations)",
+            (Options(EstimateOptions),), overrides=config,
+            epilog="needs no weights: parameter counts come from the model's config (a recipe's, a local config.json, "
+                   f"or the hub's config.json alone); {applied}"),
+        "audit": Command(
+            functools.partial(audit_command, audit),
+            "play the honest-but-curious server against a run: token recovery, label inference",
+            (Options(RunOptions), Options(AuditSettings, only=("public", "client_rows", "public_rows"),
+                                          help={"public_rows": "public rows the attacks learn from"})),
+            epilog=f"the server's side learns only from public rows and the frames; {applied}; the trunk must run "
+                   "in this process (model.transport local)", overrides=config),
+        "token": Command(token_command, "add a client with a fresh random token to a tokens file",
+                         (Options(TokenOptions),)),
+    }
+
+
+# ============================================================================================ the commands' options
+@dataclass(kw_only=True)
+class SplitOptions:
+    """``split``: the checkpoint, where to cut it, and how its parts are written."""
+
+    model: str
+    """hub id or local folder of a safetensors checkpoint"""
+    cuts: list[int] = field(metadata={"nargs": "+"})
+    """cut layers, e.g. --cuts 6 12"""
+    out: str
+    """output folder; gets client/ and server/"""
+    dtype: str | None = None
+    """convert weights, e.g. bfloat16 (default: keep)"""
+    family: str | None = None
+    """family for an unregistered model type of the same shape"""
+    revision: str | None = None
+    """hub revision"""
+    max_shard_size: str = "5GB"
+    """largest safetensors shard to write"""
+    quiet: bool = False
+    """no progress bars or reports"""
+
+
+@dataclass(kw_only=True)
+class ExportOptions:
+    """``export``: the run and where its adapter goes."""
+
+    run: str
+    """run folder of a fit (holds run.json and checkpoints/)"""
+    out: str
+    """output folder"""
+    ckpt: str | None = None
+    """client checkpoint (default: RUN/checkpoints/last.ckpt)"""
+
+
+@dataclass(kw_only=True)
+class TokenOptions:
+    """``token``: the tokens file, the client and where its token goes."""
+
+    tokens: str
+    """tokens.json to create or extend (mode 600)"""
+    client: str
+    """the client's name"""
+    out: str
+    """file to write the client's token to (mode 600)"""
+
+
+@dataclass(kw_only=True)
+class ServeOptions:
+    """``serve``: the trunk's config, the address, the credentials and the run folder (the limits per client are
+    :class:`~splittrain.server.ServerLimits`, the connections' :class:`~splittrain.transport.tcp.TcpServer`'s)."""
+
+    config: list[str]
+    """the run's config (its model section)"""
+    address: str = "127.0.0.1:7000"
+    """HOST:PORT to listen on (port 0: any free)"""
+    tokens: str
+    """tokens.json: client name -> token (see `token`)"""
+    tls_cert: str | None = None
+    """TLS certificate (PEM); required off a private network"""
+    tls_key: str | None = None
+    """TLS private key (PEM)"""
+    resume: bool = False
+    """restore the newest trunk checkpoint of the run folder"""
+    save_every: int = 1
+    """save each client's trunk/<client>/latest.safetensors every N of its steps (a restarted server loses no
+    step)"""
+    run_dir: str | None = None
+    """checkpoints and server_status.json (default: the config's trainer.default_root_dir)"""
+    threads: int | None = None
+    """torch threads for the trunk's compute (default: torch's, one per core); give the server its share of the
+    cores when clients compute on the same machine"""
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """``generate``, ``audit``: the run's config and the checkpoint to restore."""
+
+    config: list[str]
+    """the run's config"""
+    ckpt_path: str | None = None
+    """'last' (the run folder's checkpoints/last.ckpt) or a checkpoint file"""
+
+
+@dataclass(kw_only=True)
+class GenerateOptions:
+    """``generate``: the prompts and where the answers go (decoding: :class:`~splittrain.generate.GenerationOptions`,
+    over the config's ``model.generation``)."""
+
+    prompt: str | None = None
+    """one user message; the answer streams to the terminal"""
+    prompts: str | None = None
+    """a .jsonl file: one {"prompt": ...} or {"messages": [...]} per line"""
+    out: str | None = None
+    """write answers as .jsonl here (default: print them)"""
+    batch_size: int = 16
+    """prompts generated together (left-padded)"""
+    force_load: bool = False
+    """restore --ckpt_path's trunk on a server even while other clients of its federation train it (it goes back
+    for them too; refused without this flag)"""
+
+
+@dataclass(kw_only=True)
+class EstimateOptions:
+    """``estimate``: the config, the device and the output's form."""
+
+    config: list[str]
+    """a fit config"""
+    device: str | None = None
+    """cpu or cuda (default: cuda when the config's trainer.accelerator is gpu/cuda)"""
+    json: bool = False
+    """print JSON instead of a table"""
+
+
+# ============================================================================================ the commands
+def split_command(options: SplitOptions) -> dict[str, Path]:
+    """Cut ``options.model`` and write one folder per party under ``options.out``; each party's parts are loaded
+    alone."""
+    from .loading import Checkpoint, load_parts, part_ranges, party_parts, save_segments
+
+    checkpoint = Checkpoint(options.model, revision=options.revision)
+    ranges = part_ranges(checkpoint.text_config.num_hidden_layers, tuple(options.cuts))
+    written = {}
+    for party, names in party_parts(list(ranges)).items():
+        segments = load_parts(checkpoint, ranges, names, dtype=options.dtype, verbose=not options.quiet,
+                              family=options.family)
+        written[party] = save_segments(list(segments), Path(options.out) / party,
+                                       max_shard_size=options.max_shard_size)
+        if not options.quiet:
+            print(f"{party}: {', '.join(names)} -> {written[party]}")
+        del segments
+    return written
+
+
+def export_command(options: ExportOptions) -> Path:
+    """Write the peft adapter (or merged checkpoint) of the run ``options.run`` to ``options.out``."""
+    from .lora import export_run
+
+    out = export_run(options.run, options.out, options.ckpt)
+    print(f"exported {options.run} -> {out}")
+    return out
+
+
+def client_settings(configs: Sequence[str], overrides: Sequence[str] = (),
+                    with_data: bool = False) -> tuple[Any, dict[str, Any], Any]:
     """The ``model`` section of fit configs as a :class:`ClientModule` (nothing loaded), the ``trainer`` dict and
     the ``data`` section: a dict, or an :class:`~splittrain.data.InstructionDataModule` (rows not loaded) when
     ``with_data``."""
@@ -267,46 +459,27 @@ def _sections(config: str) -> str:
     return yaml.safe_dump({k: v for k, v in loaded.items() if k in ("model", "trainer", "data")})
 
 
-def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1:7000", tls_cert: str | None = None,
-                  tls_key: str | None = None, resume: bool = False, save_every: int = 1, run_dir: str | None = None,
-                  limits: Any = None, max_connections: int = 64, overrides: Sequence[str] = (),
-                  threads: int | None = None, handshakes: dict[str, Any] | None = None) -> None:
-    """Serve the trunk that ``configs`` describe on ``address`` until SIGTERM/SIGINT (then save and stop);
-    ``limits`` is a :class:`~splittrain.server.ServerLimits`; ``threads`` torch threads compute the trunk;
-    ``handshakes``: :class:`~splittrain.transport.tcp.TcpServer`'s handshake limits."""
+def serve_command(options: ServeOptions, connections: dict[str, Any], limits: Any,
+                  overrides: Sequence[str] = ()) -> None:
+    """Serve the trunk that ``options.config`` describes on ``options.address`` until SIGTERM/SIGINT (then save and
+    stop); ``connections``: :class:`~splittrain.transport.tcp.TcpServer`'s connection and handshake limits;
+    ``limits``: a :class:`~splittrain.server.ServerLimits`."""
     import logging
     import signal
-
-    import torch
-
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
 
     from .server import LATEST
     from .transport.tcp import TcpServer
 
+    _set_threads(options.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     # Everything the user gave is checked before the model loads (seconds to minutes): files, then the address.
-    known, tls = _serve_credentials(tokens, tls_cert, tls_key)
-    check_address(address)
-    module, trainer, _ = client_settings(configs, overrides)
-    run = Path(run_dir or trainer.get("default_root_dir") or "runs/server")
-    max_steps = trainer.get("max_steps") or -1
-    check_model(module)
-    server = module.build_server(max_steps if max_steps > 0 else None, run, limits, save_every=save_every)
-    if resume:
-        resumed = server.resume()
-        for owner, step in resumed.items():
-            print(f"splittrain: resumed the trunk adapter of {owner!r} at step {step} (when it connects)", flush=True)
-        if not resumed:
-            print(f"splittrain: no trunk checkpoint in {run / 'trunk'}; starting at step 0", flush=True)
+    known, tls = _serve_credentials(options.tokens, options.tls_cert, options.tls_key)
+    check_address(options.address)
+    server, run = _trunk_server(options, limits, overrides)
     try:
-        tcp = TcpServer(server, address, known, tls, max_connections=max_connections,
-                        status_file=run / "server_status.json", **(handshakes or {}))
+        tcp = TcpServer(server, options.address, known, tls, status_file=run / "server_status.json", **connections)
     except OSError as error:  # taken while the model loaded
-        raise UserError(f"--address {address}: {_bind_problem(error)}") from error
+        raise UserError(f"--address {options.address}: {_bind_problem(error)}") from error
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: tcp.stop())
     fed = server.federation
@@ -320,6 +493,32 @@ def serve_command(configs: Sequence[str], tokens: str, address: str = "127.0.0.1
     steps = ", ".join(f"{owner!r} at step {adapter.steps}" for owner, adapter in server.adapters.items())
     print(f"splittrain: trunk server stopped ({steps or 'no client trained'}); saved "
           f"{', '.join(map(str, paths)) or 'nothing'}", flush=True)
+
+
+def _set_threads(threads: int | None) -> None:
+    """``--threads``: torch's threads for the trunk's compute (None: torch's default)."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _trunk_server(options: ServeOptions, limits: Any, overrides: Sequence[str]) -> tuple[Any, Path]:
+    """The trunk server of ``options.config`` (model loaded, resumed with ``options.resume``) and its run folder."""
+    module, trainer, _ = client_settings(options.config, overrides)
+    run = Path(options.run_dir or trainer.get("default_root_dir") or "runs/server")
+    max_steps = trainer.get("max_steps") or -1
+    check_model(module)
+    server = module.build_server(max_steps if max_steps > 0 else None, run, limits, save_every=options.save_every)
+    if options.resume:
+        resumed = server.resume()
+        for owner, step in resumed.items():
+            print(f"splittrain: resumed the trunk adapter of {owner!r} at step {step} (when it connects)", flush=True)
+        if not resumed:
+            print(f"splittrain: no trunk checkpoint in {run / 'trunk'}; starting at step 0", flush=True)
+    return server, run
 
 
 def _serve_credentials(tokens: str, tls_cert: str | None, tls_key: str | None) -> tuple[dict[str, str], Any]:
@@ -387,31 +586,32 @@ def _bind_problem(error: OSError) -> str:
         error.errno, error.strerror or str(error))
 
 
-def generate_command(configs: Sequence[str], prompt: str | None = None, prompts: str | None = None,
-                     out: str | None = None, ckpt_path: str | None = None, batch_size: int = 16,
-                     overrides: Sequence[str] = (), force_load: bool = False, **options: Any) -> list[str]:
-    """Answer ``prompt`` (streamed to stdout) or every line of the ``prompts`` .jsonl file with the split model that
-    ``configs`` describe, from ``ckpt_path`` (``last``: the run folder's ``checkpoints/last.ckpt``); ``options``
-    override the config's ``model.generation``. Writes ``out`` (.jsonl) or prints the answers; returns them."""
+def generate_command(run: RunOptions, options: GenerateOptions, generation: dict[str, Any],
+                     overrides: Sequence[str] = ()) -> list[str]:
+    """Answer ``options.prompt`` (streamed to stdout) or every line of the ``options.prompts`` .jsonl file with the
+    split model of the run (restored from ``run.ckpt_path``: ``last`` is the run folder's
+    ``checkpoints/last.ckpt``); ``generation`` overrides the config's ``model.generation``. Writes ``options.out``
+    (.jsonl) or prints the answers; returns them."""
     from dataclasses import asdict
 
-    rows = _read_prompts(prompts) if prompt is None else None  # a bad prompts file fails before the model loads
-    module, data = _load_run(configs, overrides, ckpt_path, force_load)
-    options = {**asdict(module.generation), **{k: v for k, v in options.items() if v is not None}}
+    rows = _read_prompts(options.prompts) if options.prompt is None else None  # fails before the model loads
+    module, data = _load_run(run.config, overrides, run.ckpt_path, options.force_load)
+    decoding = {**asdict(module.generation), **generation}
     try:
-        if prompt is not None:
+        if options.prompt is not None:
             from transformers import TextStreamer
 
             streamer = TextStreamer(data.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            answer = module.generate(prompt, streamer=streamer, **options)
-            if out is not None:
-                _write_jsonl(out, [{"prompt": prompt, "answer": answer}])
+            answer = module.generate(options.prompt, streamer=streamer, **decoding)
+            if options.out is not None:
+                _write_jsonl(options.out, [{"prompt": options.prompt, "answer": answer}])
             return [answer]
-        answers = module.generate([r["messages"] for r in rows], batch_size=batch_size, progress=True, **options)
+        answers = module.generate([r["messages"] for r in rows], batch_size=options.batch_size, progress=True,
+                                  **decoding)
         records = [{**r["source"], "answer": a} for r, a in zip(rows, answers)]
-        if out is not None:
-            _write_jsonl(out, records)
-            print(f"{len(records)} answers -> {out}")
+        if options.out is not None:
+            _write_jsonl(options.out, records)
+            print(f"{len(records)} answers -> {options.out}")
         else:
             for record in records:
                 print(json.dumps(record, ensure_ascii=False))
@@ -420,13 +620,14 @@ def generate_command(configs: Sequence[str], prompt: str | None = None, prompts:
         module.close()
 
 
-def estimate_command(configs: Sequence[str], device: str | None = None, as_json: bool = False,
-                     overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Print the memory estimate per party of the ``fit`` config(s); returns it."""
+def estimate_command(options: EstimateOptions, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Print the memory estimate per party of the ``fit`` config(s) (a table, or JSON with ``options.json``);
+    returns it."""
     from .estimate import estimate_json, estimate_memory, format_estimate
 
-    module, trainer, data = client_settings(configs, overrides, with_data=False)
+    module, trainer, data = client_settings(options.config, overrides, with_data=False)
     data = {**{"batch_size": 8, "max_length": 512}, **data}
+    device = options.device
     if device is None:
         device = "cuda" if str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda") else "cpu"
     trunk = module.trunk_settings
@@ -436,7 +637,7 @@ def estimate_command(configs: Sequence[str], device: str | None = None, as_json:
                               quantization=module.quantization, trunk_quantization=trunk.quantization,
                               gradient_checkpointing=module.gradient_checkpointing,
                               trunk_gradient_checkpointing=trunk.gradient_checkpointing)
-    if as_json:
+    if options.json:
         print(estimate_json(parties))
     else:
         weights = module.dtype_name or "checkpoint"
@@ -526,18 +727,15 @@ def check_checkpoint(path: str | Path, run_dir: str | Path | None = None) -> Non
             check_state(trunk)
 
 
-def audit_command(configs: Sequence[str], ckpt_path: str | None = None, public: str | None = None,
-                  client_rows: int = 200, public_rows: int = 600, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Play the honest-but-curious server against the run of ``configs`` (see :func:`splittrain.privacy.audit`);
-    prints the report and writes audit.json / audit.md in the run folder."""
-    from .privacy import AuditSettings, audit
-
-    module, data = _load_run(configs, overrides, ckpt_path)
+def audit_command(attack: Callable[..., dict[str, Any]], run: RunOptions, settings: Any,
+                  overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Play the honest-but-curious server against the run (``attack``: :func:`splittrain.privacy.audit`, with
+    ``settings``, its ``AuditSettings``); prints the report and writes audit.json / audit.md in the run folder."""
+    module, data = _load_run(run.config, overrides, run.ckpt_path)
     try:
         module.configure_model()
         data.setup("fit")
-        report = audit(module, data, AuditSettings(public=public, client_rows=client_rows, public_rows=public_rows),
-                       module.run_dir)
+        report = attack(module, data, settings, module.run_dir)
     finally:
         module.close()
     for key, value in report.items():
@@ -576,16 +774,18 @@ def _read_prompts(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
+    """Write ``records`` one JSON object a line, making the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def token_command(tokens: str | Path, client: str, out: str | Path) -> Path:
-    """Add ``client`` with a fresh token to ``tokens`` and write the token alone to ``out`` (both mode 600)."""
+def token_command(options: TokenOptions) -> Path:
+    """Add ``options.client`` with a fresh token to ``options.tokens`` and write the token alone to
+    ``options.out`` (both mode 600)."""
     from .transport.tcp import make_token
 
-    tokens, out = Path(tokens), Path(out)
+    tokens, out, client = Path(options.tokens), Path(options.out), options.client
     known = {}
     if tokens.exists():
         try:
@@ -604,18 +804,32 @@ def token_command(tokens: str | Path, client: str, out: str | Path) -> Path:
     return out
 
 
-def _lightning_cli(args: Sequence[str] | dict[str, Any] | None, command_line: bool = False):
+def _lightning_cli(args: Sequence[str] | dict[str, Any] | None, command_line: bool = False) -> Any:
     """``fit``/``validate``/``test``. On the ``command_line`` a bad argument raises jsonargparse's ``ArgumentError``
     (printed as one line by :func:`main`) instead of printing the usage, and Lightning's info lines go to stdout, so
     that stderr holds only warnings and errors."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-
     from .data import InstructionDataModule
     from .modules import ClientModule, SafetensorsCheckpointIO
 
     if command_line:
         _lightning_info_to_stdout()
+    return _split_cli()(
+        ClientModule,
+        InstructionDataModule,
+        args=args,
+        save_config_callback=_save_config_once_started(),
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False} if command_line else None,
+        auto_configure_optimizers=False,  # each party builds its own AdamW from model.optim / model.trunk
+        trainer_defaults={"plugins": [{"class_path": f"{SafetensorsCheckpointIO.__module__}.SafetensorsCheckpointIO"}],
+                          "logger": False},
+    )
+
+
+@functools.cache
+def _save_config_once_started() -> type:
+    """Lightning's ``SaveConfigCallback``, writing the run's resolved ``config.yaml`` once the run has started."""
+    from lightning.pytorch.cli import SaveConfigCallback
 
     class SaveConfigOnceStarted(SaveConfigCallback):
         """Writes the run's resolved ``config.yaml`` once the run has started (data read, model built, checkpoint
@@ -641,8 +855,17 @@ def _lightning_cli(args: Sequence[str] | dict[str, Any] | None, command_line: bo
         def on_test_start(self, trainer: Any, pl_module: Any) -> None:
             self._save_now(trainer, pl_module)
 
+    return SaveConfigOnceStarted
+
+
+@functools.cache
+def _split_cli() -> type:
+    """The LightningCLI class of ``fit``/``validate``/``test`` (Lightning imported only when one runs)."""
+    from lightning.pytorch.cli import LightningCLI
+
     class SplitCLI(LightningCLI):
-        """LightningCLI for the client side; after ``fit`` it validates, writes summary.json, shows a sample."""
+        """LightningCLI for the client side: the inputs are checked before anything loads; after ``fit`` it
+        validates, writes summary.json, shows a sample."""
 
         def instantiate_classes(self) -> None:
             with _settings_errors():  # a bad value that only the class itself checks (e.g. model.pipeline -1)
@@ -666,49 +889,41 @@ def _lightning_cli(args: Sequence[str] | dict[str, Any] | None, command_line: bo
                                               Path(self.trainer.default_root_dir)), self.model.timeout)
                 return
             try:
-                self._check_ckpt_path(subcommand)
+                _check_ckpt_path(self._get(self.config_init, "ckpt_path"), subcommand, self.trainer, self.model)
                 super()._run_subcommand(subcommand)
             finally:
                 self.model.close()
-
-        def _check_ckpt_path(self, subcommand: str) -> None:
-            """A ``--ckpt_path`` file (``last``: the run folder's) that cannot be restored is refused before the
-            data and the model load; ``validate``/``test`` with ``last`` and no checkpoint too (they would run the
-            untrained model). ``fit`` with ``last`` and none starts afresh, as Lightning does."""
-            ckpt_path = self._get(self.config_init, "ckpt_path")
-            if ckpt_path in (None, "best", "hpc") or str(ckpt_path).startswith("registry"):
-                return
-            root = Path(self.trainer.default_root_dir)
-            local_trunk = root if self.model.transport == "local" and not self.trainer.loggers else None
-            if ckpt_path == "last":
-                folders = [Path(c.dirpath) if c.dirpath else root / "checkpoints"
-                           for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-                found = [f / "last.ckpt" for f in folders or [root / "checkpoints"] if (f / "last.ckpt").exists()]
-                if not found and subcommand != "fit":
-                    raise UserError(f"--ckpt_path last: no checkpoint {root / 'checkpoints' / 'last.ckpt'} (has `fit` "
-                                    "run with this config?)")
-                for path in found:
-                    check_checkpoint(path, local_trunk)
-                return
-            if not Path(ckpt_path).is_file():
-                raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-            check_checkpoint(ckpt_path, local_trunk)
 
         def _parse_ckpt_path(self) -> None:
             """LightningCLI would torch.load a checkpoint file to read hyper-parameters from it; ours are
             safetensors and hold none (the run's config is its --config), so there is nothing to read."""
 
-    return SplitCLI(
-        ClientModule,
-        InstructionDataModule,
-        args=args,
-        save_config_callback=SaveConfigOnceStarted,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False} if command_line else None,
-        auto_configure_optimizers=False,  # each party builds its own AdamW from model.optim / model.trunk
-        trainer_defaults={"plugins": [{"class_path": f"{SafetensorsCheckpointIO.__module__}.SafetensorsCheckpointIO"}],
-                          "logger": False},
-    )
+    return SplitCLI
+
+
+def _check_ckpt_path(ckpt_path: Any, subcommand: str, trainer: Any, model: Any) -> None:
+    """A ``--ckpt_path`` file (``last``: the run folder's) that cannot be restored is refused before the data and
+    the model load; ``validate``/``test`` with ``last`` and no checkpoint too (they would run the untrained model).
+    ``fit`` with ``last`` and none starts afresh, as Lightning does."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if ckpt_path in (None, "best", "hpc") or str(ckpt_path).startswith("registry"):
+        return
+    root = Path(trainer.default_root_dir)
+    local_trunk = root if model.transport == "local" and not trainer.loggers else None
+    if ckpt_path == "last":
+        folders = [Path(c.dirpath) if c.dirpath else root / "checkpoints"
+                   for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+        found = [f / "last.ckpt" for f in folders or [root / "checkpoints"] if (f / "last.ckpt").exists()]
+        if not found and subcommand != "fit":
+            raise UserError(f"--ckpt_path last: no checkpoint {root / 'checkpoints' / 'last.ckpt'} (has `fit` run "
+                            "with this config?)")
+        for path in found:
+            check_checkpoint(path, local_trunk)
+        return
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    check_checkpoint(ckpt_path, local_trunk)
 
 
 def _lightning_info_to_stdout() -> None:
@@ -742,7 +957,7 @@ def _lightning_info_to_stdout() -> None:
             logger.addHandler(info)
 
 
-def write_summary(trainer, model, datamodule) -> dict[str, Any]:
+def write_summary(trainer: Any, model: Any, datamodule: Any) -> dict[str, Any]:
     """Validate once more, then write and print ``summary.json`` in the run folder and a sample answer."""
     summary = model.fit_summary()
     validated = {}
@@ -875,52 +1090,26 @@ def argument_error_message(message: str) -> str:
 
 
 def _one_line(error: BaseException | str) -> str:
+    """An error's message on one line (its type's name when it has none)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines) if lines else type(error).__name__
 
 
 def _run(args: Sequence[str] | dict[str, Any], command_line: bool = False) -> Any:
-    words = args
-    command = next(iter(words)) if isinstance(words, dict) else (words[0] if words else None)
-    if command in LIGHTNING_COMMANDS or isinstance(words, dict):
+    """Run the command that ``args`` name: LightningCLI's (on the ``command_line`` it reads ``sys.argv``), or one of
+    :func:`_commands`."""
+    command = next(iter(args)) if isinstance(args, dict) else (args[0] if args else None)
+    if command in LIGHTNING_COMMANDS or isinstance(args, dict):
         return _lightning_cli(None if command_line else args, command_line)  # None: LightningCLI reads sys.argv
-    ns, overrides = _tools_parser().parse_known_args(list(words))
-    allowed = {"serve": ("--model.", "--trainer.max_steps"), "generate": ("--model.", "--data."),
-               "estimate": ("--model.", "--data."), "audit": ("--model.", "--data.")}.get(ns.command, ())
+    commands = _commands()
+    ns, overrides = _tools_parser(commands).parse_known_args(list(args))
+    _check_overrides(ns.command, overrides, commands[ns.command].overrides)
+    return commands[ns.command](ns, overrides)
+
+
+def _check_overrides(command: str, overrides: Sequence[str], allowed: tuple[str, ...]) -> None:
+    """Words of the command line that are not ``command``'s options must be config overrides that it takes."""
     if overrides and not (allowed and all(w.startswith(allowed) for w in overrides[::2])):
         takes = f"; it takes {' and '.join(a + '* overrides' for a in allowed)} besides its options" if allowed else ""
-        raise UserError(f"{ns.command}: unrecognized arguments: {' '.join(overrides)}{takes} (see `python -m "
-                        f"splittrain {ns.command} --help`)")
-    if ns.command == "split":
-        return split_command(ns.model, ns.cuts, ns.out, dtype=ns.dtype, family=ns.family, revision=ns.revision,
-                             max_shard_size=ns.max_shard_size, verbose=not ns.quiet)
-    if ns.command == "serve":
-        from .server import ServerLimits
-
-        limits = ServerLimits(max_graphs=ns.max_graphs, max_graph_bytes=ns.max_graph_bytes,
-                              max_graph_age=ns.max_graph_age, max_batch=ns.max_batch, max_seq=ns.max_seq,
-                              max_frame_bytes=ns.max_frame_bytes, session_timeout=ns.session_timeout,
-                              max_generations=ns.max_generations, max_generation_bytes=ns.max_generation_bytes,
-                              generation_timeout=ns.generation_timeout, max_unacknowledged=ns.max_unacknowledged)
-        return serve_command(ns.config, ns.tokens, ns.address, ns.tls_cert, ns.tls_key, ns.resume, ns.save_every,
-                             ns.run_dir, limits, ns.max_connections, overrides, ns.threads,
-                             {"handshake_timeout": ns.handshake_timeout, "max_handshakes": ns.max_handshakes,
-                              "max_handshakes_per_address": ns.max_handshakes_per_address})
-    if ns.command == "token":
-        return token_command(ns.tokens, ns.client, ns.out)
-    if ns.command == "audit":
-        return audit_command(ns.config, ns.ckpt_path, ns.public, ns.client_rows, ns.public_rows, overrides)
-    if ns.command == "estimate":
-        return estimate_command(ns.config, ns.device, ns.json, overrides)
-    if ns.command == "generate":
-        options = {k: getattr(ns, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature",
-                                                "top_k", "top_p", "repetition_penalty", "stop_strings",
-                                                "eos_token_id", "seed")}
-        return generate_command(ns.config, ns.prompt, ns.prompts, ns.out, ns.ckpt_path, ns.batch_size, overrides,
-                                ns.force_load, **options)
-    if ns.command == "export":
-        from .lora import export_run
-
-        out = export_run(ns.run, ns.out, ns.ckpt)
-        print(f"exported {ns.run} -> {out}")
-        return out
+        raise UserError(f"{command}: unrecognized arguments: {' '.join(overrides)}{takes} (see `python -m "
+                        f"splittrain {command} --help`)")
