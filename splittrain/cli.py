@@ -212,7 +212,7 @@ def _tools_parser(commands: Mapping[str, Command]) -> argparse.ArgumentParser:
 def _commands() -> dict[str, Command]:
     """The commands besides LightningCLI's, by name: each one's function and the dataclasses of its options."""
     from .generate import GenerationOptions
-    from .audit import AuditSettings, audit
+    from .privacy import AuditSettings, audit
     from .server import ServerLimits
     from .transport.tcp import TcpServer
 
@@ -729,8 +729,8 @@ def check_checkpoint(path: str | Path, run_dir: str | Path | None = None) -> Non
 
 def audit_command(attack: Callable[..., dict[str, Any]], run: RunOptions, settings: Any,
                   overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Play the honest-but-curious server against the run (``attack``: :func:`splittrain.privacy.audit`, with
-    ``settings``, its ``AuditSettings``); prints the report and writes audit.json / audit.md in the run folder."""
+    """Play the honest-but-curious server against the run (``attack``: the audit function, ``settings``: its
+    ``AuditSettings``); prints the report and writes audit.json / audit.md in the run folder."""
     module, data = _load_run(run.config, overrides, run.ckpt_path)
     try:
         module.configure_model()
