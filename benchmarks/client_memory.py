@@ -66,7 +66,7 @@ class StepTimes(Callback):
         self.began = self.waited = 0.0
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        transport = pl_module.link.transport
+        transport = pl_module.crossing.link.transport
         wait = transport._wait  # every reply of the tcp transport is awaited here
 
         def timed(request: Any) -> Any:

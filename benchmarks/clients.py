@@ -96,8 +96,7 @@ def role_serve(args) -> None:
 
 def role_client(args) -> None:
     """Client ``--index``: the timed loop, its result as JSON."""
-    from splittrain.cut import TrunkLink
-    from splittrain.transport.tcp import TcpTransport
+    from splittrain.cut import make_link
 
     pin(args.cores, len(args.cores))
     bottom, top = splittrain.split_model(args.folder, cuts=tuple(args.cuts), parts=("bottom", "top"))
@@ -105,7 +104,8 @@ def role_client(args) -> None:
     top.requires_grad_(False)
     batches = make_batches(args.warmup + args.steps, args.batch, args.length, SHAPE["vocab_size"])
     fingerprint = {**client_fingerprint(args.folder), "cuts": list(args.cuts)}
-    link = TrunkLink(TcpTransport(args.address, f"c{args.index}", os.environ["CLIENTS_TOKEN"], fingerprint))
+    link = make_link("tcp", address=args.address, client=f"c{args.index}", token=os.environ["CLIENTS_TOKEN"],
+                     fingerprint=fingerprint)
     try:
         link.join(args.index, 1)
         result = split_loop(link, bottom, top, batches, args.warmup)

@@ -58,18 +58,19 @@ def prompts(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def tcp_link(trunk):
-    from splittrain.cut import TrunkLink
+def tcp_server(trunk):
+    """A tcp trunk server of ``trunk`` in a thread: the options of ``make_link("tcp", ...)`` that reach it, the
+    server and its thread."""
     from splittrain.server import TrunkServer
     from splittrain.transport import fingerprint
-    from splittrain.transport.tcp import TcpServer, TcpTransport
+    from splittrain.transport.tcp import TcpServer
 
     token = secrets.token_hex(32)
     tcp = TcpServer(TrunkServer(trunk, total_steps=1), "127.0.0.1:0", {"bench": token})
     thread = threading.Thread(target=tcp.serve_forever, daemon=True)
     thread.start()
     fp = fingerprint(trunk.config, trunk.family.name, (trunk.start, trunk.stop), trunk.dtype)
-    return TrunkLink(TcpTransport(tcp.address, "bench", token, fp)), tcp, thread
+    return {"address": tcp.address, "client": "bench", "token": token, "fingerprint": fp}, tcp, thread
 
 
 def main() -> None:
@@ -88,18 +89,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from splittrain import split_model
-    from splittrain.cut import TrunkLink
+    from splittrain.cut import make_link
     from splittrain.generate import generate
     from splittrain.server import TrunkServer
-    from splittrain.transport.local import LocalTransport
 
     with tempfile.TemporaryDirectory() as folder:
         model = build(Path(folder))
         parts = split_model(folder, cuts=CUTS)
     bottom, trunk, top = parts["bottom"], parts["trunk"], parts["top"]
     ids, mask = prompts(args.batch, args.length)
-    link, tcp, thread = tcp_link(trunk)
-    server_link = TrunkLink(LocalTransport(TrunkServer(trunk, total_steps=1), "bench"))
+    remote, tcp, thread = tcp_server(trunk)
+    link = make_link("tcp", **remote)
+    server_link = make_link("local", server=TrunkServer(trunk, total_steps=1), client="bench")
     runs = {
         "transformers": lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new,
                                                do_sample=False, eos_token_id=None, pad_token_id=0),

@@ -5,7 +5,7 @@ and the number of bottom layers, on the quickstart.
     python benchmarks/privacy_tradeoff.py --quick         # 1 depth, 2 settings
 
 Every run is ``python -m splittrain fit --config configs/quickstart.yaml`` in this process (``client: lora``, cuts
-``[k, 4]`` for k bottom layers, ``--steps`` steps, no evaluation by generation), then ``splittrain.privacy.audit``
+``[k, 4]`` for k bottom layers, ``--steps`` steps, no evaluation by generation), then ``splittrain.audit.audit``
 on it (the server learns from the validation rows, attacks ``--client-rows`` of the client's training rows).
 Defenses: none, then ``activation_clip`` ``--clip`` with ``activation_noise`` sigma (the gradients at cut 2 are
 not defended here, so label inference shows what they leak regardless). The table and the PNG
@@ -32,7 +32,7 @@ CONFIG = ROOT / "configs" / "quickstart.yaml"
 
 def run(work: Path, layers: int, sigma: float | None, args) -> dict:
     from splittrain.cli import main
-    from splittrain.privacy import AuditSettings, audit
+    from splittrain.audit import AuditSettings, audit
 
     name = f"k{layers}-" + ("open" if sigma is None else f"sigma{sigma:g}")
     config = yaml.safe_load(CONFIG.read_text())

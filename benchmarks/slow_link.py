@@ -40,7 +40,7 @@ from machine import write_result  # this folder is on sys.path when a script her
 import splittrain  # noqa: F401  (before torch: it sets the OpenMP runtime's idle spin, as the CLI does)
 import torch
 
-from split_overhead import SHAPE, Split, client_parts, interleave, local_link, make_model, run_parser, tcp_link
+from split_overhead import SHAPE, Split, client_parts, interleave, make_model, run_parser, tcp_server, trunk_server
 from train_speed import make_batches
 
 HERE = Path(__file__).resolve().parent
@@ -110,15 +110,18 @@ class Namespace:
 def role_inside(args) -> None:
     """In the namespace: the in-process reference and every tcp run of this rate, interleaved (the servers child
     processes here); their results as JSON."""
+    from splittrain.cut import make_link
+
     batches = make_batches(args.warmup + args.steps, args.batch, args.length, SHAPE["vocab_size"])
     with ExitStack() as stack:
         bottom, top = client_parts(args.folder)
-        near = local_link(args.folder, "float32")
+        near = make_link("local", server=trunk_server(args.folder))
         stack.callback(near.close)
         runs = [Split("in process", near, bottom, top)]
         for wire in WIRES:
             for pipeline in (1, args.pipeline):
-                link = tcp_link(stack, args.folder, wire, args.threads)
+                link = make_link("tcp", wire_dtype=wire, **tcp_server(stack, args.folder, args.threads))
+                stack.callback(link.close)
                 runs.append(Split(f"{wire} {pipeline}", link, bottom, top, pipeline))
         result = interleave(runs, batches, args.warmup)
     Path(args.result).write_text(json.dumps(result))

@@ -131,22 +131,22 @@ class Split:
     micro-batches in flight."""
 
     def __init__(self, name: str, link, bottom, top, pipeline: int = 1) -> None:
-        self.name, self.link, self.bottom, self.top, self.pipeline = name, link, bottom, top, pipeline
+        from splittrain.crossing import Crossing
+
+        self.name, self.link, self.pipeline = name, link, pipeline
+        self.crossing = Crossing(bottom, top, link)
 
     @property
     def wire_bytes(self) -> int:
         return self.link.wire_bytes
 
     def step(self, index: int, batch: dict) -> float:
-        from splittrain.cut import cross, pipelined_loss
-
         if self.pipeline > 1:
-            loss, pipe = pipelined_loss(self.link, self.bottom, self.top, batch, self.pipeline, ("bench", index, 0), index)
+            loss, pipe = self.crossing.pipelined_loss(batch, self.pipeline, ("bench", index, 0), index)
             loss.backward()
             pipe.finish()
         else:
-            state = self.bottom(batch["input_ids"], attention_mask=batch["attention_mask"])
-            loss = self.top(cross(self.link, state, ("bench", index, 0), index), labels=batch["labels"]).loss
+            loss = self.crossing.forward(batch, ("bench", index, 0), index).loss
             loss.backward()
         self.link.step(index + 1)
         return loss.item()
@@ -178,16 +178,11 @@ def split_loop(link, bottom, top, batches, warmup: int, pipeline: int = 1) -> di
     return interleave([Split("split", link, bottom, top, pipeline)], batches, warmup)["split"]
 
 
-def local_link(folder: str, wire: str):
-    from splittrain.cut import TrunkLink
-    from splittrain.transport.local import LocalTransport
-
-    return TrunkLink(LocalTransport(trunk_server(folder)), wire_dtype=wire)
-
-
 def local(folder: str, batches, warmup: int, wire: str) -> dict:
+    from splittrain.cut import make_link
+
     bottom, top = client_parts(folder)
-    link = local_link(folder, wire)
+    link = make_link("local", wire_dtype=wire, server=trunk_server(folder))
     try:
         return split_loop(link, bottom, top, batches, warmup)
     finally:
@@ -208,10 +203,10 @@ def start_server(folder: str, threads: int, *extra: str, token: str, prefix: tup
     return proc, line.split(" ", 1)[1]
 
 
-def tcp_link(stack: ExitStack, folder: str, wire: str, threads: int):
-    """A link to a fresh tcp trunk server process; ``stack`` closes the link and kills the server."""
-    from splittrain.cut import TrunkLink
-    from splittrain.transport.tcp import TcpTransport, make_token
+def tcp_server(stack: ExitStack, folder: str, threads: int) -> dict:
+    """A fresh tcp trunk server process, killed when ``stack`` closes: the options of ``make_link("tcp", ...)`` that
+    reach it as client ``bench``."""
+    from splittrain.transport.tcp import make_token
 
     token = make_token()
     proc, address = start_server(folder, threads, token=token)
@@ -221,29 +216,34 @@ def tcp_link(stack: ExitStack, folder: str, wire: str, threads: int):
         proc.wait()
 
     stack.callback(end)
-    link = TrunkLink(TcpTransport(address, "bench", token, client_fingerprint(folder)), wire_dtype=wire)
-    stack.callback(link.close)
-    return link
+    return {"address": address, "client": "bench", "token": token, "fingerprint": client_fingerprint(folder)}
 
 
 def tcp(folder: str, batches, warmup: int, wire: str, threads: int, pipeline: int = 1) -> dict:
+    from splittrain.cut import make_link
+
     with ExitStack() as stack:
-        link = tcp_link(stack, folder, wire, threads)
+        link = make_link("tcp", wire_dtype=wire, **tcp_server(stack, folder, threads))
+        stack.callback(link.close)
         bottom, top = client_parts(folder)
         return split_loop(link, bottom, top, batches, warmup, pipeline)
 
 
 def one_process(folder: str, batches, args) -> dict[str, dict]:
     """The floor, in process and tcp (each wire), interleaved in this process; the tcp servers are subprocesses."""
+    from splittrain.cut import make_link
+
     with ExitStack() as stack:
         bottom, top = client_parts(folder)  # frozen and stateless: the split runs share them
         runs = [Unsplit(folder)]
         for wire in WIRES:
-            link = local_link(folder, wire)
+            link = make_link("local", wire_dtype=wire, server=trunk_server(folder))
             stack.callback(link.close)
             runs.append(Split(f"local/{wire}", link, bottom, top))
         for wire in WIRES:
-            runs.append(Split(f"tcp/{wire}", tcp_link(stack, folder, wire, args.threads), bottom, top))
+            link = make_link("tcp", wire_dtype=wire, **tcp_server(stack, folder, args.threads))
+            stack.callback(link.close)
+            runs.append(Split(f"tcp/{wire}", link, bottom, top))
         return interleave(runs, batches, args.warmup)
 
 
@@ -275,8 +275,8 @@ def role_dist(args) -> None:
     interleaved, and writes their results."""
     import torch.distributed as tdist
 
-    from splittrain.cut import TrunkLink
-    from splittrain.transport.dist import DistTransport, ensure_process_group, serve
+    from splittrain.cut import make_link
+    from splittrain.transport.dist import ensure_process_group, serve
 
     rank, _ = ensure_process_group(600.0)
     if rank == 0:
@@ -284,8 +284,8 @@ def role_dist(args) -> None:
     else:
         batches = make_batches(args.warmup + args.steps, args.batch, args.length, SHAPE["vocab_size"])
         bottom, top = client_parts(args.folder)
-        remote = TrunkLink(DistTransport(client_fingerprint(args.folder)), wire_dtype=args.wire)
-        near = local_link(args.folder, "float32")
+        remote = make_link("dist", wire_dtype=args.wire, fingerprint=client_fingerprint(args.folder))
+        near = make_link("local", server=trunk_server(args.folder))
         try:
             runs = [Unsplit(args.folder), Split("local/float32", near, bottom, top),
                     Split(f"dist/{args.wire}", remote, bottom, top)]

@@ -59,21 +59,21 @@ def monolithic(folder: str, cuts: tuple[int, int], batches, settings) -> list[fl
 
 def split(folder: str, cuts: tuple[int, int], batches, settings) -> tuple[list[float], int]:
     import splittrain
-    from splittrain.cut import TrunkLink, cross
+    from splittrain.crossing import Crossing
+    from splittrain.cut import make_link
     from splittrain.server import TrunkServer, load_trunk
     from splittrain.optim import OptimSettings
-    from splittrain.transport.local import LocalTransport
 
     bottom, top = splittrain.split_model(folder, cuts=cuts, parts=("bottom", "top"))
     bottom.requires_grad_(False)
     top.requires_grad_(False)
     server = TrunkServer(load_trunk(folder, cuts, settings), OptimSettings(lr=1e-3))
-    link = TrunkLink(LocalTransport(server))
+    link = make_link("local", server=server)
+    crossing = Crossing(bottom, top, link)
     times = []
     for step, batch in enumerate(batches):
         began = time.perf_counter()
-        state = bottom(batch["input_ids"], attention_mask=batch["attention_mask"])
-        top(cross(link, state, ("bench", step, 0), step), labels=batch["labels"]).loss.backward()
+        crossing.forward(batch, ("bench", step, 0), step).loss.backward()
         link.step(step + 1)
         times.append(time.perf_counter() - began)
     return times, link.wire_bytes

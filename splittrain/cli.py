@@ -212,7 +212,7 @@ def _tools_parser(commands: Mapping[str, Command]) -> argparse.ArgumentParser:
 def _commands() -> dict[str, Command]:
     """The commands besides LightningCLI's, by name: each one's function and the dataclasses of its options."""
     from .generate import GenerationOptions
-    from .privacy import AuditSettings, audit
+    from .audit import AuditSettings, audit
     from .server import ServerLimits
     from .transport.tcp import TcpServer
 

@@ -12,16 +12,19 @@ and rotary tables); backward sends dL/dh and returns the server's dL/dh_in, so a
 bottom as if the trunk were local. Hidden states and gradients cross in the link's wire dtype (float32 is
 exact; bfloat16/float16 halve the bytes) and each side casts back to its compute dtype; the mask crosses as
 bytes and the positions as int32, whatever the transport, so every transport computes the same numbers.
+
+:func:`make_link` builds a client's link from the transport's name; :class:`~splittrain.crossing.Crossing`
+composes bottom, defenses, this cut and top into the client's passes (single, pipelined, generation).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any, Callable, Hashable
 
 import torch
 
 from .segments import Activations
-from .transport import Pending, Transport
+from .transport import TRANSPORTS, Pending, Transport
 from .transport.wire import DTYPES, FLOAT_DTYPES
 
 
@@ -128,6 +131,37 @@ class TrunkLink:
         self.transport.close()
 
 
+def make_link(transport: str, *, wire_dtype: str = "float32", client: str = "client0", server: Any = None,
+              address: str | None = None, token: str | None = None, fingerprint: dict[str, Any] | None = None,
+              tls_ca: str | None = None, timeout: float = 600.0, reconnect_timeout: float = 300.0,
+              schedule: dict[str, Any] | None = None) -> TrunkLink:
+    """A :class:`TrunkLink` over the transport named ``transport`` (one of
+    :data:`~splittrain.transport.TRANSPORTS`), the one place a client's link is built.
+
+    ``local`` hands messages to ``server``, a :class:`~splittrain.server.TrunkServer` in this process, as
+    ``client``; ``tcp`` connects to the ``serve`` process at ``address`` as ``client`` with ``token`` (TLS verified
+    with ``tls_ca``; reconnecting for ``reconnect_timeout`` seconds); ``dist`` talks to rank 0 of this torchrun job.
+    ``tcp`` and ``dist`` present ``fingerprint`` and ``schedule`` (the trunk schedule this client trains with; None
+    when it does not train) and wait ``timeout`` seconds for the server.
+    """
+    if transport == "local":
+        from .transport.local import LocalTransport
+
+        if server is None:
+            raise ValueError("transport 'local' needs the TrunkServer of this process")
+        return TrunkLink(LocalTransport(server, client), wire_dtype)
+    if transport == "tcp":
+        from .transport.tcp import TcpTransport
+
+        return TrunkLink(TcpTransport(address, client, token, fingerprint, tls_ca=tls_ca, timeout=timeout,
+                                      reconnect_timeout=reconnect_timeout, schedule=schedule), wire_dtype)
+    if transport == "dist":
+        from .transport.dist import DistTransport
+
+        return TrunkLink(DistTransport(fingerprint, timeout=timeout, schedule=schedule), wire_dtype)
+    raise ValueError(f"unknown transport {transport!r}; available: {', '.join(TRANSPORTS)}")
+
+
 class Cut(torch.autograd.Function):
     """Identity-shaped op whose forward runs the trunk remotely and whose backward returns its input grad.
 
@@ -169,7 +203,6 @@ def cross(link: TrunkLink, state: Activations, key: Hashable, step: int | None =
     out = Cut.apply(hidden, anchor, link, key, state.attention_mask, state.position_ids, training, step,
                     defend_gradient)
     return Activations(out, state.attention_mask, state.position_ids)
-
 
 
 class Pipeline:
@@ -240,70 +273,8 @@ class _Returning(torch.autograd.Function):
         return None, None, None
 
 
-def pipelined_outputs(link: TrunkLink, bottom: Callable[..., Activations], top: Callable[..., Any],
-                      batch: dict[str, torch.Tensor], count: int, key: tuple,
-                      defend_activations: Callable[[torch.Tensor], torch.Tensor] | None = None
-                      ) -> list[tuple[Any, dict[str, torch.Tensor]]]:
-    """Evaluation without gradients: ``batch`` crosses the cut as ``count`` micro-batches in flight at once (the
-    server keeps nothing). Each micro-batch's top output with the micro-batch; its loss is weighted as in
-    :func:`pipelined_loss`, so the losses sum to the batch's."""
-    chunks = micro_batches(batch, count)
-    trained = _trained_tokens(batch["labels"])
-    sent = [(state, link.send_forward(state, (*key, i), False, False))
-            for i, state in enumerate(_bottom_states(bottom, chunks, defend_activations))]
-    outputs = []
-    for (state, pending), chunk in zip(sent, chunks):
-        hidden = pending.result()[1]["hidden_states"].to(device=state.hidden_states.device,
-                                                          dtype=state.hidden_states.dtype)
-        out = top(Activations(hidden, state.attention_mask, state.position_ids), labels=chunk["labels"],
-                  num_items_in_batch=trained)
-        outputs.append((out, chunk))
-    return outputs
-
-
-def _trained_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """What transformers' causal-LM loss averages over (labels shifted by one)."""
-    return (labels[..., 1:] != -100).sum()
-
-
-def _bottom_states(bottom: Callable[..., Activations], chunks: list[dict[str, torch.Tensor]],
-                   defend_activations: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[Activations]:
-    """The bottom's output of each micro-batch in turn (defended), each computed as the previous one leaves."""
-    for chunk in chunks:
-        state = bottom(chunk["input_ids"], attention_mask=chunk.get("attention_mask"),
-                       position_ids=chunk.get("position_ids"))
-        if defend_activations is not None:
-            state = Activations(defend_activations(state.hidden_states), state.attention_mask, state.position_ids)
-        yield state
-
-
 def micro_batches(batch: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
     """``batch`` split along its rows into ``count`` micro-batches (fewer when it has fewer rows)."""
     rows = next(iter(batch.values())).shape[0]
     parts = {name: torch.tensor_split(t, min(count, rows)) for name, t in batch.items()}
     return [{name: chunks[i] for name, chunks in parts.items()} for i in range(min(count, rows))]
-
-
-def pipelined_loss(link: TrunkLink, bottom: Callable[..., Activations], top: Callable[..., Any],
-                   batch: dict[str, torch.Tensor], count: int, key: tuple, step: int,
-                   defend_activations: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   defend_gradient: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   each: Callable[[Any, dict[str, torch.Tensor]], None] | None = None) -> tuple[torch.Tensor, Pipeline]:
-    """The whole batch's training loss, computed as ``count`` pipelined micro-batches (see :class:`Pipeline`).
-
-    Each micro-batch's loss is its tokens' summed loss over the batch's number of trained tokens, so the sum is
-    the batch's mean loss and its gradients are the batch's. ``each(output, micro_batch)`` sees every
-    micro-batch's top output (metrics). Backward the loss, then call ``finish()`` on the pipeline.
-    """
-    chunks = micro_batches(batch, count)
-    trained = _trained_tokens(batch["labels"])
-    pipe = Pipeline(link, key, step, defend_gradient)
-    for state in _bottom_states(bottom, chunks, defend_activations):
-        pipe.send(state)
-    loss = None
-    for i, chunk in enumerate(chunks):
-        out = top(pipe.receive(i), labels=chunk["labels"], num_items_in_batch=trained)
-        if each is not None:
-            each(out, chunk)
-        loss = out.loss if loss is None else loss + out.loss
-    return loss, pipe

@@ -618,6 +618,12 @@ class InstructionDataModule(L.LightningDataModule):
         sampler = EpochBatchSampler(len(dataset), hp.batch_size, shuffle, seed, fixed)
         return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=hp.num_workers)
 
+    def ordered_loader(self, rows: str | Any, limit: int, seed: int) -> DataLoader:
+        """Batches, in order, of the first ``limit`` examples of ``rows``: tokenized examples (``train_dataset``,
+        ``val_dataset``) or a source of rows as ``train`` takes one (read, checked and tokenized here)."""
+        examples = self._tokenize(self._load(rows)) if isinstance(rows, str) else rows
+        return self._loader(examples.select(range(min(limit, len(examples)))), shuffle=False, seed=seed)
+
     def train_dataloader(self) -> DataLoader | dict[int, DataLoader]:
         """The training loader; after :meth:`shard` with several clients, ``{client: loader}`` for the held clients
         (Lightning combines them in "max_size_cycle" mode: a step gets ``{client: batch}``, shorter shards cycle)."""

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from recipes import pad_token_id, stop_token_ids
 
+from .crossing import Crossing
 from .segments import Segment
+
+if TYPE_CHECKING:
+    from .privacy import Defense
 
 
 @dataclass
@@ -170,38 +175,37 @@ def _stop_ids(options: GenerationOptions, tokenizer: Any) -> list[int]:
 @torch.no_grad()
 def generate(bottom: Segment, trunk: Any, top: Segment, input_ids: torch.Tensor,
              attention_mask: torch.Tensor | None = None, *, options: GenerationOptions | None = None,
-             tokenizer: Any = None, streamer: Any = None, defend: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             tokenizer: Any = None, streamer: Any = None, defense: Defense | None = None,
              **overrides: Any) -> torch.Tensor:
     """Generate through bare segments: ``trunk`` is a :class:`Segment` (run here) or a
     :class:`~splittrain.cut.TrunkLink` (run on its server). Returns prompt + new ids, (B, T + new), finished rows
     padded, as ``model.generate`` does. ``input_ids`` (B, T) are left-padded when rows differ in length
     (``attention_mask`` 0 on the padding). ``streamer`` (e.g. transformers' ``TextStreamer``) receives the prompt,
-    then each new token (batch of one). ``defend`` transforms the bottom's hidden states before they reach the
+    then each new token (batch of one). ``defense`` transforms the bottom's hidden states before they reach the
     trunk (the cut-1 defense of :mod:`splittrain.privacy`)."""
-    options = GenerationOptions.of(options, **overrides)
-    device = bottom.device
-    input_ids = input_ids.to(device)
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, length >= 1), got {list(input_ids.shape)}")
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
-    if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {list(mask.shape)} does not match input_ids {list(input_ids.shape)}")
-    if bool((mask[:, -1] == 0).any()):
-        raise ValueError("pad prompts on the left for generation (attention_mask is 0 at a row's last position)")
+    return decode(Crossing(bottom, top, trunk, defense), input_ids, attention_mask,
+                  GenerationOptions.of(options, **overrides), tokenizer, streamer)
+
+
+@torch.no_grad()
+def decode(crossing: Crossing, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+           options: GenerationOptions, tokenizer: Any = None, streamer: Any = None) -> torch.Tensor:
+    """:func:`generate` through ``crossing``: each party keeps a KV cache for its own segments, and every position
+    leaves the bottom through :meth:`~splittrain.crossing.Crossing.leave`."""
+    from transformers import DynamicCache
+
+    device = crossing.bottom.device
+    input_ids, mask = _prompt(input_ids, attention_mask, device)
     stop_ids = _stop_ids(options, tokenizer)
-    pad = options.pad_token_id if options.pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else (stop_ids[0] if stop_ids else 0)
+    pad = _pad_id(options, tokenizer, stop_ids)
     batch, prompt_length = input_ids.shape
     processors = _processors(options, mask, stop_ids)
     stopping = _stopping(options, prompt_length, stop_ids, tokenizer)
     generator = None
     if options.do_sample and options.seed is not None:
         generator = torch.Generator(device=device).manual_seed(options.seed)
-
-    from transformers import DynamicCache
-
-    bottom_cache, top_cache = DynamicCache(config=bottom.config), DynamicCache(config=top.config)
-    runner = trunk_runner(trunk)
+    bottom_cache, top_cache = DynamicCache(config=crossing.bottom.config), DynamicCache(config=crossing.top.config)
+    runner = trunk_runner(crossing.link)
     sequences = input_ids
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     step_ids, new_mask = input_ids, mask
@@ -210,17 +214,12 @@ def generate(bottom: Segment, trunk: Any, top: Segment, input_ids: torch.Tensor,
         streamer.put(input_ids.cpu())
     try:
         while True:
-            state = bottom(step_ids, attention_mask=mask, position_ids=positions, cache=bottom_cache)
-            sent = state.hidden_states if defend is None else defend(state.hidden_states)
-            hidden = runner(sent, new_mask, positions)
-            logits = top(hidden, attention_mask=mask, position_ids=positions, cache=top_cache,
-                         logits_to_keep=1).logits[:, -1, :].float()
+            state = crossing.leave(step_ids, mask, positions, cache=bottom_cache)
+            hidden = runner(state.hidden_states, new_mask, positions)
+            logits = crossing.top(hidden, attention_mask=mask, position_ids=positions, cache=top_cache,
+                                  logits_to_keep=1).logits[:, -1, :].float()
             scores = processors(sequences, logits)
-            if options.do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-            else:
-                token = scores.argmax(dim=-1)
+            token = _choose(scores, options.do_sample, generator)
             token = torch.where(unfinished, token, torch.full_like(token, pad))
             sequences = torch.cat([sequences, token[:, None]], dim=1)
             if streamer is not None:
@@ -236,6 +235,34 @@ def generate(bottom: Segment, trunk: Any, top: Segment, input_ids: torch.Tensor,
         if streamer is not None:
             streamer.end()
     return sequences
+
+
+def _prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's ids and attention mask on ``device``, checked: (batch, length >= 1), padded on the left."""
+    input_ids = input_ids.to(device)
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, length >= 1), got {list(input_ids.shape)}")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {list(mask.shape)} does not match input_ids {list(input_ids.shape)}")
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError("pad prompts on the left for generation (attention_mask is 0 at a row's last position)")
+    return input_ids, mask
+
+
+def _pad_id(options: GenerationOptions, tokenizer: Any, stop_ids: list[int]) -> int:
+    """What fills finished rows: the option, else the tokenizer's pad token, else the first stop token, else 0."""
+    pad = options.pad_token_id if options.pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else (stop_ids[0] if stop_ids else 0)
+
+
+def _choose(scores: torch.Tensor, sample: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row: drawn from the processed distribution when ``sample``, else the best."""
+    if sample:
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return scores.argmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -272,13 +299,11 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def answers(bottom: Segment, trunk: Any, top: Segment, tokenizer: Any,
-            prompts: Sequence[str | Sequence[dict[str, str]]], *, batch_size: int = 16,
-            options: GenerationOptions | None = None, streamer: Any = None, progress: bool = False,
-            chat_template: str | None = None, defend: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            **overrides: Any) -> list[str]:
-    """Answer each prompt (a user message or a conversation) through the chat template; decoded new text,
-    special tokens skipped. Prompts run in batches of ``batch_size``, left-padded."""
+def answers(crossing: Crossing, tokenizer: Any, prompts: Sequence[str | Sequence[dict[str, str]]], *,
+            batch_size: int = 16, options: GenerationOptions | None = None, streamer: Any = None,
+            progress: bool = False, chat_template: str | None = None, **overrides: Any) -> list[str]:
+    """Answer each prompt (a user message or a conversation) through the chat template and ``crossing``; decoded
+    new text, special tokens skipped. Prompts run in batches of ``batch_size``, left-padded."""
     options = GenerationOptions.of(options, **overrides)
     pad = pad_token_id(tokenizer)
     rows = chat_prompts(tokenizer, prompts, chat_template)
@@ -290,7 +315,36 @@ def answers(bottom: Segment, trunk: Any, top: Segment, tokenizer: Any,
         starts = tqdm(starts, desc="generating", unit="batch")
     for start in starts:
         ids, mask = left_pad(rows[start:start + batch_size], pad)
-        sequences = generate(bottom, trunk, top, ids, mask, options=options, tokenizer=tokenizer, streamer=streamer,
-                             defend=defend)
+        sequences = decode(crossing, ids, mask, options, tokenizer, streamer)
         out += [tokenizer.decode(s[ids.shape[1]:], skip_special_tokens=True).strip() for s in sequences.tolist()]
     return out
+
+
+def answer(crossing: Crossing, tokenizer: Any, messages_or_prompts: str | Sequence[Any],
+           **kwargs: Any) -> str | list[str]:
+    """:func:`answers` of one user message (``str``) or conversation (a list of ``{"role", "content"}``): its answer;
+    of a list of them: their answers."""
+    single = isinstance(messages_or_prompts, str) or (
+        len(messages_or_prompts) > 0 and isinstance(messages_or_prompts[0], Mapping))
+    out = answers(crossing, tokenizer, [messages_or_prompts] if single else list(messages_or_prompts), **kwargs)
+    return out[0] if single else out
+
+
+def evaluate_answers(answer: Callable[[list[Any]], list[str]], rows: Sequence[Mapping[str, Any]],
+                     extra: Mapping[str, float] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Answer each row's ``messages`` with ``answer`` and score against its ``reference``: exact match, ROUGE-L,
+    BLEU (plus ``extra`` figures); writes ``eval.json``/``eval.md`` in ``run_dir`` when given. Returns the
+    ``metrics`` and the ``generated`` answers."""
+    from .metrics import normalize, text_metrics, write_eval
+
+    if not rows:
+        raise ValueError("no test rows with an assistant turn to answer")
+    generated = answer([row["messages"] for row in rows])
+    references = [row["reference"] for row in rows]
+    metrics: dict[str, Any] = {**text_metrics(generated, references), **(extra or {}), "rows": len(rows)}
+    if run_dir is not None:
+        table = [{"prompt": row["messages"][-1]["content"], "reference": ref, "generated": out,
+                  "exact": normalize(out) == normalize(ref), "messages": list(row["messages"])}
+                 for row, ref, out in zip(rows, references, generated)]
+        write_eval(run_dir, metrics, table)
+    return {"metrics": metrics, "generated": generated}

@@ -2,10 +2,11 @@
 
 ``ClientModule`` holds the bottom and top segments, the data-facing loss and metrics and the client
 optimizer; Lightning's automatic optimization, gradient accumulation, precision and checkpointing work as
-usual. The trunk lives in a :class:`~splittrain.server.TrunkServer` behind a transport (in this process for
-``transport="local"``, another process or machine for ``tcp`` and ``dist``): it steps whenever the client's
-optimizer steps, and global-norm clipping spans both sides by exchanging squared gradient norms, so split
-training gives the numbers monolithic training gives.
+usual. Its passes go through one :class:`~splittrain.crossing.Crossing` (bottom -> defenses -> cut -> top). The trunk
+lives in a :class:`~splittrain.server.TrunkServer` behind a transport (in this process for ``transport="local"``,
+another process or machine for ``tcp`` and ``dist``): it steps whenever the client's optimizer steps, and global-norm
+clipping spans both sides by exchanging squared gradient norms, so split training gives the numbers monolithic
+training gives. A federation's clients are :class:`~splittrain.federated.client.FederatedClients`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,19 +25,20 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
-from recipes import RecipeName
+from recipes import Recipe, RecipeName
 
-from .cut import Pipeline, TrunkLink, cross, pipelined_loss, pipelined_outputs
+from .crossing import Crossing
+from .cut import Pipeline, TrunkLink, make_link
 from .errors import UserError
-from .federated import FederatedSettings, LocalAverager, flatten, unflatten_into
+from .federated import FederatedSettings
+from .federated.client import FederatedClient, FederatedClients
 from .generate import GenerationOptions
-from .loading import release_freed_memory
 from .lora import LoraSettings, TrainMode, adapter_state_dict, prepare
 from .metrics import TokenMetrics
 from .optim import OptimSettings, build_optimizer
 from .privacy import Defense, PrivacySettings
 from .quickstart import resolve_model
-from .segments import Activations, Segment
+from .segments import Segment
 from .server import TrunkSettings
 from .state import load_state, save_state
 from .transport import TRANSPORTS
@@ -127,73 +130,39 @@ class ClientModule(L.LightningModule):
 
         self.quantization = check_name(quantization)
         check_name(trunk.quantization)
-        if self.quantization and client == "full":
-            raise UserError(f"model.quantization {quantization} freezes the client's base weights, and client: full "
-                            "trains them: use client: lora (or frozen) with a quantized base, or no quantization")
-        self.gradient_checkpointing = gradient_checkpointing
-        if pipeline < 1:
-            raise ValueError(f"pipeline is the number of micro-batches per batch (>= 1), got {pipeline}")
-        if loss_chunk < 0:
-            raise ValueError(f"loss_chunk is the number of positions per chunk of the loss (0: off), got {loss_chunk}")
-        self.loss_chunk = loss_chunk
-        if len(cuts) != 2:
-            raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
-        if client not in ("frozen", "lora", "full"):
-            raise ValueError(f"client must be 'frozen', 'lora' or 'full', got {client!r}")
-        if transport not in TRANSPORTS:
-            raise ValueError(f"unknown transport {transport!r}; available: {', '.join(TRANSPORTS)}")
-        if transport == "tcp" and not address:
-            raise ValueError("transport 'tcp' needs the server's address: --model.address HOST:PORT")
-        if wire_dtype not in FLOAT_DTYPES:
-            raise ValueError(f"wire_dtype must be float32, bfloat16 or float16, got {wire_dtype!r}")
+        _check_arguments(self.quantization, client, cuts, transport, address, wire_dtype, pipeline, loss_chunk,
+                         eval_max_rows, federated)
+        self.recipe, client_lora, trunk = _recipe_defaults(recipe, client_lora, trunk)
         self.model_name, self.cuts, self.client_mode = model, tuple(cuts), client
-        self.privacy = privacy
-        self.defense = Defense(privacy) if privacy.enabled else None
-        self.recipe = None
-        if recipe is not None:
-            from dataclasses import replace
-
-            from recipes import get_recipe
-
-            self.recipe = get_recipe(recipe)
-            targets = list(self.recipe.lora_targets)
-            client_lora = client_lora if client_lora.targets else replace(client_lora, targets=targets)
-            if not trunk.lora.targets:
-                trunk = replace(trunk, lora=replace(trunk.lora, targets=targets))
         self.client_lora, self.optim, self.trunk_settings = client_lora, optim, trunk
         self.transport, self.address, self.client_name = transport, address, client_name
         self.token_file, self.tls_ca, self.wire_dtype = token_file, tls_ca, wire_dtype
         self.timeout, self.reconnect_timeout = timeout, reconnect_timeout
         self.seed, self.dtype_name = seed, dtype
         self.sample_prompt, self.device_map = sample_prompt, device_map
-        self.federated, self.pipeline = federated, pipeline
-        self._pipeline: Pipeline | None = None
-        """The pipelined batch whose backward pass is under way (see :meth:`backward`)."""
-        self.generation, self.eval_generate = generation, eval_generate
-        if eval_max_rows is not None and eval_max_rows < 1:
-            raise ValueError(f"eval_max_rows must be >= 1 or null (every row), got {eval_max_rows}")
-        self.eval_max_rows = eval_max_rows
-        if federated.enabled:
-            if transport == "tcp" and federated.client_index is None:
-                raise ValueError("a federated tcp client says which client it is: --model.federated.client_index I")
-            self.automatic_optimization = False  # each client steps its own optimizer; see _federated_step
-        self.clients: dict[int, FederatedClient] = {}
-        self._slots: list[list[tuple[torch.nn.Module, str]]] = []
-        self._resume_clients: dict[str, Any] | None = None
+        self.gradient_checkpointing, self.loss_chunk, self.pipeline = gradient_checkpointing, loss_chunk, pipeline
+        self.generation, self.eval_generate, self.eval_max_rows = generation, eval_generate, eval_max_rows
+        self.privacy, self.defense = privacy, Defense(privacy) if privacy.enabled else None
+        self.federated, self.federation = federated, FederatedClients(federated, transport)
+        self.clients = self.federation.clients
+        """The federation's clients this process holds, by index (empty until fit builds them)."""
+        self.automatic_optimization = not federated.enabled  # federated clients step their own optimizers
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self.bottom: Segment | None = None
         self.top: Segment | None = None
-        self.link: TrunkLink | None = None
+        self.crossing: Crossing | None = None
+        """bottom -> defenses -> link to the trunk -> top, once :meth:`configure_model` has built them."""
         self.server = None
+        self._pipeline: Pipeline | None = None
+        """The pipelined batch whose backward pass is under way (see :meth:`backward`)."""
         self._trunk_scale: float | None = None
         self._stats = {"tokens": 0, "losses": [], "began": None}
         self.tokenizer: Any = None
-        self.last_eval: dict[str, Any] | None = None
-        """Metrics and answers of the last :meth:`evaluate_answers`."""
         """The tokenizer :meth:`generate` uses: the datamodule's once attached to a trainer, or set it."""
         self.chat_template: str | None = None
+        self.last_eval: dict[str, Any] | None = None
+        """Metrics and answers of the last evaluation by generated answers (``test``)."""
 
-    # ---------------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
         if self.bottom is not None:
             return
@@ -205,57 +174,44 @@ class ClientModule(L.LightningModule):
         if self.recipe is not None and top.family.name != self.recipe.name:
             raise ValueError(f"model.recipe is {self.recipe.name!r} but {self.model_name} is a {top.family.name!r} "
                              f"model: name its own family's recipe, or none")
-        self.bottom = prepare(bottom, self.client_mode, self.client_lora, self.seed)
-        self.top = prepare(top, self.client_mode, self.client_lora, self.seed)
+        self.bottom, self.top = (prepare(part, self.client_mode, self.client_lora, self.seed) for part in (bottom, top))
         for part in (self.bottom, self.top):
             part.set_gradient_checkpointing(self.gradient_checkpointing)
-        # Parts load in eval mode, as from_pretrained's models do, and Lightning keeps the modes it finds: the
-        # parts follow this module's (train in fit), so their dropout is the unsplit model's.
-        self.bottom.train(self.training)
-        self.top.train(self.training)
+            # Parts load in eval mode, as from_pretrained's models do, and Lightning keeps the modes it finds: the
+            # parts follow this module's (train in fit), so their dropout is the unsplit model's.
+            part.train(self.training)
         self.top.loss_chunk = self.loss_chunk
         sync = self.transport != "dist"  # rank 0 (the trunk server) takes no part in the client's metrics
-        self.train_metrics = TokenMetrics(self.top.config.vocab_size, sync)
-        self.val_metrics = TokenMetrics(self.top.config.vocab_size, sync)
-        self.test_metrics = TokenMetrics(self.top.config.vocab_size, sync)
-        if self.link is None:
-            self.link = TrunkLink(self._transport(), self.wire_dtype)
+        self.train_metrics, self.val_metrics, self.test_metrics = (
+            TokenMetrics(self.top.config.vocab_size, sync) for _ in range(3))
+        self.crossing = Crossing(self.bottom, self.top, self._connect(self.client_name), self.defense)
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What the trunk server must agree with: model, cuts, hidden size, compute dtype."""
-        from .transport import fingerprint
-
-        return fingerprint(self.top.config, self.top.family.name, self.cuts, self.bottom.dtype)
-
-    def trunk_schedule(self) -> dict[str, Any]:
+    def trunk_schedule(self) -> dict[str, Any] | None:
         """The trunk's AdamW and schedule this client trains with (its steps resolved from the trainer's max_steps):
-        the server makes this client's trunk adapter with them, or refuses a federation's that differ."""
-        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
-        return self.trunk_settings.optim.resolved(total)
-
-    def _training(self) -> bool:
-        """Whether this run trains (``fit``); evaluation and generation send no schedule and take the trunk's."""
+        the server makes this client's trunk adapter with them, or refuses a federation's that differ. None unless
+        this run trains (``fit``): evaluation and generation send no schedule and take the trunk's."""
         from lightning.pytorch.trainer.states import TrainerFn
 
-        return self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        training = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        return self.trunk_settings.optim.resolved(self._total_steps()) if training else None
 
-    def _transport(self):
-        if self.transport == "tcp":
-            from .transport.tcp import TcpTransport
+    def _total_steps(self) -> int | None:
+        return self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
 
-            return TcpTransport(self.address, self.client_name, self._token(), self.fingerprint(),
-                                tls_ca=self.tls_ca, timeout=self.timeout, reconnect_timeout=self.reconnect_timeout,
-                                schedule=self.trunk_schedule() if self._training() else None)
-        if self.transport == "dist":
-            from .transport.dist import DistTransport
+    def _connect(self, client: str) -> TrunkLink:
+        """A link to the trunk over ``model.transport``, as ``client`` (``local``: to the server built here; ``tcp``
+        and ``dist``: after agreeing on model, cuts, hidden size and compute dtype with the server)."""
+        from .transport import fingerprint
 
-            return DistTransport(self.fingerprint(), timeout=self.timeout,
-                                 schedule=self.trunk_schedule() if self._training() else None)
-        from .transport.local import LocalTransport
-
-        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
-        self.server = self.build_server(total, self.run_dir if self._trainer is not None else None)
-        return LocalTransport(self.server, self.client_name)
+        if self.transport == "local":
+            if self.server is None:
+                run_dir = self.run_dir if self._trainer is not None else None
+                self.server = self.build_server(self._total_steps(), run_dir)
+            return make_link("local", wire_dtype=self.wire_dtype, server=self.server, client=client)
+        return make_link(self.transport, wire_dtype=self.wire_dtype, client=client, address=self.address,
+                         token=_read_token(self.token_file) if self.transport == "tcp" else None, tls_ca=self.tls_ca,
+                         fingerprint=fingerprint(self.top.config, self.top.family.name, self.cuts, self.bottom.dtype),
+                         timeout=self.timeout, reconnect_timeout=self.reconnect_timeout, schedule=self.trunk_schedule())
 
     def build_server(self, total_steps: int | None, run_dir: str | Path | None, limits: Any = None,
                      save_every: int = 0):
@@ -266,38 +222,13 @@ class ClientModule(L.LightningModule):
         settings = self.trunk_settings
         trunk = load_trunk(resolve_model(self.model_name), self.cuts, settings.lora, self.seed, self.dtype_name,
                            self.device_map, settings.quantization, settings.gradient_checkpointing)
-        return TrunkServer(trunk, self.trunk_settings.optim, total_steps, run_dir=run_dir, limits=limits,
+        return TrunkServer(trunk, settings.optim, total_steps, run_dir=run_dir, limits=limits,
                            save_every=save_every, federation=self.federated)
-
-    def _token(self) -> str | None:
-        if self.token_file:
-            token = Path(self.token_file).expanduser().read_text().strip()
-            if not token:
-                raise UserError(f"token file {self.token_file} is empty")
-            return token
-        return os.environ.get(TOKEN_ENV) or None
 
     def close(self) -> None:
         """End this client's session(s) on the trunk server (it frees the client's graphs)."""
-        links = [c.link for c in self.clients.values()] or [self.link]
-        for link in links:
-            if link is not None:
-                link.close()
-
-    # ---------------------------------------------------------------------------------------- federation
-    def held_clients(self) -> list[int]:
-        """The federation's clients this process holds: all of them in one process, one under torchrun/tcp."""
-        if not self.federated.enabled:
-            return [0]
-        if self.transport == "dist":
-            rank = int(os.environ.get("RANK", "1"))
-            if not 1 <= rank <= self.federated.clients:
-                raise ValueError(f"rank {rank} has no client: run {self.federated.clients + 1} processes for "
-                                 f"{self.federated.clients} clients (rank 0 serves the trunk)")
-            return [rank - 1]
-        if self.transport == "tcp":
-            return [self.federated.client_index]
-        return list(range(self.federated.clients))
+        for link in self.federation.links(self.crossing):
+            link.close()
 
     def setup(self, stage: str) -> None:
         """A federated client takes its shard(s) of the data before the loaders are built."""
@@ -308,117 +239,37 @@ class ClientModule(L.LightningModule):
         if self.federated.enabled and datamodule is not None and hasattr(datamodule, "shard"):
             datamodule.shard(self.federated.clients, self.held_clients())
 
-    def _build_clients(self) -> None:
-        """One :class:`FederatedClient` per held client: its own trainable tensors (the first held client uses
-        the module's), optimizer, schedule and session on the trunk server."""
-        slots: dict[int, list[tuple[torch.nn.Module, str]]] = {}
-        originals: dict[int, torch.nn.Parameter] = {}
-        for module in (self.bottom, self.top):
-            for sub in module.modules():
-                for name, param in sub._parameters.items():
-                    if param is not None and param.requires_grad:
-                        slots.setdefault(id(param), []).append((sub, name))
-                        originals[id(param)] = param
-        self._slots = list(slots.values())
-        datamodule = self.trainer.datamodule
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-        base = self.link
-        for n, index in enumerate(self.held_clients()):
-            params = list(originals.values()) if n == 0 else [
-                torch.nn.Parameter(p.detach().clone()) for p in originals.values()]
-            if n == 0:
-                link = base
-            else:
-                from .transport.local import LocalTransport
+    def held_clients(self) -> list[int]:
+        """The federation's clients this process holds: all of them in one process, one under torchrun/tcp."""
+        return self.federation.held()
 
-                link = TrunkLink(LocalTransport(self.server, f"client{index}"), self.wire_dtype)
-            # Sample-weighted averages weigh clients by their shard sizes (equal when the loaders are not ours).
-            samples = len(datamodule.client_dataset(index, "train")) if hasattr(datamodule, "client_dataset") else 1
-            optimizer, scheduler = build_optimizer(params or [torch.nn.Parameter(torch.zeros(0))], self.optim, total)
-            self.clients[index] = FederatedClient(index, link, params, optimizer, scheduler, samples)
-            link.join(index, samples)
-        if self.transport == "dist":
-            from .federated import DistAverager
-            from .transport.dist import client_group
-
-            self.averager = DistAverager(client_group())
-        elif self.transport == "tcp":
-            from .federated import SecureAverager
-
-            self.averager = SecureAverager(base, self.held_clients()[0], self.federated,
-                                           self.clients[self.held_clients()[0]].samples)
-        else:
-            self.averager = LocalAverager()
-        self._restore_clients()
-        self.use(self.clients[self.held_clients()[0]])
-
-    def use(self, client: "FederatedClient") -> None:
+    def use(self, client: FederatedClient) -> None:
         """Put ``client``'s trainable tensors into the bottom and top and talk to the trunk as it."""
-        for slots, param in zip(self._slots, client.params):
-            for module, name in slots:
-                module._parameters[name] = param
-        self.link = client.link
+        self.federation.use(client)
 
     def _federated_step(self, batches: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor:
         """One optimizer step of every held client (manual optimization); see :mod:`splittrain.federated`."""
-        import warnings
-
-        fed, step = self.federated, self.global_step
-        participants = set(fed.participants(fed.round_of(step)))
-        losses = []
-        for index, client in sorted(self.clients.items()):
-            taking_part = index in participants
-            self.use(client)
-            if taking_part:
-                batch = batches[index]
-                loss, pipeline = self._train_loss(batch, ("train", step, 0), step)
-                self.manual_backward(loss)
-                if pipeline is not None:
-                    pipeline.finish()
-                losses.append(loss.detach())
-                client.record(batch, loss.item())
-                self.log(f"client{index}/train_loss", loss.detach(), batch_size=batch["input_ids"].shape[0])
-                del loss, pipeline  # this client's graph goes before the next client's forward pass
-                if len(self.clients) > 1:
-                    release_freed_memory()
-            if fed.average == "weights":
-                if taking_part:
-                    client.optimizer.step()
-                    client.optimizer.zero_grad(set_to_none=True)
-                with warnings.catch_warnings():  # a client drawn out of round 0 schedules before its first step
-                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)`")
-                    client.scheduler.step()
-                client.link.step(step + 1, None, taking_part)
-        if fed.average == "gradients":
-            vectors = {i: flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in c.params])
-                       for i, c in self.clients.items()}
-            weights = {i: fed.weight(i in participants, c.samples) for i, c in self.clients.items()}
-            average = self.averager.average(vectors, weights, f"gradients {step}")
-            for index, client in sorted(self.clients.items()):
-                for p in client.params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                unflatten_into(average, [p.grad for p in client.params])
-                client.optimizer.step()
-                client.optimizer.zero_grad(set_to_none=True)
-                client.scheduler.step()
-                client.link.step(step + 1, None, index in participants)
-        if fed.average == "weights" and fed.ends_round(step):
-            vectors = {i: flatten(c.params) for i, c in self.clients.items()}
-            weights = {i: fed.weight(i in participants, c.samples) for i, c in self.clients.items()}
-            average = self.averager.average(vectors, weights, f"weights {fed.round_of(step)}")
-            for client in self.clients.values():
-                unflatten_into(average, client.params)
-        self.use(self.clients[min(self.clients)])
+        losses = self.federation.step(self.global_step, batches, self._client_loss)
         self.optimizers().step()  # Lightning counts the step on its clock
         loss = torch.stack(losses).mean() if losses else torch.zeros(())
-        self._stats["tokens"] = sum(c.tokens for c in self.clients.values())
+        self._stats["tokens"] = self.federation.tokens
         if losses:
             self._stats["losses"].append(loss.item())
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
-    # ---------------------------------------------------------------------------------------- generation
+    def _client_loss(self, index: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The client in use's training loss on ``batch``, backed (its gradients accumulate), logged, detached."""
+        loss, self._pipeline = self._train_loss(batch, ("train", self.global_step, 0), self.global_step)
+        self.manual_backward(loss)  # a pipelined batch finishes there (see backward)
+        self.log(f"client{index}/train_loss", loss.detach(), batch_size=batch["input_ids"].shape[0])
+        return loss.detach()
+
+    def client_summaries(self, trainer: L.Trainer, datamodule: Any) -> dict[str, dict[str, Any]]:
+        """Per client: tokens trained, first/last train loss, its loss curve and validation loss on its own
+        validation shard. Under torchrun the figures of every client rank are gathered in the clients' group."""
+        return self.federation.summaries(self, trainer, datamodule)
+
     @torch.no_grad()
     def generate(self, messages_or_prompts: str | Sequence[Any], *, batch_size: int = 16, streamer: Any = None,
                  progress: bool = False, **options: Any) -> str | list[str]:
@@ -428,25 +279,19 @@ class ClientModule(L.LightningModule):
         :class:`~splittrain.generate.GenerationOptions` (``max_new_tokens``, ``do_sample``, ``temperature``,
         ``top_k``, ``top_p``, ``repetition_penalty``, ``stop_strings``, ``seed``, ...). In a federation this is
         the weights of the client in use (the first held one)."""
-        from .generate import answers
+        from .generate import answer
 
         if self.tokenizer is None:
             raise ValueError("generate needs a tokenizer: attach the module to a trainer with the datamodule, or "
                              "set module.tokenizer")
-        single = isinstance(messages_or_prompts, str) or (
-            len(messages_or_prompts) > 0 and isinstance(messages_or_prompts[0], Mapping))
-        prompts = [messages_or_prompts] if single else list(messages_or_prompts)
         self.configure_model()
         was_training = self.training
         self.eval()
         try:
-            defend = self.defense.activations if self.defense is not None else None
-            out = answers(self.bottom, self.link, self.top, self.tokenizer, prompts, batch_size=batch_size,
-                          streamer=streamer, progress=progress, chat_template=self.chat_template, defend=defend,
-                          **options)
+            return answer(self.crossing, self.tokenizer, messages_or_prompts, batch_size=batch_size, streamer=streamer,
+                          progress=progress, chat_template=self.chat_template, **options)
         finally:
             self.train(was_training)
-        return out[0] if single else out
 
     def restore(self, path: str | Path, force_trunk: bool = False) -> None:
         """Load a ``fit`` checkpoint outside a trainer's loop (``generate``): the client's trainable tensors, and
@@ -463,18 +308,10 @@ class ClientModule(L.LightningModule):
             raise ValueError(f"checkpoint {path} holds tensors this model does not have, e.g. "
                              f"{result.unexpected_keys[:3]}: was it written with another model or cuts?")
 
-    # ---------------------------------------------------------------------------------------- forward
     def forward(self, batch: dict[str, torch.Tensor], key: tuple = ("eval", 0), step: int | None = None) -> Any:
         """bottom -> trunk (across the cut) -> top; returns the top's output (``logits``, ``loss``). A training pass
         tells the server the client's optimizer ``step`` (default: Lightning's count)."""
-        state: Activations = self.bottom(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                         position_ids=batch.get("position_ids"))
-        defense = self.defense
-        if defense is not None:
-            state = Activations(defense.activations(state.hidden_states), state.attention_mask, state.position_ids)
-        state = cross(self.link, state, key, self.global_step if step is None else step,
-                      defense.gradients if defense is not None else None)
-        return self.top(state, labels=batch.get("labels"))
+        return self.crossing.forward(batch, key, self.global_step if step is None else step)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.federated.enabled:
@@ -488,15 +325,8 @@ class ClientModule(L.LightningModule):
     def _train_loss(self, batch: dict[str, torch.Tensor], key: tuple, step: int) -> tuple[torch.Tensor, Pipeline | None]:
         """The training loss of ``batch`` (the training metrics updated); pipelined (``pipeline`` > 1) also the
         :class:`~splittrain.cut.Pipeline` to ``finish()`` after the loss's backward pass."""
-        if self.pipeline > 1:
-            defense = self.defense
-            return pipelined_loss(
-                self.link, self.bottom, self.top, batch, self.pipeline, key, step,
-                defense.activations if defense is not None else None, defense.gradients if defense is not None else None,
-                lambda out, chunk: self.train_metrics.update_output(out, chunk["labels"]))
-        out = self(batch, key=key, step=step)
-        self.train_metrics.update_output(out, batch["labels"])
-        return out.loss, None
+        return self.crossing.loss(batch, self.pipeline, key, step,
+                                  lambda out, chunk: self.train_metrics.update_output(out, chunk["labels"]))
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Backward through the top (dL/dh leaves for the trunk); a pipelined batch then backs the returned
@@ -511,22 +341,10 @@ class ClientModule(L.LightningModule):
         self.train_metrics.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._eval_loss(batch, ("val", self.global_step, batch_idx))
+        """The batch's loss (the validation metrics updated), pipelined as training is."""
+        loss = self.crossing.evaluate(batch, self.pipeline, ("val", self.global_step, batch_idx),
+                                      lambda out, chunk: self.val_metrics.update_output(out, chunk["labels"]))
         self.log("val_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
-
-    def _eval_loss(self, batch: dict[str, torch.Tensor], key: tuple) -> torch.Tensor:
-        """The loss of ``batch`` without gradients (the validation metrics updated); pipelined as training is."""
-        if self.pipeline <= 1:
-            out = self(batch, key=key)
-            self.val_metrics.update_output(out, batch["labels"])
-            return out.loss
-        defense = self.defense
-        loss = torch.zeros(())
-        for out, chunk in pipelined_outputs(self.link, self.bottom, self.top, batch, self.pipeline, key,
-                                            defense.activations if defense is not None else None):
-            self.val_metrics.update_output(out, chunk["labels"])
-            loss = loss + out.loss
         return loss
 
     def on_validation_epoch_end(self) -> None:
@@ -540,49 +358,34 @@ class ClientModule(L.LightningModule):
         return out.loss
 
     def on_test_epoch_end(self) -> None:
-        """Token metrics of the test rows, then the evaluation by generated answers (written to eval.json/md)."""
+        """Token metrics of the test rows, then the evaluation by answers generated with ``model.generation``
+        (:func:`~splittrain.generate.evaluate_answers`; written to eval.json/md in the run folder)."""
+        from .generate import evaluate_answers
+
         metrics = {f"test_{k}": float(v) for k, v in self.test_metrics.compute().items()}
         self.test_metrics.reset()
         self.log_dict(metrics)
         datamodule = self.trainer.datamodule
         if not hasattr(datamodule, "eval_rows"):
             return
-        scores = self.evaluate_answers(datamodule.eval_rows("test", self.eval_max_rows), extra=metrics)
+        writes = self.trainer.is_global_zero and 0 in self.held_clients()
+        answer = partial(self.generate, progress=True, **asdict(self.generation))
+        self.last_eval = evaluate_answers(answer, datamodule.eval_rows("test", self.eval_max_rows), metrics,
+                                          self.run_dir if writes else None)
+        scores = self.last_eval["metrics"]
         self.log_dict({f"test_{k}": v for k, v in scores.items() if k in ("exact_match", "rouge_l", "bleu")})
 
-    def evaluate_answers(self, rows: Sequence[Mapping[str, Any]], extra: Mapping[str, float] | None = None,
-                         write: bool = True) -> dict[str, Any]:
-        """Answer each row's ``messages`` with :meth:`generate` (``model.generation`` options) and score against its
-        ``reference``: exact match, ROUGE-L, BLEU (plus ``extra`` figures); writes ``eval.json``/``eval.md`` in the
-        run folder when ``write``. Returns the metrics."""
-        from .metrics import normalize, text_metrics, write_eval
-
-        if not rows:
-            raise ValueError("no test rows with an assistant turn to answer")
-        generated = self.generate([row["messages"] for row in rows], progress=True, **asdict(self.generation))
-        references = [row["reference"] for row in rows]
-        metrics: dict[str, Any] = {**text_metrics(generated, references), **(extra or {}), "rows": len(rows)}
-        if write and (self._trainer is None or self.trainer.is_global_zero) and 0 in self.held_clients():
-            table = [{"prompt": row["messages"][-1]["content"], "reference": ref, "generated": out,
-                      "exact": normalize(out) == normalize(ref), "messages": list(row["messages"])}
-                     for row, ref, out in zip(rows, references, generated)]
-            write_eval(self.run_dir, metrics, table)
-        self.last_eval = {"metrics": metrics, "generated": generated}
-        return metrics
-
-    # ---------------------------------------------------------------------------------------- optimization
     def configure_optimizers(self):
         if self.federated.enabled:
-            # Each client has its own AdamW (see _build_clients); Lightning counts steps on a clock without
-            # parameters, stepped once per federated step.
-            self._build_clients()
+            # Each client has its own AdamW; Lightning counts steps on a clock without parameters, stepped each step.
+            self.federation.build(self.crossing, lambda index: self._connect(f"client{index}"), self.trainer.datamodule,
+                                  self.optim, self._total_steps())
             return torch.optim.SGD([torch.nn.Parameter(torch.zeros(0))], lr=0.0)
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             # A frozen client still needs Lightning to reach optimizer_step, where the trunk steps.
             params = [torch.nn.Parameter(torch.zeros(0))]
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-        optimizer, scheduler = build_optimizer(params, self.optim, total)
+        optimizer, scheduler = build_optimizer(params, self.optim, self._total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -591,21 +394,14 @@ class ClientModule(L.LightningModule):
             return
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError("split training clips by global norm only (gradient_clip_algorithm='norm')")
-        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
-        own = torch.stack([torch.linalg.vector_norm(g) for g in grads]).pow(2).sum() if grads else torch.zeros(())
-        total = torch.sqrt(own.float().cpu() + self.link.grad_sq_norm())
-        scale = torch.clamp(gradient_clip_val / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(scale.to(g.device, g.dtype))
-        self._trunk_scale = float(scale)
+        self._trunk_scale = self.crossing.clip_gradients(self.parameters(), gradient_clip_val)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         self._trunk_scale = None
         step = self.global_step + 1  # the step this call makes (Lightning counts it once the hook returns)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        self.link.step(step, self._trunk_scale)
+        self.crossing.link.step(step, self._trunk_scale)
 
-    # ---------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the client's trainable tensors and have the trunk save its own state beside."""
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -614,45 +410,22 @@ class ClientModule(L.LightningModule):
             checkpoint["privacy"] = self.defense.state_dict()
         tag = f"step-{self.global_step}"
         checkpoint["trunk_checkpoint"] = tag
-        checkpoint["trunk_file"] = self.link.save(tag)["file"]
+        checkpoint["trunk_file"] = self.crossing.link.save(tag)["file"]
         if self.clients:  # every held client's own tensors, optimizer, schedule and figures
-            checkpoint["federated"] = {str(index): {
-                "params": [p.detach().clone() for p in c.params], "optimizer": c.optimizer.state_dict(),
-                "scheduler": c.scheduler.state_dict(), "tokens": c.tokens, "losses": list(c.losses)}
-                for index, c in self.clients.items()}
+            checkpoint["federated"] = self.federation.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        self.link.load(checkpoint["trunk_checkpoint"], force=getattr(self, "_force_trunk_load", False))
+        self.crossing.link.load(checkpoint["trunk_checkpoint"], force=getattr(self, "_force_trunk_load", False))
         if self.defense is not None and "privacy" in checkpoint:
             self.defense.load_state_dict(checkpoint["privacy"])
         if self.federated.enabled:
-            if "federated" not in checkpoint:
-                raise ValueError("this checkpoint was written by a run with one client; a federated run resumes "
-                                 "only from its own checkpoints")
-            self._resume_clients = checkpoint["federated"]
-
-    @torch.no_grad()
-    def _restore_clients(self) -> None:
-        saved = self._resume_clients
-        if not saved:
-            return
-        for index, client in self.clients.items():
-            state = saved.get(str(index))
-            if state is None or len(state["params"]) != len(client.params):
-                raise ValueError(f"the checkpoint holds no matching state for client {index}")
-            for param, tensor in zip(client.params, state["params"]):
-                param.copy_(tensor)
-            client.optimizer.load_state_dict(state["optimizer"])
-            client.scheduler.load_state_dict(state["scheduler"])
-            client.tokens, client.losses = int(state["tokens"]), list(state["losses"])
-        self._resume_clients = None
+            self.federation.resume(checkpoint)
 
     def client_adapters(self) -> dict[str, torch.Tensor]:
         """The client's LoRA tensors (empty unless ``client="lora"``)."""
         return {**adapter_state_dict(self.bottom), **adapter_state_dict(self.top)}
 
-    # ---------------------------------------------------------------------------------------- summary
     @property
     def run_dir(self) -> Path:
         """The run folder: checkpoints, trunk state, run.json, summary.json."""
@@ -661,80 +434,74 @@ class ClientModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._stats["began"] = time.perf_counter()
         if self.trainer.is_global_zero:
-            manifest = {
-                "model": resolve_model(self.model_name),
-                "cuts": list(self.cuts),
-                "num_layers": self.top.config.num_hidden_layers,
-                "client": self.client_mode,
-                "client_lora": asdict(self.client_lora),
-                "trunk_lora": asdict(self.trunk_settings.lora),
-            }
+            manifest = {"model": resolve_model(self.model_name), "cuts": list(self.cuts),
+                        "num_layers": self.top.config.num_hidden_layers, "client": self.client_mode,
+                        "client_lora": asdict(self.client_lora), "trunk_lora": asdict(self.trunk_settings.lora)}
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / RUN_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-
-    def client_summaries(self, trainer: L.Trainer, datamodule: Any) -> dict[str, dict[str, Any]]:
-        """Per client: tokens trained, first/last train loss, its loss curve and validation loss on its own
-        validation shard. Under torchrun the figures of every client rank are gathered in the clients' group."""
-        rows: dict[int, list[float]] = {}
-        for index, client in sorted(self.clients.items()):
-            val = math.nan
-            if hasattr(datamodule, "client_loader") and trainer.limit_val_batches != 0:
-                self.use(client)
-                loader = datamodule.client_loader(index, "val", shuffle=False)
-                val = trainer.validate(self, dataloaders=loader, verbose=False)[0].get("val_loss", math.nan)
-            rows[index] = [client.tokens, val, *client.losses]
-        self.use(self.clients[min(self.clients)])
-        if self.transport == "dist":
-            import torch.distributed as dist
-
-            from .transport.dist import client_group
-
-            width = 2 + max(self.global_step, max(len(r) - 2 for r in rows.values()))
-            table = torch.zeros(self.federated.clients, width + 1, dtype=torch.float64)
-            for index, row in rows.items():
-                table[index, 0] = len(row) - 2
-                table[index, 1:len(row) + 1] = torch.tensor(row, dtype=torch.float64)
-            dist.all_reduce(table, group=client_group())
-            rows = {i: table[i, 1:3 + int(table[i, 0])].tolist() for i in range(self.federated.clients)}
-        out = {}
-        for index, (tokens, val, *losses) in sorted(rows.items()):
-            out[f"client{index}"] = {
-                "tokens": int(tokens), "train_loss_first": losses[0] if losses else math.nan,
-                "train_loss_last": losses[-1] if losses else math.nan, "val_loss_own_shard": val,
-                "steps_taken": len(losses), "train_losses": losses}
-        return out
 
     def fit_summary(self) -> dict[str, Any]:
         """Figures of the last fit: train losses (first, last, each micro-batch), steps, time, throughput, and the
         bytes the transport moved (frames with headers for tcp/dist; tensor bytes in process)."""
         seconds = time.perf_counter() - self._stats["began"] if self._stats["began"] else 0.0
         losses = self._stats["losses"]
-        return {
-            "train_loss_first": losses[0] if losses else math.nan,
-            "train_loss_last": losses[-1] if losses else math.nan,
-            "steps": self.global_step,
-            "seconds": seconds,
-            "tokens_per_second": self._stats["tokens"] / seconds if seconds else 0.0,
-            "wire_bytes": sum(link.wire_bytes for link in ([c.link for c in self.clients.values()] or [self.link])
-                              if link is not None),
-            "train_losses": losses,
-        }
+        return {"train_loss_first": losses[0] if losses else math.nan,
+                "train_loss_last": losses[-1] if losses else math.nan, "steps": self.global_step, "seconds": seconds,
+                "tokens_per_second": self._stats["tokens"] / seconds if seconds else 0.0,
+                "wire_bytes": sum(link.wire_bytes for link in self.federation.links(self.crossing)),
+                "train_losses": losses}
 
 
-class FederatedClient:
-    """One client of a federation as this process holds it: trainable tensors, optimizer, trunk session, figures."""
+def _check_arguments(quantization: str | None, client: str, cuts: Sequence[int], transport: str, address: str | None,
+                     wire_dtype: str, pipeline: int, loss_chunk: int, eval_max_rows: int | None,
+                     federated: FederatedSettings) -> None:
+    """Refuse settings of :class:`ClientModule` that cannot work, before any weight loads."""
+    if quantization and client == "full":
+        raise UserError(f"model.quantization {quantization} freezes the client's base weights, and client: full "
+                        "trains them: use client: lora (or frozen) with a quantized base, or no quantization")
+    if pipeline < 1:
+        raise ValueError(f"pipeline is the number of micro-batches per batch (>= 1), got {pipeline}")
+    if loss_chunk < 0:
+        raise ValueError(f"loss_chunk is the number of positions per chunk of the loss (0: off), got {loss_chunk}")
+    if len(cuts) != 2:
+        raise ValueError(f"the client holds bottom and top of a three-part split: give two cuts, got {cuts}")
+    if client not in ("frozen", "lora", "full"):
+        raise ValueError(f"client must be 'frozen', 'lora' or 'full', got {client!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; available: {', '.join(TRANSPORTS)}")
+    if transport == "tcp" and not address:
+        raise ValueError("transport 'tcp' needs the server's address: --model.address HOST:PORT")
+    if wire_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"wire_dtype must be float32, bfloat16 or float16, got {wire_dtype!r}")
+    if eval_max_rows is not None and eval_max_rows < 1:
+        raise ValueError(f"eval_max_rows must be >= 1 or null (every row), got {eval_max_rows}")
+    if federated.enabled and transport == "tcp" and federated.client_index is None:
+        raise ValueError("a federated tcp client says which client it is: --model.federated.client_index I")
 
-    def __init__(self, index: int, link: TrunkLink, params: list[torch.nn.Parameter], optimizer: Any, scheduler: Any,
-                 samples: int) -> None:
-        self.index, self.link, self.params = index, link, params
-        self.optimizer, self.scheduler, self.samples = optimizer, scheduler, samples
-        self.tokens = 0
-        self.losses: list[float] = []
 
-    def record(self, batch: dict[str, torch.Tensor], loss: float) -> None:
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        self.losses.append(loss)
+def _read_token(token_file: str | None) -> str | None:
+    """The client's token: the content of ``token_file``, else the ``SPLITTRAIN_TOKEN`` environment variable."""
+    if token_file:
+        token = Path(token_file).expanduser().read_text().strip()
+        if not token:
+            raise UserError(f"token file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _recipe_defaults(recipe: RecipeName | None, client_lora: LoraSettings,
+                     trunk: TrunkSettings) -> tuple[Recipe | None, LoraSettings, TrunkSettings]:
+    """The recipe named (None: none) and both parties' LoRA settings with its targets where they name none."""
+    if recipe is None:
+        return None, client_lora, trunk
+    from recipes import get_recipe
+
+    found = get_recipe(recipe)
+    targets = list(found.lora_targets)
+    client_lora = client_lora if client_lora.targets else replace(client_lora, targets=targets)
+    if not trunk.lora.targets:
+        trunk = replace(trunk, lora=replace(trunk.lora, targets=targets))
+    return found, client_lora, trunk
 
 
 class SafetensorsCheckpointIO(CheckpointIO):

@@ -153,7 +153,7 @@ def test_the_audit_recovers_tokens_without_defenses_and_less_with_them(tmp_path,
     import inspect
 
     from splittrain.cli import main
-    from splittrain.privacy import ServerAttacker
+    from splittrain.audit import ServerAttacker
 
     import yaml
 
