@@ -24,7 +24,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import Header, Tensors
 from .wire import (
@@ -38,9 +38,6 @@ from .wire import (
     encode,
     read_frame,
 )
-
-if TYPE_CHECKING:
-    from ..server import TrunkServer
 
 FrameCheck = Callable[[Header, list[TensorSpec]], None]
 Dim = int | str | None | tuple[int | str, ...]
@@ -308,7 +305,26 @@ def reply_limit(tensors: Tensors) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ serving
-def serve_frames(server: TrunkServer, client: str, next_reader: Callable[[], Reader],
+class FrameLimits(Protocol):
+    max_frame_bytes: int
+    """Largest payload an authenticated client may send."""
+
+
+class FrameServer(Protocol):
+    """What :func:`serve_frames` asks of the server it serves (a :class:`~splittrain.server.TrunkServer`)."""
+
+    @property
+    def limits(self) -> FrameLimits: ...
+
+    def check(self, client: str, header: Header, specs: list[TensorSpec]) -> None: ...
+
+    def handle(self, client: str, kind: str, header: Header, tensors: Tensors,
+               session_id: str | None = None) -> tuple[Header, Tensors]: ...
+
+    def end_session(self, client: str, session_id: str | None = None) -> None: ...
+
+
+def serve_frames(server: FrameServer, client: str, next_reader: Callable[[], Reader],
                  send: Callable[[list], object], *, session: str | None = None,
                  hello: Callable[[Frame], None] | None = None, fatal_protocol_errors: bool = True,
                  log: logging.Logger | None = None) -> None:
@@ -345,7 +361,7 @@ def serve_frames(server: TrunkServer, client: str, next_reader: Callable[[], Rea
         send(_answer(server, client, frame, session, fatal_protocol_errors, log))
 
 
-def _answer(server: TrunkServer, client: str, frame: Frame, session: str | None, fatal_protocol_errors: bool,
+def _answer(server: FrameServer, client: str, frame: Frame, session: str | None, fatal_protocol_errors: bool,
             log: logging.Logger | None) -> list:
     """The encoded reply to one request: the handler's, or a non-fatal error saying why it refused."""
     seq = frame.header.get("seq")
