@@ -16,7 +16,7 @@ the runs are:
 - ``federated/weights``: the same with ``average: weights`` (FedAvg) every ``--average-every`` steps
   (``--no-weights`` skips it);
 - ``alone/client<c>``: one client (``clients: 1``) trained only on client c's shard for the same number of steps:
-  the shard is computed with ``splittrain.data.partition`` on the loaded quickstart rows exactly as
+  the shard is computed with ``splittrain.federated.partition`` on the loaded quickstart rows exactly as
   ``InstructionDataModule.shard`` does (same method, column and seed), written to a jsonl and passed as
   ``--data.train``; ``--data.seed c`` gives it the batch order client c has inside the federation (its loader is
   seeded with seed + c), so it sees the very batches it trains on there: the first training loss of each alone

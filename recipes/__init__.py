@@ -11,16 +11,17 @@ A tokenizer's own chat template always wins over the recipe's fallback (:func:`c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+import pkgutil
+from typing import Any, Literal
 
 from splittrain.families import LLAMA_LORA_TARGETS
 
-RecipeName = Literal["qwen2", "gemma", "gemma3"]
-"""A recipe's name (each is the module ``recipes.<name>``): the one list of recipes, typed for configs."""
-NAMES: tuple[str, ...] = get_args(RecipeName)
-END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")
-"""Special tokens that close an assistant turn in the chat formats splittrain knows (ChatML: Qwen2; Gemma and
-Gemma-3; Llama-3): without a recipe, generation stops on any of them the tokenizer has, besides its EOS."""
+NAMES: tuple[str, ...] = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+"""The recipes, by name: every module ``recipes/<name>.py`` is one, so a family's recipe is added as one file."""
+RecipeName = Literal[NAMES]  # type: ignore[valid-type]
+"""A recipe's name, typed from the recipes themselves (a config's ``model.recipe`` is checked against it)."""
+UNRECIPED_END_OF_TURN_TOKENS = ("<|eot_id|>",)
+"""End-of-turn tokens of chat formats without a recipe here (Llama-3)."""
 
 
 @dataclass(frozen=True)
@@ -117,14 +118,20 @@ def chat_template_for(tokenizer: Any, recipe: Recipe | str) -> str:
     return (get_recipe(recipe) if isinstance(recipe, str) else recipe).chat_template
 
 
+def end_of_turn_tokens() -> tuple[str, ...]:
+    """Special tokens that close an assistant turn in the chat formats splittrain knows (every recipe's, then
+    :data:`UNRECIPED_END_OF_TURN_TOKENS`): without a recipe, generation stops on any the tokenizer has."""
+    return tuple(dict.fromkeys([get_recipe(name).end_of_turn for name in NAMES] + list(UNRECIPED_END_OF_TURN_TOKENS)))
+
+
 def stop_token_ids(tokenizer: Any, recipe: Recipe | str | None = None) -> list[int]:
     """Token ids that end an answer: the tokenizer's EOS and the recipe's end-of-turn token (without a recipe: each
-    of :data:`END_OF_TURN_TOKENS`), those the tokenizer has."""
+    of :func:`end_of_turn_tokens`), those the tokenizer has."""
     if recipe is not None:
         turns: tuple[str, ...] = ((get_recipe(recipe) if isinstance(recipe, str) else recipe).end_of_turn,)
     else:
         specials = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-        turns = tuple(t for t in END_OF_TURN_TOKENS if t in specials)
+        turns = tuple(t for t in end_of_turn_tokens() if t in specials)
     eos = tokenizer.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     unknown = getattr(tokenizer, "unk_token_id", None)

@@ -27,10 +27,9 @@ from .loading import (  # noqa: E402
     SplitParts,
     load_segment,
     load_segments,
-    save_segments,
     split_model,
 )
-from .segments import Activations, Segment  # noqa: E402
+from .segments import Activations, Segment, save_segments  # noqa: E402
 from .splitlearn import ModelFactory, SplitModel  # noqa: E402  (SplitLearn's API)
 
 # Training classes pull in Lightning and peft (seconds to import): loaded on first use only.

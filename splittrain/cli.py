@@ -373,7 +373,8 @@ class EstimateOptions:
 def split_command(options: SplitOptions) -> dict[str, Path]:
     """Cut ``options.model`` and write one folder per party under ``options.out``; each party's parts are loaded
     alone."""
-    from .loading import Checkpoint, load_parts, part_ranges, party_parts, save_segments
+    from .loading import Checkpoint, load_parts, part_ranges, party_parts
+    from .segments import save_segments
 
     checkpoint = Checkpoint(options.model, revision=options.revision)
     ranges = part_ranges(checkpoint.text_config.num_hidden_layers, tuple(options.cuts))

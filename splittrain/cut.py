@@ -24,7 +24,7 @@ from typing import Any, Callable, Hashable
 import torch
 
 from .segments import Activations
-from .transport import TRANSPORTS, Pending, Transport
+from .transport import LinkOptions, Pending, Transport, connect
 from .transport.wire import DTYPES, FLOAT_DTYPES
 
 
@@ -144,22 +144,9 @@ def make_link(transport: str, *, wire_dtype: str = "float32", client: str = "cli
     ``tcp`` and ``dist`` present ``fingerprint`` and ``schedule`` (the trunk schedule this client trains with; None
     when it does not train) and wait ``timeout`` seconds for the server.
     """
-    if transport == "local":
-        from .transport.local import LocalTransport
-
-        if server is None:
-            raise ValueError("transport 'local' needs the TrunkServer of this process")
-        return TrunkLink(LocalTransport(server, client), wire_dtype)
-    if transport == "tcp":
-        from .transport.tcp import TcpTransport
-
-        return TrunkLink(TcpTransport(address, client, token, fingerprint, tls_ca=tls_ca, timeout=timeout,
-                                      reconnect_timeout=reconnect_timeout, schedule=schedule), wire_dtype)
-    if transport == "dist":
-        from .transport.dist import DistTransport
-
-        return TrunkLink(DistTransport(fingerprint, timeout=timeout, schedule=schedule), wire_dtype)
-    raise ValueError(f"unknown transport {transport!r}; available: {', '.join(TRANSPORTS)}")
+    options = LinkOptions(client=client, server=server, address=address, token=token, fingerprint=fingerprint,
+                          tls_ca=tls_ca, timeout=timeout, reconnect_timeout=reconnect_timeout, schedule=schedule)
+    return TrunkLink(connect(transport, options), wire_dtype)
 
 
 class Cut(torch.autograd.Function):

@@ -46,7 +46,7 @@ class GenerationOptions:
     stop_strings: list[str] = field(default_factory=list)
     """Stop a row once its text ends with one of these (needs the tokenizer)."""
     eos_token_id: list[int] | None = None
-    """Stop token ids (default: the tokenizer's EOS and its end-of-turn token, see :data:`recipes.END_OF_TURN_TOKENS`)."""
+    """Stop token ids (default: the tokenizer's EOS and its end-of-turn token, see :func:`recipes.end_of_turn_tokens`)."""
     pad_token_id: int | None = None
     """Fills finished rows (default: the tokenizer's pad token, else the first stop token)."""
     seed: int | None = None

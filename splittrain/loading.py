@@ -28,9 +28,7 @@ import torch
 from torch import nn
 
 from .families import Family, get_family
-# save_segments lives beside Segment (Segment.save writes through it); cli.py and splittrain/__init__.py still import
-# it from here.
-from .segments import SPLIT_FILE, Segment, save_segments  # noqa: F401
+from .segments import SPLIT_FILE, Segment
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

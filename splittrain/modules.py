@@ -41,7 +41,7 @@ from .quickstart import resolve_model
 from .segments import Segment
 from .server import TrunkSettings
 from .state import load_state, save_state
-from .transport import TRANSPORTS
+from .transport import TRANSPORTS, TransportName
 from .transport.wire import FLOAT_DTYPES
 
 RUN_FILE = "run.json"
@@ -114,7 +114,7 @@ class ClientModule(L.LightningModule):
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
                  client: TrainMode = "lora", client_lora: LoraSettings = LoraSettings(),
                  optim: OptimSettings = OptimSettings(), trunk: TrunkSettings = TrunkSettings(),
-                 transport: Literal["local", "tcp", "dist"] = "local", address: str | None = None,
+                 transport: TransportName = "local", address: str | None = None,
                  client_name: str = "client0", token_file: str | None = None, tls_ca: str | None = None,
                  wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32", timeout: float = 600.0,
                  reconnect_timeout: float = 300.0, seed: int = 0, dtype: str | None = None,

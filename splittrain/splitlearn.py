@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from .families import FAMILIES, Family, get_family
-from .loading import SPLIT_FILE, Checkpoint, as_dtype, load_parts, load_segment, part_ranges
+from .loading import Checkpoint, as_dtype, load_parts, load_segment, part_ranges
+from .segments import SPLIT_FILE
 from .segments import Activations, Segment
 
 if TYPE_CHECKING:

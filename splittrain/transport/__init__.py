@@ -20,14 +20,20 @@ trunk cut from another model or at other layers.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import torch
 
 Header = dict[str, Any]
 Tensors = dict[str, torch.Tensor]
-TRANSPORTS = ("local", "dist", "tcp")
+TRANSPORTS: dict[str, str] = {"local": f"{__name__}.local", "dist": f"{__name__}.dist", "tcp": f"{__name__}.tcp"}
+"""The registry: transport name -> the module whose ``connect(options: LinkOptions)`` opens its client side. A new
+transport is its module plus one entry here."""
+TransportName = Literal[tuple(TRANSPORTS)]  # type: ignore[valid-type]
+"""A transport's name, typed from the registry (a config's ``model.transport``)."""
 
 # Config keys that say nothing about the weights' shapes or the computation.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
@@ -71,6 +77,33 @@ class Transport(Protocol):
     def close(self) -> None:
         """End the session and release the connection."""
         ...
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    """What a client's side of any transport may need; each transport takes what applies to it."""
+
+    client: str = "client0"
+    """The client's name on the server (over tcp, the name its token is issued to)."""
+    server: Any = None
+    """``local``: the :class:`~splittrain.server.TrunkServer` of this process."""
+    address: str | None = None
+    token: str | None = None
+    fingerprint: dict[str, Any] | None = None
+    """What the server must agree on (:func:`fingerprint`), presented at the handshake."""
+    tls_ca: str | None = None
+    timeout: float = 600.0
+    """Seconds to wait for the server."""
+    reconnect_timeout: float = 300.0
+    schedule: dict[str, Any] | None = None
+    """The trunk schedule this client trains with (None when it does not train), compared at the handshake."""
+
+
+def connect(transport: str, options: LinkOptions) -> Transport:
+    """The client side of the registered transport ``transport`` (:data:`TRANSPORTS`), opened with ``options``."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; available: {', '.join(TRANSPORTS)}")
+    return importlib.import_module(TRANSPORTS[transport]).connect(options)
 
 
 class RemoteError(RuntimeError):

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from . import Answered, Header, RemoteError, Tensors, fingerprint_mismatch
+from . import Answered, Header, LinkOptions, RemoteError, Tensors, fingerprint_mismatch
 from .protocol import check_reply, reply_limit, serve_frames
 from .wire import Frame, ProtocolError, encode, frame_bytes, read_frame
 
@@ -224,3 +224,8 @@ class DistTransport:
         self.seq += 1
         self._exchange(encode("bye", {"seq": self.seq}), lambda h, s: None)
 
+
+
+def connect(options: LinkOptions) -> DistTransport:
+    """The registered entry point: this rank's client side, talking to rank 0 of this torchrun job."""
+    return DistTransport(options.fingerprint, timeout=options.timeout, schedule=options.schedule)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import Answered, Header, Tensors
+from . import Answered, Header, LinkOptions, Tensors
 
 if TYPE_CHECKING:
     from ..server import TrunkServer
@@ -32,3 +32,10 @@ class LocalTransport:
 
     def close(self) -> None:
         self.server.end_session(self.client)
+
+
+def connect(options: LinkOptions) -> LocalTransport:
+    """The registered entry point: a client ``options.client`` of ``options.server``, a server in this process."""
+    if options.server is None:
+        raise ValueError("transport 'local' needs the TrunkServer of this process")
+    return LocalTransport(options.server, options.client)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy
 
 from ..errors import UserError
-from . import Header, RemoteError, SessionBusy, Tensors, fingerprint_mismatch
+from . import Header, LinkOptions, RemoteError, SessionBusy, Tensors, fingerprint_mismatch
 from .protocol import check_reply, reply_limit, serve_frames
 from .wire import (
     Frame,
@@ -931,3 +931,10 @@ def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
     context.load_cert_chain(cert, key)
     return context
 
+
+
+def connect(options: LinkOptions) -> TcpTransport:
+    """The registered entry point: a client of the ``serve`` process at ``options.address``."""
+    return TcpTransport(options.address, options.client, options.token, options.fingerprint, tls_ca=options.tls_ca,
+                        timeout=options.timeout, reconnect_timeout=options.reconnect_timeout,
+                        schedule=options.schedule)
