@@ -23,6 +23,7 @@ from .cut import TrunkLink
 from .privacy import Defense, PrivacySettings
 from .segments import Activations
 from .transport import Header, Pending, Tensors, Transport
+from .transport.codec import unpack
 
 
 @dataclass
@@ -153,7 +154,7 @@ class RecordingTransport:
 
     def _record(self, kind: str, tensors: Tensors) -> None:
         if kind in self.frames:
-            self.frames[kind].append(next(iter(tensors.values())).detach().clone())
+            self.frames[kind].append(unpack(tensors, "hidden_states" if kind == "forward" else "grad").detach().clone())
 
     def request(self, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         self._record(kind, tensors)

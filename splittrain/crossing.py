@@ -15,6 +15,7 @@ import torch
 
 from .cut import Pipeline, TrunkLink, cross, micro_batches
 from .segments import Activations, Segment
+from .transport.codec import unpack
 
 if TYPE_CHECKING:
     from .privacy import Defense
@@ -111,8 +112,8 @@ class Crossing:
             sent.append((state, self.link.send_forward(state, (*key, i), False, False)))
         outputs = []
         for (state, pending), chunk in zip(sent, chunks):
-            hidden = pending.result()[1]["hidden_states"].to(device=state.hidden_states.device,
-                                                              dtype=state.hidden_states.dtype)
+            hidden = unpack(pending.result()[1], "hidden_states").to(device=state.hidden_states.device,
+                                                                      dtype=state.hidden_states.dtype)
             out = self.top(Activations(hidden, state.attention_mask, state.position_ids), labels=chunk["labels"],
                            num_items_in_batch=trained)
             outputs.append((out, chunk))

@@ -10,8 +10,10 @@ Client code reads like ordinary training::
 Forward sends the hidden states with the attention mask and position ids (each side rebuilds its own masks
 and rotary tables); backward sends dL/dh and returns the server's dL/dh_in, so autograd continues into the
 bottom as if the trunk were local. Hidden states and gradients cross in the link's wire dtype (float32 is
-exact; bfloat16/float16 halve the bytes) and each side casts back to its compute dtype; the mask crosses as
-bytes and the positions as int32, whatever the transport, so every transport computes the same numbers.
+exact; bfloat16/float16 halve the bytes; int8 with a scale per row and error feedback on gradients is a little
+over a quarter: :mod:`~splittrain.transport.codec`) and each side casts back to its compute dtype; the mask
+crosses as bytes and the positions as int32, whatever the transport, so every transport computes the same
+numbers.
 
 :func:`make_link` builds a client's link from the transport's name; :class:`~splittrain.crossing.Crossing`
 composes bottom, defenses, this cut and top into the client's passes (single, pipelined, generation).
@@ -25,17 +27,17 @@ import torch
 
 from .segments import Activations
 from .transport import LinkOptions, Pending, Transport, connect
-from .transport.wire import DTYPES, FLOAT_DTYPES
+from .transport.codec import ErrorFeedback, check_wire_dtype, pack, unpack
 
 
 class TrunkLink:
     """The client's handle on the trunk server through a :class:`Transport`."""
 
     def __init__(self, transport: Transport, wire_dtype: str = "float32") -> None:
-        if wire_dtype not in FLOAT_DTYPES:
-            raise ValueError(f"wire_dtype must be one of {', '.join(FLOAT_DTYPES)}, got {wire_dtype!r}")
         self.transport = transport
-        self.wire_dtype = DTYPES[wire_dtype][0]
+        self.wire_dtype = check_wire_dtype(wire_dtype)
+        self.feedback = ErrorFeedback()
+        """The error feedback of the int8 gradients this client sends (saved with its checkpoints)."""
         self.positions_sent = 0
         """Sequence positions of hidden states sent to the trunk so far (every forward pass, generation included)."""
 
@@ -51,7 +53,7 @@ class TrunkLink:
                      step: int | None = None) -> Pending:
         """Start the trunk on ``state`` (the reply's ``hidden_states`` are its output); in training the server
         keeps the graph under ``key`` for ``step``."""
-        tensors = {"hidden_states": state.hidden_states.detach().to(self.wire_dtype),
+        tensors = {**pack("hidden_states", state.hidden_states, self.wire_dtype),
                    "position_ids": state.position_ids.to(torch.int32)}
         if state.attention_mask is not None:
             tensors["attention_mask"] = state.attention_mask.to(torch.uint8)
@@ -66,19 +68,19 @@ class TrunkLink:
     def forward(self, state: Activations, key: Hashable, training: bool, need_input_grad: bool,
                 step: int | None = None) -> torch.Tensor:
         """Run the trunk on ``state``; in training the server keeps the graph under ``key`` for ``step``."""
-        return self.send_forward(state, key, training, need_input_grad, step).result()[1]["hidden_states"]
+        return unpack(self.send_forward(state, key, training, need_input_grad, step).result()[1], "hidden_states")
 
     def generate(self, generation: str, start: bool, hidden: torch.Tensor, new_mask: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
         """Run the trunk on the next positions of generation ``generation`` with the server's KV cache for it
         (``start``: a new one). ``new_mask`` is the attention mask of these positions only; the server keeps the
         rest."""
-        tensors = {"hidden_states": hidden.detach().to(self.wire_dtype), "position_ids": positions.to(torch.int32),
+        tensors = {**pack("hidden_states", hidden, self.wire_dtype), "position_ids": positions.to(torch.int32),
                    "attention_mask": new_mask.to(torch.uint8)}
         header = {"key": ["generate"], "training": False, "need_input_grad": False, "generation": generation,
                   "start": start}
         self.positions_sent += hidden.shape[1]
-        return self._request("forward", header, tensors)[1]["hidden_states"]
+        return unpack(self._request("forward", header, tensors)[1], "hidden_states")
 
     def end_generation(self, generation: str) -> None:
         """Free the server's KV cache of ``generation``."""
@@ -87,10 +89,10 @@ class TrunkLink:
     def send_backward(self, key: Hashable, grad: torch.Tensor) -> Pending:
         """Start the trunk's backward pass of ``key`` with dL/dy ``grad`` (the reply's ``grad`` is dL/dx, when the
         forward pass asked for it)."""
-        return self.transport.submit("backward", {"key": list(key)}, {"grad": grad.detach().to(self.wire_dtype)})
+        return self.transport.submit("backward", {"key": list(key)}, self.feedback.pack("grad", grad, self.wire_dtype))
 
     def backward(self, key: Hashable, grad: torch.Tensor) -> torch.Tensor | None:
-        return self.send_backward(key, grad).result()[1].get("grad")
+        return returned_grad(self.send_backward(key, grad))
 
     def grad_sq_norm(self) -> torch.Tensor:
         """Sum over trunk parameters of their squared gradient norms (for global-norm clipping)."""
@@ -147,6 +149,12 @@ def make_link(transport: str, *, wire_dtype: str = "float32", client: str = "cli
     options = LinkOptions(client=client, server=server, address=address, token=token, fingerprint=fingerprint,
                           tls_ca=tls_ca, timeout=timeout, reconnect_timeout=reconnect_timeout, schedule=schedule)
     return TrunkLink(connect(transport, options), wire_dtype)
+
+
+def returned_grad(pending: Pending) -> torch.Tensor | None:
+    """dL/dx of a backward request's reply (None when the forward pass did not ask for it)."""
+    tensors = pending.result()[1]
+    return unpack(tensors, "grad") if "grad" in tensors else None
 
 
 class Cut(torch.autograd.Function):
@@ -239,7 +247,7 @@ class Pipeline:
             raise RuntimeError(f"{len(self.sent)} micro-batches went to the trunk but {len(self.returning)} "
                                "gradients came back from the top: backward the sum of every micro-batch's loss")
         for i, pending in self.returning:
-            grad_in = pending.result()[1].get("grad")
+            grad_in = returned_grad(pending)
             hidden = self.sent[i][0].hidden_states
             if hidden.requires_grad:
                 torch.autograd.backward(hidden, grad_in.to(device=hidden.device, dtype=hidden.dtype))
@@ -252,7 +260,7 @@ class _Returning(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, anchor: torch.Tensor, pipeline: Pipeline, i: int) -> torch.Tensor:
         ctx.pipeline, ctx.i = pipeline, i
-        return pipeline.sent[i][1].result()[1]["hidden_states"]
+        return unpack(pipeline.sent[i][1].result()[1], "hidden_states")
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):

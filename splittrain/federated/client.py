@@ -42,7 +42,8 @@ class FederatedClient:
     def state_dict(self) -> dict[str, Any]:
         """Its own tensors, optimizer, schedule and figures (a checkpoint's share of this client)."""
         return {"params": [p.detach().clone() for p in self.params], "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "tokens": self.tokens, "losses": list(self.losses)}
+                "scheduler": self.scheduler.state_dict(), "tokens": self.tokens, "losses": list(self.losses),
+                "wire_feedback": self.link.feedback.state_dict()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -52,6 +53,7 @@ class FederatedClient:
             param.copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.link.feedback.load_state_dict(state.get("wire_feedback", {}))
         self.tokens, self.losses = int(state["tokens"]), list(state["losses"])
 
 

@@ -36,7 +36,8 @@ class Checkpoints:
             raise ValueError(f"bad checkpoint tag {tag!r}")
         return adapter.folder / f"{tag}.safetensors"
 
-    def state(self, adapter: TrunkAdapter) -> dict[str, Any]:
+    def state(self, adapter: TrunkAdapter, feedback: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``adapter``'s state; ``feedback``: client -> the error feedback of the int8 gradients sent to it."""
         return {
             "trainable": {n: p.detach() for n, p in adapter.trainable},
             "optimizer": adapter.optimizer.state_dict(),
@@ -44,18 +45,21 @@ class Checkpoints:
             "steps": adapter.steps,
             "federated_step": self.federation.federated_step,
             "fingerprint": self.fingerprint,
+            "wire_feedback": feedback or {},
         }
 
-    def save(self, tag: str, adapter: TrunkAdapter) -> Path:
-        """Write ``adapter``'s state to its folder's ``<tag>.safetensors`` atomically (write, then rename)."""
-        path = save_state(self.state(adapter), self.path(tag, adapter))
+    def save(self, tag: str, adapter: TrunkAdapter, feedback: dict[str, Any] | None = None) -> Path:
+        """Write ``adapter``'s state (and ``feedback``: :meth:`state`) to its folder's ``<tag>.safetensors``
+        atomically (write, then rename)."""
+        path = save_state(self.state(adapter, feedback), self.path(tag, adapter))
         if tag == LATEST or adapter.saved_step is None or adapter.steps >= adapter.saved_step:
             adapter.saved_step = adapter.steps
         return path
 
     @torch.no_grad()
-    def restore(self, path: Path, adapter: TrunkAdapter) -> int:
-        """Load a checkpoint written by :meth:`save` into ``adapter``; returns its step."""
+    def restore(self, path: Path, adapter: TrunkAdapter) -> tuple[int, dict[str, Any]]:
+        """Load a checkpoint written by :meth:`save` into ``adapter``; returns its step and the error feedback it
+        saved (client -> state)."""
         state = load_state(path)
         params = dict(adapter.trainable)
         if set(params) != set(state["trainable"]):
@@ -72,7 +76,7 @@ class Checkpoints:
         adapter.steps = adapter.saved_step = int(state["steps"])
         if adapter.owner == FEDERATION:
             self.federation.restored(path.name, adapter.steps, int(state.get("federated_step", 0)))
-        return adapter.steps
+        return adapter.steps, state.get("wire_feedback", {})
 
     def resume_points(self, federated: bool) -> dict[str, int]:
         """Owner -> the step of the checkpoint written last in its folder (a federation's ``trunk/``, else every

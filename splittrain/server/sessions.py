@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..transport import SessionBusy
+from ..transport.codec import ErrorFeedback
 from .adapters import TrunkAdapter
 from .settings import ServerLimits
 
@@ -53,6 +54,8 @@ class Session:
     """Generation id -> :class:`~splittrain.server.generation.Generation`, least recently used first."""
     adapter: TrunkAdapter | None = None
     """The trunk adapter it trains and runs: its own, or its federation's."""
+    feedback: ErrorFeedback = field(default_factory=ErrorFeedback)
+    """The error feedback of the int8 gradients sent back to this client (:mod:`~splittrain.transport.codec`)."""
 
     @property
     def graph_bytes(self) -> int:

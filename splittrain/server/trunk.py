@@ -25,6 +25,7 @@ from ..federated.trunk import TrunkFederation, combine, trunk_steps
 from ..optim import OptimSettings
 from ..segments import Activations, Segment
 from ..transport import Header, Tensors, fingerprint
+from ..transport.codec import pack, unpack, wire_of
 from ..transport.protocol import Bounds, check_request
 from ..transport.wire import ProtocolError, TensorSpec
 from .adapters import FEDERATION, TrunkAdapter, TrunkAdapters
@@ -248,16 +249,18 @@ class TrunkServer:
             # goes meanwhile is refused by the handler.
             session = self.sessions.get(client)
             graph = session.graphs.get(tuple(header["key"])) if session is not None else None
-            shape = list(specs[0].shape)
+            shape = next(list(s.shape) for s in specs if s.name == "grad")
             if graph is not None and shape != list(graph.y.shape):
                 raise ProtocolError(f"gradient of shape {shape} for an output of shape {list(graph.y.shape)}")
 
     # ------------------------------------------------------------------------------------------ compute
     def _forward(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
-        received = tensors["hidden_states"]
+        wire = wire_of(tensors, "hidden_states")
+        received = unpack(tensors, "hidden_states")
         _finite("hidden_states", received)
         if "generation" in header:
-            return self.generations.forward(session, header, tensors)
+            reply, out = self.generations.forward(session, header, {**tensors, "hidden_states": received})
+            return reply, pack("hidden_states", out["hidden_states"], wire)
         device, dtype = self.trunk.device, self.trunk.dtype
         x = received.to(device=device, dtype=dtype)
         mask = tensors.get("attention_mask")
@@ -275,7 +278,7 @@ class TrunkServer:
         self.trunk.train(training)
         saved = 0
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def count_saved(t: torch.Tensor) -> torch.Tensor:
             nonlocal saved
             if t.untyped_storage().data_ptr() not in self.adapters.param_storages:
                 saved += t.numel() * t.element_size()
@@ -283,7 +286,7 @@ class TrunkServer:
 
         if training:
             x = x.detach().requires_grad_(bool(header.get("need_input_grad", True)))
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t):
                 y = self.trunk(Activations(x, mask, positions)).hidden_states
             graph = Graph(x, y, x.requires_grad, saved + x.nbytes, time.monotonic())
             self.sessions.keep(session, tuple(header["key"]), graph)
@@ -291,7 +294,7 @@ class TrunkServer:
             with torch.no_grad():
                 y = self.trunk(Activations(x, mask, positions)).hidden_states
         self.count("forward")
-        return {}, {"hidden_states": y.detach().to(received.dtype)}
+        return {}, pack("hidden_states", y, wire)
 
     def _backward(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         key = tuple(header["key"])
@@ -299,7 +302,8 @@ class TrunkServer:
         if graph is None:
             raise KeyError(f"no forward pass of client {session.client!r} is waiting for a backward pass under key "
                            f"{list(key)}")
-        grad = tensors["grad"]
+        wire = wire_of(tensors, "grad")
+        grad = unpack(tensors, "grad")
         _finite("grad", grad)
         if grad.shape != graph.y.shape:
             raise ValueError(f"gradient of shape {list(grad.shape)} for an output of shape {list(graph.y.shape)}")
@@ -318,7 +322,7 @@ class TrunkServer:
                     session.grads[name] = p.grad
                 p.grad = None
         self.count("backward")
-        return {}, ({"grad": graph.x.grad.to(grad.dtype)} if graph.need_input_grad else {})
+        return {}, (session.feedback.pack("grad", graph.x.grad, wire) if graph.need_input_grad else {})
 
     def _grad_sq_norm(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         """The squared norm of the gradients waiting for this client's next step: its own, or (federation) its
@@ -369,24 +373,31 @@ class TrunkServer:
         """Write an adapter's state (default: the only one's) to its folder's ``<tag>.safetensors`` atomically
         (write, then rename)."""
         with self.lock:
-            return self.checkpoints.save(tag, adapter or self.adapter())
+            adapter = adapter or self.adapter()
+            return self.checkpoints.save(tag, adapter, self._feedback(adapter))
 
     def save_all(self, tag: str) -> list[Path]:
         """Save every adapter (``serve`` does when it stops)."""
         with self.lock:
-            return [self.checkpoints.save(tag, a) for a in self.adapters.values() if a.folder is not None]
+            return [self.checkpoints.save(tag, a, self._feedback(a)) for a in self.adapters.values()
+                    if a.folder is not None]
+
+    def _feedback(self, adapter: TrunkAdapter) -> dict[str, Any]:
+        """Client -> the error feedback of the int8 gradients sent to it, for every session training ``adapter``."""
+        return {s.client: s.feedback.state_dict() for s in self.sessions.values() if s.adapter is adapter}
 
     def restore(self, path: Path, adapter: TrunkAdapter | None = None) -> int:
         """Load a checkpoint written by :meth:`save` into an adapter (default: the only one); the unapplied
         gradients and graphs of the sessions training it are dropped."""
         with self.lock:
             adapter = adapter or self.adapter()
-            steps = self.checkpoints.restore(path, adapter)
+            steps, feedback = self.checkpoints.restore(path, adapter)
             for session in self.sessions.values():
                 if session.adapter is adapter:
                     session.graphs.clear()
                     session.grads.clear()
                     session.step = None
+                    session.feedback.load_state_dict(feedback.get(session.client, {}))
             return steps
 
     def resume(self) -> dict[str, int]:

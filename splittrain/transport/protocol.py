@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import Header, Tensors
+from .codec import SCALE, WIRE_DTYPES
 from .wire import (
-    FLOAT_DTYPES,
     ST_HEADER_LIMIT,
     Frame,
     PeerClosed,
@@ -136,6 +136,10 @@ _GENERATION = "'generation' must be an id of 1 to 64 letters, digits, '-' or '_'
 _GENERATION_FORWARD = "a generation forward pass is not training and says whether it 'start's"
 _TAGGED = {"tag": Field(_tag, required=True, error="bad checkpoint tag {value!r}")}
 _HIDDEN = ("batch", "seq", "hidden")
+_CROSSING = WIRE_DTYPES
+_ROW_SCALE = Tensor(("float32",), ("batch", "seq"), required=False,
+                    error="{name}_scale must be float32 of shape ({batch}, {seq}), one scale per row of {name}; got "
+                          "{shape} {dtype}")
 
 COMMON: dict[str, Field] = {
     "seq": Field(lambda v: _int(v) and v >= 1, required=True, error="every request needs a positive integer 'seq'"),
@@ -156,28 +160,31 @@ KINDS: dict[str, Kind] = {
                 "generation": Field(_generation, error=_GENERATION),
                 "start": Field(_bool, required=True, when="generation", error=_GENERATION_FORWARD)},
         rules=((lambda h: not ("generation" in h and h.get("training")), _GENERATION_FORWARD),),
-        tensors={"hidden_states": Tensor(FLOAT_DTYPES, _HIDDEN,
+        tensors={"hidden_states": Tensor(_CROSSING, _HIDDEN,
                                          error="hidden_states must be (batch, seq, {hidden}) in one of {dtypes}, got "
                                                "{shape} {dtype}",
                                          bounds="batch {batch} x sequence {seq} is outside 1..{max_batch} x "
                                                 "1..{max_seq}"),
+                 "hidden_states_scale": _ROW_SCALE,
                  "position_ids": Tensor(("int32", "int64"), ((1, "batch"), "seq"),
                                         error="position_ids must be (1 or {batch}, {seq}) integers, got {shape} "
                                               "{dtype}"),
                  "attention_mask": Tensor(("uint8", "bool", "int32", "int64"), ("batch", "seq"), required=False,
                                           error="attention_mask must be ({batch}, {seq}) integers, got {shape} "
                                                 "{dtype}")},
-        tensor_error="forward carries hidden_states, position_ids and optionally attention_mask, not {names}",
-        replies={"hidden_states": "hidden_states"}),
+        tensor_error="forward carries hidden_states (with hidden_states_scale when int8), position_ids and optionally "
+                     "attention_mask, not {names}",
+        replies={"hidden_states": "hidden_states", "hidden_states_scale": "hidden_states_scale"}),
     "backward": Kind(
         "back-propagate dL/dy 'grad' through the graph kept under 'key'; the reply's 'grad' is dL/dx (when the "
         "forward pass asked for it)",
         fields={"key": _KEY},
-        tensors={"grad": Tensor(FLOAT_DTYPES, _HIDDEN, error="gradient must be (batch <= {max_batch}, seq <= "
-                                                             "{max_seq}, {hidden}) in one of {dtypes}, got {shape} "
-                                                             "{dtype}")},
-        tensor_error=f"backward carries one gradient 'grad' in one of {FLOAT_DTYPES}",
-        replies={"grad": "grad"}),
+        tensors={"grad": Tensor(_CROSSING, _HIDDEN, error="gradient must be (batch <= {max_batch}, seq <= "
+                                                          "{max_seq}, {hidden}) in one of {dtypes}, got {shape} "
+                                                          "{dtype}"),
+                 "grad_scale": _ROW_SCALE},
+        tensor_error=f"backward carries one gradient 'grad' in one of {_CROSSING} (with 'grad_scale' when int8)",
+        replies={"grad": "grad", "grad_scale": "grad_scale"}),
     "grad_sq_norm": Kind("the squared norm of the trunk gradients waiting for this client's next step",
                          replies={"sq_norm": ()}),
     "step": Kind(
@@ -250,6 +257,13 @@ def _check_tensors(kind: str, rule: Kind, specs: list[TensorSpec], bounds: Bound
     required = {name for name, t in rule.tensors.items() if t.required}
     if not required <= set(given) <= set(rule.tensors):
         raise ProtocolError(rule.tensor_error.format(kind=kind, names=sorted(given)))
+    for name, spec in given.items():  # an int8 tensor comes with its per-row scale, and a scale only with one
+        if name.endswith(SCALE):
+            base = given.get(name[:-len(SCALE)])
+            if base is None or base.dtype != "int8":
+                raise ProtocolError(f"{name} comes only with an int8 {name[:-len(SCALE)]}")
+        elif spec.dtype == "int8" and name + SCALE not in given:
+            raise ProtocolError(f"int8 {name} needs its per-row scale {name + SCALE} (float32, one per row)")
     sizes: dict[str, int] = {"hidden": bounds.hidden}
     limits = {"batch": bounds.max_batch, "seq": bounds.max_seq}
     for name, tensor in rule.tensors.items():
@@ -257,7 +271,7 @@ def _check_tensors(kind: str, rule: Kind, specs: list[TensorSpec], bounds: Bound
         if spec is None:
             continue
         told = dict(sizes, kind=kind, names=sorted(given), max_batch=bounds.max_batch, max_seq=bounds.max_seq,
-                    dtypes=tensor.dtypes, shape=list(spec.shape), dtype=spec.dtype)
+                    dtypes=tensor.dtypes, shape=list(spec.shape), dtype=spec.dtype, name=name.removesuffix(SCALE))
         if spec.dtype not in tensor.dtypes or not _fits(spec.shape, tensor.dims, sizes):
             raise ProtocolError((tensor.error or rule.tensor_error).format(**told))
         new = {d: n for d, n in zip(tensor.dims, spec.shape) if isinstance(d, str) and d not in sizes}

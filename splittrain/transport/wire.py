@@ -43,11 +43,13 @@ DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "int64": (torch.int64, "I64"),
     "int32": (torch.int32, "I32"),
     "uint8": (torch.uint8, "U8"),
+    "int8": (torch.int8, "I8"),
     "bool": (torch.bool, "BOOL"),
 }
 _NAMES = {dtype: name for name, (dtype, _) in DTYPES.items()}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-"""The dtypes hidden states and their gradients may cross in (``model.wire_dtype``)."""
+"""The floating dtypes hidden states and their gradients may cross in (int8 too, with a scale per row:
+:mod:`~splittrain.transport.codec`)."""
 
 
 class ProtocolError(ValueError):
