@@ -1,6 +1,6 @@
 """Split training over a bandwidth-limited link, with and without pipelining, against the in-process run.
 
-    sudo python benchmarks/slow_link.py            # 1 Gbit/s and 100 Mbit/s; float32 and bfloat16 wire
+    sudo python benchmarks/slow_link.py            # 1 Gbit/s, 100 and 20 Mbit/s; float32, bfloat16, int8 wire
     sudo python benchmarks/slow_link.py --quick    # smoke run: 1 warm-up step, 3 timed steps
 
 Linux and root only: the script makes a network namespace of its own, brings its loopback up with an
@@ -14,7 +14,10 @@ The model and batches are ``split_overhead.py``'s (~20M-parameter Qwen2 shape, L
 machine that slows down mid-run slows all of them alike, and only one of them uses the link at a time): the trunk
 in that process (the reference), and per wire dtype over tcp the unpipelined run and the run with each batch sent
 as ``--pipeline`` micro-batches in flight at once (:class:`splittrain.cut.Pipeline`), whose losses must equal the
-unpipelined run's. Every tcp run has a trunk server process of its own.
+unpipelined run's (to rounding; with the int8 wire, to how the rounding of each micro-batch falls). Every tcp run
+has a trunk server process of its own. The bytes per step of each wire are the transport's count, frame headers
+included; int8's are compared with float32's (target <= 0.27x), and int8 pipelined at 20 Mbit/s with the in-process
+step (target <= 1.3x).
 
 The unpipelined run's transfer time is its step time minus the in-process step time (what the link adds);
 pipelining hides the share ``1 - (pipelined - in process) / (unpipelined - in process)`` of it.
@@ -44,8 +47,8 @@ from split_overhead import SHAPE, Split, client_parts, interleave, make_model, r
 from train_speed import make_batches
 
 HERE = Path(__file__).resolve().parent
-RATES = ("1gbit", "100mbit")
-WIRES = ("float32", "bfloat16")
+RATES = ("1gbit", "100mbit", "20mbit")
+WIRES = ("float32", "bfloat16", "int8")
 MTU = 1500
 
 

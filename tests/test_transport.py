@@ -100,20 +100,21 @@ def test_bfloat16_wire_halves_the_bytes(procs, tmp_path):
     assert runs["bfloat16"]["train_losses"] != runs["float32"]["train_losses"]  # the cast really happened
 
 
-def test_bfloat16_wire_trains_like_float32(tmp_path):
-    """100 quickstart steps: the bfloat16 wire's training loss is within 3% of the float32 wire's.
+def test_bfloat16_and_int8_wires_train_like_float32(tmp_path):
+    """100 quickstart steps: the bfloat16 and int8 wires' training losses are within 3% of the float32 wire's.
 
-    In process, the link casts exactly as over a socket (same dtype on the wire, cast back by the receiver)."""
+    In process, the link packs exactly as over a socket (same dtype on the wire, cast back by the receiver)."""
     losses = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "int8"):
         cli = main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"),
                     "--trainer.max_steps", "100", "--trainer.default_root_dir", str(tmp_path / dtype),
                     "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
                     "--model.sample_prompt", "null", "--model.eval_generate", "false", "--model.wire_dtype", dtype])
         losses[dtype] = sum(cli.model._stats["losses"][-10:]) / 10
-    print(f"mean loss of steps 91-100: float32 {losses['float32']:.4f}, bfloat16 {losses['bfloat16']:.4f}")
-    assert abs(losses["bfloat16"] - losses["float32"]) <= 0.03 * losses["float32"]
-    assert losses["bfloat16"] != losses["float32"]
+    print(f"mean loss of steps 91-100: {losses}")
+    for dtype in ("bfloat16", "int8"):
+        assert abs(losses[dtype] - losses["float32"]) <= 0.03 * losses["float32"]
+        assert losses[dtype] != losses["float32"]
 
 
 # ------------------------------------------------------------------------------------------ one shared server
