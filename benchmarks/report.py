@@ -5,7 +5,7 @@
     python benchmarks/report.py --no-run     # RESULTS.md and the plot from the JSON already in results/
 
 ``slow_link.py`` needs Linux and root (a network namespace shaped with tc); elsewhere its section says why it was
-skipped. The sections of ``quantization_quality.py``, ``chunked_loss.py``, ``client_memory.py`` and
+skipped. The sections of ``quantization_quality.py``, ``wire_quality.py``, ``chunked_loss.py``, ``client_memory.py`` and
 ``estimate_check.py`` are read from their JSON as it is: each of those scripts reruns itself. The report holds every
 table, each target with the figure that meets or misses it, the machine and date of each run, and
 ``results/ratios.png`` (matplotlib): every ratio beside its target.
@@ -240,6 +240,31 @@ def quantization_section(data: dict, targets: Targets) -> list[str]:
 
 
 
+def wire_quality_section(data: dict, targets: Targets) -> list[str]:
+    """``wire_quality.py``: the quickstart trained with a float32, bfloat16 and int8 wire (not rerun by this script,
+    ~15 min: ``python benchmarks/wire_quality.py``)."""
+    runs = [r for r in data["runs"] if r.get("ok")]
+    for r in runs:
+        if r["kind"] == "short" and r["wire"] == "int8" and "val_loss_vs_float32" in r:
+            targets.add(f"int8 wire, {data['short_steps']} quickstart steps: |val loss / float32 wire's - 1|",
+                        abs(r["val_loss_vs_float32"]), 0.03)
+    num = lambda v, f="{:.3f}": f.format(v) if v is not None else "-"
+    rows = [[r["kind"], str(r["steps"]), r["wire"], num(r.get("val_loss"), "{:.4f}"),
+             num(r.get("val_loss_vs_float32"), "{:+.2%}"), num(r.get("exact_match")), num(r.get("rouge_l")),
+             num(r.get("bleu")), num(r.get("bytes_vs_float32"))] for r in runs]
+    failed = [f"{r['kind']} {r['wire']} ({r['status']})" for r in data["runs"] if not r.get("ok")]
+    return [
+        "## The wire dtype: training quality (`wire_quality.py`)", "",
+        f"The quickstart fit (`client: full`, so gradients cross both cuts) with each wire dtype, in a child process "
+        f"per run: `short` is {data['short_steps']} steps validated once at the end, `full` the config as is "
+        f"(validation, then the held-out rows answered by generation). The int8 wire sends a float32 scale per token "
+        f"and carries each gradient's rounding error into the next (error feedback). Bytes are the in-process count "
+        f"of tensor bytes. Ran {where(data)}, splittrain at {data['code']['commit'][:10]}.", "",
+        *table(["run", "steps", "wire", "val loss", "vs float32", "exact match", "ROUGE-L", "BLEU", "bytes x float32"],
+               rows),
+        *([f"Failed: {'; '.join(failed)}.", ""] if failed else [])]
+
+
 def chunked_loss_section(data: dict, targets: Targets) -> list[str]:
     """``chunked_loss.py``: one training step of a large-vocabulary top, whole logits vs chunks (no target; not rerun
     by this script: ``python benchmarks/chunked_loss.py``)."""
@@ -391,6 +416,7 @@ def main() -> None:
                                ("slow", "slow_link.json", slow_link_section),
                                ("memory", "load_memory.json", memory_section),
                                ("quantization", "quantization_quality.json", quantization_section),
+                               ("wire_quality", "wire_quality.json", wire_quality_section),
                                ("chunked", "chunked_loss.json", chunked_loss_section),
                                ("client_memory", "client_memory.json", client_memory_section),
                                ("estimate", "estimate_check.json", estimate_section)):
