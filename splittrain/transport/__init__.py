@@ -10,8 +10,9 @@ Transports differ only in how those bytes move: ``local`` hands them to an in-pr
 
 ``submit`` sends a message without waiting for its reply, so a client can keep several micro-batches in flight
 (pipelining): the server answers one connection's requests in order, and ``result()`` of a later request waits
-for the earlier ones too. Over ``tcp`` the frame leaves from a sender thread while the caller computes; ``local``
-and ``dist`` answer before ``submit`` returns.
+for the earlier ones too. Over ``tcp`` the frame leaves from a sender thread while the caller computes, over
+``dist`` by point-to-point ``isend`` (gloo; under nccl ``dist`` answers before ``submit`` returns, as ``local``
+always does).
 
 Before any message, a client and a server compare :func:`fingerprint` s, so a client never trains against a
 trunk cut from another model or at other layers.

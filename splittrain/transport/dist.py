@@ -11,10 +11,16 @@ ignores ``--node_rank`` and rank 0 may land on the client's machine::
     torchrun --nnodes 2 --nproc_per_node 1 --node_rank R --master_addr HOST0 --master_port 29500 \\
         -m splittrain fit --config C --model.transport dist
 
-Frames are :mod:`~splittrain.transport.wire` frames sent as three uint8 tensors over point-to-point
-``send``/``recv`` (preamble, header, payload), so the receiver checks lengths and the header before it
-allocates the payload, exactly as over TCP. gloo on CPU, nccl with CUDA. The processes of one job trust each
-other (torchrun's rendezvous admits them), so there is no token; the fingerprints are still compared.
+Frames are :mod:`~splittrain.transport.wire` frames sent as uint8 tensors over point-to-point ``send``/``recv``
+(preamble, header, then the payload's parts), so the receiver checks lengths and the header before it allocates
+the payload, exactly as over TCP. gloo on CPU, nccl with CUDA. The processes of one job trust each other
+(torchrun's rendezvous admits them), so there is no token; the fingerprints are still compared.
+
+A client keeps several requests in flight (pipelined micro-batches): ``submit`` posts its frame's parts with
+``isend`` and returns, and replies are read in order as ``result()`` asks for them. gloo sends a part only once the
+server has posted its receive, from gloo's own thread, so the client is never blocked sending frame k+1 while the
+server is blocked sending reply k. Under nccl a rank pair's sends and receives queue on one CUDA stream, where a
+frame queued before an unread reply would wait for it forever: there ``submit`` reads its reply before it returns.
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ import secrets
 import socket
 import sys
 import threading
+from collections import deque
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from . import Answered, Header, LinkOptions, RemoteError, Tensors, fingerprint_mismatch
+from . import Header, LinkOptions, RemoteError, Tensors, fingerprint_mismatch
 from .protocol import check_reply, reply_limit, serve_frames
 from .wire import Frame, ProtocolError, encode, frame_bytes, read_frame
 
@@ -94,16 +101,29 @@ class DistReader:
         return memoryview((buffer.cpu() if buffer.is_cuda else buffer).numpy())
 
 
-def send_frame(buffers: list, dst: int) -> int:
-    """Send an encoded frame as preamble, header, the payload's safetensors header, then each tensor straight
-    from its memory (the receiver knows the sizes from the frame's header: :func:`~.wire.payload_parts`)."""
+def _parts(buffers: list) -> Iterator[torch.Tensor]:
+    """An encoded frame as the messages it crosses in: preamble, header, the payload's safetensors header, then each
+    tensor straight from its memory (the receiver knows the sizes from the frame's header:
+    :func:`~.wire.payload_parts`)."""
     device = _device()
     parts = [buffers[0], buffers[1], b"".join(buffers[2:4]), *buffers[4:]] if len(buffers) > 2 else buffers
     for part in parts:
         if len(part):
             data = torch.frombuffer(part if not isinstance(part, bytes) else bytearray(part), dtype=torch.uint8)
-            dist.send(data.to(device), dst=dst)
+            yield data.to(device)
+
+
+def send_frame(buffers: list, dst: int) -> int:
+    """Send an encoded frame (:func:`_parts`) and return its size once every part has left."""
+    for data in _parts(buffers):
+        dist.send(data, dst=dst)
     return frame_bytes(buffers)
+
+
+def post_frame(buffers: list, dst: int) -> list:
+    """Start sending an encoded frame (:func:`_parts`) without waiting: each returned work completes once the
+    receiver has taken its part. Keep them until then: gloo drops the send of a work that is gone."""
+    return [dist.isend(data, dst=dst) for data in _parts(buffers)]
 
 
 # ================================================================================================ server
@@ -170,6 +190,21 @@ def _hello(server: Any, rank: int, client: str, frame: Frame) -> None:
 
 
 # ================================================================================================ client
+class _Request:
+    """A request of a :class:`DistTransport` in flight; ``result()`` reads replies until its own is there."""
+
+    def __init__(self, transport: "DistTransport", kind: str, seq: int, tensors: Tensors, sends: list) -> None:
+        self.transport, self.kind, self.seq, self.sends = transport, kind, seq, sends
+        self.check, self.limit = check_reply(kind, tensors), reply_limit(tensors)
+        self.frame: Frame | None = None
+
+    def result(self) -> tuple[Header, Tensors]:
+        self.transport._read_until(self)
+        if self.frame.kind == "error":
+            raise RemoteError(f"trunk server: {self.frame.header.get('error')}")
+        return {k: v for k, v in self.frame.header.items() if k not in ("kind", "tensors", "seq")}, self.frame.tensors
+
+
 class DistTransport:
     """Client side: this rank talks to the trunk server on rank 0 of the same torchrun job."""
 
@@ -181,9 +216,15 @@ class DistTransport:
             raise RuntimeError(f"rank {SERVER_RANK} runs the trunk server, not a client")
         if self.world > 2:
             client_group()
+        self.pipelined = dist.get_backend() != "nccl"
+        """Whether requests stay in flight after ``submit`` (module docstring)."""
         self.wire_bytes = 0
         self.seq = 0
         self.closed = False
+        self.outstanding: deque[_Request] = deque()
+        """Requests sent whose replies have not been read yet, oldest first."""
+        self.broken: BaseException | None = None
+        """What broke the stream of replies (a bad reply, a failed receive): nothing more can be read after it."""
         hello = {"client": f"rank{self.rank}", "session": secrets.token_hex(16), "fingerprint": fingerprint}
         if schedule is not None:
             hello["schedule"] = schedule
@@ -195,35 +236,60 @@ class DistTransport:
               f"{SERVER_RANK}", file=sys.stderr, flush=True)
 
     def _exchange(self, buffers: list, check: Callable, limit: int = 0) -> Frame:
+        """One frame and its reply, nothing else in flight (the handshake and the goodbye)."""
         self.wire_bytes += send_frame(buffers, SERVER_RANK)
-        reader = DistReader(SERVER_RANK)
-        frame = read_frame(reader, limit, check)
+        frame = read_frame(DistReader(SERVER_RANK), limit, check)
         self.wire_bytes += frame.nbytes
         return frame
 
     def request(self, kind: str, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
+        return self.submit(kind, header, tensors).result()
+
+    def submit(self, kind: str, header: Header, tensors: Tensors) -> _Request:
+        """Send a request without waiting for its reply (under nccl: having read it); replies come back in the
+        order requests were sent."""
         if self.closed:
             raise RuntimeError("this client said goodbye to the trunk server on rank 0; it serves no more requests")
         self.seq += 1
-        frame = self._exchange(encode(kind, {**header, "seq": self.seq}, tensors), check_reply(kind, tensors),
-                               reply_limit(tensors))
-        if frame.kind == "error":
-            raise RemoteError(f"trunk server: {frame.header.get('error')}")
-        if frame.header.get("seq") != self.seq:
-            raise ProtocolError(f"reply to request {frame.header.get('seq')} while waiting for {self.seq}")
-        return {k: v for k, v in frame.header.items() if k not in ("kind", "tensors", "seq")}, frame.tensors
+        buffers = encode(kind, {**header, "seq": self.seq}, tensors)
+        request = _Request(self, kind, self.seq, tensors, post_frame(buffers, SERVER_RANK))
+        self.wire_bytes += frame_bytes(buffers)
+        self.outstanding.append(request)
+        if not self.pipelined:
+            self._read_until(request)
+        return request
 
-    def submit(self, kind: str, header: Header, tensors: Tensors) -> Answered:
-        return Answered(self.request(kind, header, tensors))
+    def _read_until(self, request: _Request) -> None:
+        """Read replies, in order, until ``request`` has its own (a refusal stays with the request it answers)."""
+        while request.frame is None:
+            if self.broken is not None:
+                raise RuntimeError(f"the replies from the trunk server on rank {SERVER_RANK} broke off before request "
+                                   f"{request.seq} ({self.broken})") from self.broken
+            head = self.outstanding[0]
+            try:
+                for work in head.sends:
+                    work.wait()
+                frame = read_frame(DistReader(SERVER_RANK), head.limit, head.check)
+                if frame.kind != "error" and frame.header.get("seq") != head.seq:
+                    raise ProtocolError(f"reply to request {frame.header.get('seq')} while waiting for {head.seq}")
+            except BaseException as exc:  # the rest of the stream cannot be read in step any more
+                self.broken = exc
+                raise
+            self.wire_bytes += frame.nbytes
+            self.outstanding.popleft()
+            head.frame, head.sends = frame, []
 
     def close(self) -> None:
-        """Say goodbye: the server stops once every client rank has."""
+        """Say goodbye once every reply in flight is read: the server stops once every client rank has."""
         if self.closed:
             return
         self.closed = True
+        if self.broken is not None:  # the server cannot be told; torchrun ends the job when this rank fails
+            return
+        if self.outstanding:
+            self._read_until(self.outstanding[-1])
         self.seq += 1
         self._exchange(encode("bye", {"seq": self.seq}), lambda h, s: None)
-
 
 
 def connect(options: LinkOptions) -> DistTransport:
