@@ -98,7 +98,7 @@ class ClientModule(L.LightningModule):
             across the cut at once, so that over ``tcp`` the transfer of one overlaps the compute of another on
             either side (1: no pipelining). The trunk accumulates them into one step and each micro-batch's loss
             counts as its share of the batch's, so the numbers are the whole batch's (to float rounding).
-            ``local`` and ``dist`` answer each micro-batch before the next leaves, so they gain nothing from it.
+            ``local`` (and ``dist`` under nccl) answers each micro-batch before the next leaves, so gains nothing.
         loss_chunk: trained positions per chunk of the top's LM head + cross-entropy in training, validation and
             test (see :mod:`splittrain.loss`): no float32 batch x tokens x vocab tensor (logits, log-softmax or
             their gradient) is ever whole, only ``loss_chunk x vocab`` ones; the metrics come from the chunks.
