@@ -252,6 +252,8 @@ def _commands() -> dict[str, Command]:
                    "in this process (model.transport local)", overrides=config),
         "token": Command(token_command, "add a client with a fresh random token to a tokens file",
                          (Options(TokenOptions),)),
+        "status": Command(status_command, "a trunk server's clients, steps, bytes and load as a table",
+                          (Options(StatusOptions),)),
     }
 
 
@@ -327,6 +329,22 @@ class ServeOptions:
     threads: int | None = None
     """torch threads for the trunk's compute (default: torch's, one per core); give the server its share of the
     cores when clients compute on the same machine"""
+    http: str | None = None
+    """HOST:PORT of a monitor: /metrics (Prometheus), /status (JSON) and / (a live page); off by default"""
+    http_token_file: str | None = None
+    """file holding the bearer token /metrics and /status require (required to bind the monitor off loopback)"""
+
+
+@dataclass(kw_only=True)
+class StatusOptions:
+    """``status``: where to read a trunk server's status."""
+
+    address: str | None = None
+    """HOST:PORT of the server's monitor (serve --http)"""
+    run_dir: str | None = None
+    """the server's run folder (reads its server_status.json)"""
+    token_file: str | None = None
+    """file holding the monitor's bearer token"""
 
 
 @dataclass(kw_only=True)
@@ -476,6 +494,7 @@ def serve_command(options: ServeOptions, connections: dict[str, Any], limits: An
     # Everything the user gave is checked before the model loads (seconds to minutes): files, then the address.
     known, tls = _serve_credentials(options.tokens, options.tls_cert, options.tls_key)
     check_address(options.address)
+    http_token = _monitor_token(options.http, options.http_token_file)
     server, run = _trunk_server(options, limits, overrides)
     try:
         tcp = TcpServer(server, options.address, known, tls, status_file=run / "server_status.json", **connections)
@@ -483,6 +502,15 @@ def serve_command(options: ServeOptions, connections: dict[str, Any], limits: An
         raise UserError(f"--address {options.address}: {_bind_problem(error)}") from error
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: tcp.stop())
+    if options.http:
+        from .server.monitor import Monitor
+
+        try:
+            monitor = Monitor(tcp.status, options.http, http_token)
+        except OSError as error:
+            raise UserError(f"--http {options.http}: {_bind_problem(error)}") from error
+        monitor.start()
+        print(f"splittrain: monitor on http://{monitor.address}/ (/metrics, /status)", flush=True)
     fed = server.federation
     federation = "" if fed is None else (f"; a federation of {fed.clients} clients (average {fed.average}, trunk "
                                          f"update {fed.trunk_update}, round timeout {fed.round_timeout:g} s)")
@@ -494,6 +522,52 @@ def serve_command(options: ServeOptions, connections: dict[str, Any], limits: An
     steps = ", ".join(f"{owner!r} at step {adapter.steps}" for owner, adapter in server.adapters.items())
     print(f"splittrain: trunk server stopped ({steps or 'no client trained'}); saved "
           f"{', '.join(map(str, paths)) or 'nothing'}", flush=True)
+
+
+def _monitor_token(http: str | None, token_file: str | None) -> str | None:
+    """``serve --http``'s bearer token (from ``--http_token_file``), checked before the model loads: binding the
+    monitor off loopback requires one."""
+    from .transport.tcp import is_loopback, parse_address
+
+    if http is None:
+        if token_file is not None:
+            raise UserError("--http_token_file protects the monitor: give --http HOST:PORT too")
+        return None
+    check_address(http, "--http")
+    token = _read_secret(token_file, "--http_token_file") if token_file is not None else None
+    if token is None and not is_loopback(parse_address(http)[0]):
+        raise UserError(f"--http {http} binds the monitor beyond loopback: its status and metrics would be open to "
+                        "the network; give --http_token_file (a bearer token) or bind 127.0.0.1")
+    return token
+
+
+def _read_secret(path: str, flag: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as error:
+        raise UserError(f"{flag} {path}: {error.strerror or error}") from error
+    if not token:
+        raise UserError(f"{flag} {path} is empty")
+    return token
+
+
+def status_command(options: StatusOptions) -> None:
+    """Print a trunk server's status as a table: from its monitor (``--address``) or its run folder."""
+    import json
+
+    from .server.monitor import fetch_status, status_table
+
+    if (options.address is None) == (options.run_dir is None):
+        raise UserError("status: give either --address HOST:PORT (a server's serve --http) or --run_dir FOLDER")
+    if options.address is not None:
+        token = _read_secret(options.token_file, "--token_file") if options.token_file else None
+        status = fetch_status(options.address, token)
+    else:
+        path = Path(options.run_dir) / "server_status.json"
+        if not path.is_file():
+            raise UserError(f"--run_dir {options.run_dir}: no server_status.json there (is it a serve run folder?)")
+        status = json.loads(path.read_text())
+    print(status_table(status))
 
 
 def _set_threads(threads: int | None) -> None:
@@ -548,7 +622,7 @@ def _serve_credentials(tokens: str, tls_cert: str | None, tls_key: str | None) -
     return known, tls
 
 
-def check_address(address: str) -> tuple[str, int]:
+def check_address(address: str, flag: str = "--address") -> tuple[str, int]:
     """``HOST:PORT`` that this machine can listen on now: parsed, the host resolved, a socket bound to it and closed
     again (as :class:`~splittrain.transport.tcp.TcpServer` binds it). Raises :class:`UserError` saying what is
     wrong (a bad form, an unknown host, an address of another machine, a port in use or reserved)."""
@@ -559,18 +633,18 @@ def check_address(address: str) -> tuple[str, int]:
     try:
         host, port = parse_address(address)
     except ValueError as error:
-        raise UserError(f"--address: {error}") from error
+        raise UserError(f"{flag}: {error}") from error
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
-        raise UserError(f"--address {address}: cannot resolve the host {host!r} ({error.strerror})") from error
+        raise UserError(f"{flag} {address}: cannot resolve the host {host!r} ({error.strerror})") from error
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_STREAM)
     try:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
     except OSError as error:
-        raise UserError(f"--address {address}: {_bind_problem(error)}") from error
+        raise UserError(f"{flag} {address}: {_bind_problem(error)}") from error
     finally:
         probe.close()
     return host, port

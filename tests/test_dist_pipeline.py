@@ -70,6 +70,9 @@ class FakeTrunk:
     def end_session(self, client: str, session: str | None = None) -> None:
         self.events.append("bye")
 
+    def record(self, client: str, kind: str, received: int, sent: int) -> None:
+        pass
+
 
 def run_server(folder: Path) -> None:
     """Rank 0: serve the fake trunk, counting every byte it sends and receives."""

@@ -33,6 +33,7 @@ from .checkpoints import LATEST, Checkpoints, last_checkpoint
 from .generation import Generations
 from .sessions import Graph, Session, Sessions
 from .settings import ServerLimits
+from .traffic import Traffic
 
 log = logging.getLogger("splittrain.server")
 
@@ -87,6 +88,8 @@ class TrunkServer:
         """The federation's trunk half (membership, synchronisation points, secure-aggregation relay)."""
         self.checkpoints = Checkpoints(self.fingerprint, self.federated, self.run_dir)
         self.generations = Generations(trunk, self.limits, self.max_seq, self.count, self.adapters.use)
+        self.traffic = Traffic()
+        """What each client has asked of the server (requests, bytes, training tokens, last seen)."""
         self._handlers: dict[str, Callable[[Session, Header, Tensors], tuple[Header, Tensors]]] = {
             "forward": self._forward, "backward": self._backward, "grad_sq_norm": self._grad_sq_norm,
             "step": self._step, "save": self._save, "load": self._load, "join": self.federated.join,
@@ -239,6 +242,11 @@ class TrunkServer:
                     session.replies.popitem(last=False)
             return reply
 
+    def record(self, client: str, kind: str, received: int, sent: int) -> None:
+        """A request of ``kind`` from ``client`` was answered: ``received`` bytes in, ``sent`` out (transports that
+        serialize call this; :attr:`traffic`)."""
+        self.traffic.record(client, kind, received, sent)
+
     def check(self, client: str, header: Header, specs: list[TensorSpec]) -> None:
         """Check a frame's header from an authenticated ``client`` before its payload is read: what the protocol's
         table says of its kind (:func:`~splittrain.transport.protocol.check_request`) within this model and these
@@ -285,6 +293,7 @@ class TrunkServer:
             return t
 
         if training:
+            self.traffic.add_tokens(session.client, int(mask.sum()) if mask is not None else x.shape[0] * x.shape[1])
             x = x.detach().requires_grad_(bool(header.get("need_input_grad", True)))
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t):
                 y = self.trunk(Activations(x, mask, positions)).hidden_states
@@ -452,7 +461,7 @@ class TrunkServer:
                 "adapters": {owner: {"step": a.steps, "saved_step": a.saved_step, "bytes": a.nbytes}
                              for owner, a in self.adapters.items()},
                 "busy_seconds": self.busy_seconds, "threads": torch.get_num_threads(),
-                "counters": counters, "rss_bytes": rss_bytes(),
+                "counters": counters, "rss_bytes": rss_bytes(), "clients": self.traffic.status(),
                 "gradients_waiting": any(s.grads for s in self.sessions.values()),
                 **self.federated.status(),
                 "sessions": {name: {"graphs": len(s.graphs), "graph_bytes": s.graph_bytes,

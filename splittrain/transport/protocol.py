@@ -36,6 +36,7 @@ from .wire import (
     Reader,
     TensorSpec,
     encode,
+    frame_bytes,
     read_frame,
 )
 
@@ -337,6 +338,8 @@ class FrameServer(Protocol):
 
     def end_session(self, client: str, session_id: str | None = None) -> None: ...
 
+    def record(self, client: str, kind: str, received: int, sent: int) -> None: ...
+
 
 def serve_frames(server: FrameServer, client: str, next_reader: Callable[[], Reader],
                  send: Callable[[list], object], *, session: str | None = None,
@@ -372,7 +375,9 @@ def serve_frames(server: FrameServer, client: str, next_reader: Callable[[], Rea
             server.end_session(client, session)
             send(encode("reply", {"seq": frame.header.get("seq")}))
             return
-        send(_answer(server, client, frame, session, fatal_protocol_errors, log))
+        reply = _answer(server, client, frame, session, fatal_protocol_errors, log)
+        send(reply)
+        server.record(client, frame.kind, frame.nbytes, frame_bytes(reply))
 
 
 def _answer(server: FrameServer, client: str, frame: Frame, session: str | None, fatal_protocol_errors: bool,

@@ -454,13 +454,17 @@ class TcpServer:
                 log.exception("housekeeping failed")
         self.write_status()
 
+    def status(self) -> dict[str, Any]:
+        """The trunk server's status with this listener's (address, connections and handshakes open)."""
+        return {**self.server.status(), "address": self.address, "connections": len(self.threads),
+                "handshakes": len(self.handshakes)}
+
     def write_status(self) -> None:
         if self.status_file is None:
             return
         import json
 
-        status = {**self.server.status(), "address": self.address, "connections": len(self.threads),
-                  "handshakes": len(self.handshakes)}
+        status = self.status()
         tmp = self.status_file.with_name(self.status_file.name + ".tmp")
         self.status_file.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(status, indent=1) + "\n")
