@@ -893,12 +893,46 @@ def _lightning_cli(args: Sequence[str] | dict[str, Any] | None, command_line: bo
         InstructionDataModule,
         args=args,
         save_config_callback=_save_config_once_started(),
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         parser_kwargs={"exit_on_error": False} if command_line else None,
         auto_configure_optimizers=False,  # each party builds its own AdamW from model.optim / model.trunk
+        # logger null: the run's own logs (run_loggers); any Lightning logger, a list of them, or false instead
         trainer_defaults={"plugins": [{"class_path": f"{SafetensorsCheckpointIO.__module__}.SafetensorsCheckpointIO"}],
-                          "logger": False},
+                          "logger": None},
     )
+
+
+def run_loggers(run_dir: str | Path) -> list[Any]:
+    """The loggers of a run whose ``trainer.logger`` is null (the default): Lightning's CSVLogger and, when
+    tensorboard is installed (the ``tensorboard`` extra), its TensorBoardLogger, both writing to
+    ``RUN/logs/version_N`` (a new N for each fit, validate or test)."""
+    from importlib.util import find_spec
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    versions = [p.name.removeprefix("version_") for p in (Path(run_dir) / "logs").glob("version_*")]
+    version = max((int(v) for v in versions if v.isdigit()), default=-1) + 1
+    loggers: list[Any] = [CSVLogger(run_dir, name="logs", version=version)]  # first: it wants its folder empty
+    if find_spec("tensorboard") is not None:
+        loggers.append(TensorBoardLogger(run_dir, name="logs", version=version, default_hp_metric=False))
+    return loggers
+
+
+@functools.cache
+def _run_logs() -> type:
+    """A callback attaching :func:`run_loggers` to its trainer."""
+    from lightning.pytorch.callbacks import Callback
+
+    class RunLogs(Callback):
+        """Attaches :func:`run_loggers` once the data are read (at ``setup``; the loggers' folders appear when the
+        model is built and its checkpoint restored): Lightning makes its loggers' folders before it reads the data,
+        and a run refused for a bad input leaves the run folder as it was."""
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            if not trainer.loggers:  # the first fit/validate/test of this trainer
+                trainer.loggers = run_loggers(trainer.default_root_dir)
+
+    return RunLogs
 
 
 @functools.cache
@@ -909,10 +943,17 @@ def _save_config_once_started() -> type:
     class SaveConfigOnceStarted(SaveConfigCallback):
         """Writes the run's resolved ``config.yaml`` once the run has started (data read, model built, checkpoint
         restored: at the first of the sanity check, training, validation or test), not at ``setup`` as Lightning
-        does: a run that stops on a bad input leaves the run folder as it was."""
+        does: a run that stops on a bad input leaves the run folder as it was. It goes to the run folder
+        (``default_root_dir``), not to the first logger's folder."""
 
         def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
             pass
+
+        def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            root = Path(trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(root / self.config_filename), skip_unset=False,
+                             overwrite=self.overwrite, multifile=self.multifile)
 
         def _save_now(self, trainer: Any, pl_module: Any) -> None:
             if not self.already_saved:
@@ -945,6 +986,24 @@ def _split_cli() -> type:
         def instantiate_classes(self) -> None:
             with _settings_errors():  # a bad value that only the class itself checks (e.g. model.pipeline -1)
                 super().instantiate_classes()
+
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            """The trainer, with :func:`run_loggers` where ``trainer.logger`` is null (attached by
+            :func:`_run_logs`); checkpoints go to the run folder's ``checkpoints/`` whatever the loggers (Lightning
+            would put them in the first one's folder)."""
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            config = self._get(self.config_init, "trainer", default={})
+            run_logs = config.get("logger") is None and "logger" not in kwargs
+            if run_logs:
+                kwargs["logger"] = False  # until RunLogs attaches them
+            trainer = super().instantiate_trainer(**kwargs)
+            if run_logs:
+                trainer.callbacks.append(_run_logs()())
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                    callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+            return trainer
 
         def after_fit(self) -> None:
             write_summary(self.trainer, self.model, self.datamodule)
@@ -985,7 +1044,7 @@ def _check_ckpt_path(ckpt_path: Any, subcommand: str, trainer: Any, model: Any) 
     if ckpt_path in (None, "best", "hpc") or str(ckpt_path).startswith("registry"):
         return
     root = Path(trainer.default_root_dir)
-    local_trunk = root if model.transport == "local" and not trainer.loggers else None
+    local_trunk = root if model.transport == "local" else None
     if ckpt_path == "last":
         folders = [Path(c.dirpath) if c.dirpath else root / "checkpoints"
                    for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
@@ -1033,7 +1092,10 @@ def _lightning_info_to_stdout() -> None:
 
 
 def write_summary(trainer: Any, model: Any, datamodule: Any) -> dict[str, Any]:
-    """Validate once more, then write and print ``summary.json`` in the run folder and a sample answer."""
+    """Validate once more, then write and print ``summary.json`` in the run folder, draw ``curves.png`` beside it
+    (:func:`write_curves`) and show a sample answer."""
+    from importlib.util import find_spec
+
     summary = model.fit_summary()
     validated = {}
     if trainer.limit_val_batches != 0 and getattr(datamodule, "val_dataset", None) is not None:
@@ -1059,12 +1121,58 @@ def write_summary(trainer: Any, model: Any, datamodule: Any) -> dict[str, Any]:
             print(f"  {name:<8} tokens {figures['tokens']:>8}  train loss {figures['train_loss_first']:.4g} -> "
                   f"{figures['train_loss_last']:.4g}  val loss (own shard) {figures['val_loss_own_shard']:.4g}")
         print(f"summary: {path}")
+        curves = write_curves(model.history, path.with_name(path.name.replace("summary", "curves", 1))
+                              .with_suffix(".png"))
+        if curves is not None:
+            print(f"curves:  {curves}")
+        elif find_spec("matplotlib") is None:
+            print("curves:  not drawn (pip install matplotlib to have curves.png)")
         if model.eval_generate and model.last_eval is not None:
             print_eval(model.last_eval["metrics"], model.run_dir)
         if model.sample_prompt:
             answer = model.generate(model.sample_prompt, max_new_tokens=48)
             print(f"sample  user: {model.sample_prompt}\n   assistant: {answer}")
     return summary
+
+
+def write_curves(history: Mapping[str, Mapping[int, float]], path: Path) -> Path | None:
+    """Draw a fit's figures (:attr:`~splittrain.modules.ClientModule.history`) as ``path`` (a PNG): the train and
+    validation losses (per client in a federation: its train loss and the validation loss on its own shard) beside
+    both sides' learning rates, by optimizer steps done. Returns None without matplotlib or a step to draw."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    if not history.get("train_loss"):
+        return None
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    loss, rate = figure.subplots(1, 2)
+
+    def draw(axes: Any, name: str, **style: Any) -> None:
+        series = history.get(name, {})
+        steps = sorted(series)
+        if steps:
+            axes.plot(steps, [series[s] for s in steps], **style)
+
+    clients = sorted({name.split("/", 1)[1] for name in history if name.startswith("train_loss/")},
+                     key=lambda name: int(name.removeprefix("client")))
+    named = len(clients) <= 6  # beyond, the clients' lines go without a legend entry each
+    for n, client in enumerate(clients):
+        draw(loss, f"train_loss/{client}", color=f"C{n + 2}", lw=0.8, marker=".", alpha=0.7,
+             label=f"{client} train (the steps it took part in)" if named else None)
+        draw(loss, f"val_loss/{client}", color=f"C{n + 2}", marker="s", ls="none",
+             label=f"{client} validation (own shard)" if named else None)
+    draw(loss, "train_loss", color="C0", lw=1.5, label="train (mean of the clients)" if clients else "train")
+    draw(loss, "val_loss", color="C1", marker="o", label="validation")
+    draw(rate, "lr/client", color="C0", label="client")
+    draw(rate, "lr/trunk", color="C3", ls="--", label="trunk (server)")
+    loss.set(title="loss", xlabel="optimizer steps", ylabel="cross-entropy")
+    rate.set(title="learning rate after each step", xlabel="optimizer steps")
+    for axes in (loss, rate):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="x-small" if clients else "small")
+    figure.savefig(path, dpi=100)
+    return path
 
 
 def print_eval(metrics: dict[str, Any], run_dir: Path, shown: int = 5) -> None:

@@ -15,7 +15,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -157,7 +158,16 @@ class ClientModule(L.LightningModule):
         self._pipeline: Pipeline | None = None
         """The pipelined batch whose backward pass is under way (see :meth:`backward`)."""
         self._trunk_scale: float | None = None
+        self._trunk_lr: float | None = None
+        """The trunk's learning rate after the last step, as the server's step reply gives it."""
         self._stats = {"tokens": 0, "losses": [], "began": None}
+        self._window: tuple[int, float, int, int] | None = None
+        """Optimizer steps done, clock, tokens and wire bytes when the step under way began (see :meth:`_log_step`)."""
+        self._suffix = ""
+        """Added to the names of validation metrics (``/client1``: a federated client's own shard)."""
+        self.history: dict[str, dict[int, float]] = {}
+        """Figures of this module's fits by name and optimizer steps done (train and validation losses, per client
+        in a federation, and both sides' learning rates): what ``curves.png`` draws, whatever the loggers."""
         self.tokenizer: Any = None
         """The tokenizer :meth:`generate` uses: the datamodule's once attached to a trainer, or set it."""
         self.chat_template: str | None = None
@@ -232,7 +242,12 @@ class ClientModule(L.LightningModule):
             link.close()
 
     def setup(self, stage: str) -> None:
-        """A federated client takes its shard(s) of the data before the loaders are built."""
+        """A federated client takes its shard(s) of the data before the loaders are built. A fit of fewer than ten
+        times ``log_every_n_steps`` steps logs more often, so that its curves have ten points or more (every step
+        when it has fewer than 20) rather than a few or none."""
+        trainer = self._trainer
+        if stage == "fit" and trainer is not None and trainer.max_steps > 0 and trainer.log_every_n_steps > 0:
+            trainer.log_every_n_steps = min(trainer.log_every_n_steps, max(1, trainer.max_steps // 10))
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if self.tokenizer is None and datamodule is not None:
             self.tokenizer = getattr(datamodule, "tokenizer", None)
@@ -256,14 +271,15 @@ class ClientModule(L.LightningModule):
         self._stats["tokens"] = self.federation.tokens
         if losses:
             self._stats["losses"].append(loss.item())
-        self.log("train_loss", loss, prog_bar=True)
+            self._record("train_loss", self._stats["losses"][-1], self.global_step)  # counted: steps done
+        self.log("train_loss", loss, prog_bar=True, logger=False)
         return loss
 
     def _client_loss(self, index: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The client in use's training loss on ``batch``, backed (its gradients accumulate), logged, detached."""
+        """The client in use's training loss on ``batch``, backed (its gradients accumulate), recorded, detached."""
         loss, self._pipeline = self._train_loss(batch, ("train", self.global_step, 0), self.global_step)
         self.manual_backward(loss)  # a pipelined batch finishes there (see backward)
-        self.log(f"client{index}/train_loss", loss.detach(), batch_size=batch["input_ids"].shape[0])
+        self._record(f"train_loss/client{index}", loss.item(), self.global_step + 1)
         return loss.detach()
 
     def client_summaries(self, trainer: L.Trainer, datamodule: Any) -> dict[str, dict[str, Any]]:
@@ -318,10 +334,63 @@ class ClientModule(L.LightningModule):
         if self.federated.enabled:
             return self._federated_step(batch)
         loss, self._pipeline = self._train_loss(batch, ("train", self.global_step, batch_idx), self.global_step)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train_loss", loss, prog_bar=True, logger=False, batch_size=batch["input_ids"].shape[0])
         self._stats["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         self._stats["losses"].append(loss.item())
+        self._record("train_loss", self._stats["losses"][-1], self.global_step + 1)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._window is None or self._window[0] != self.global_step:  # the first batch of a step
+            self._window = (self.global_step, time.perf_counter(), self._stats["tokens"], self._wire_bytes())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._window is not None and self.global_step > self._window[0]:
+            self._log_step()
+
+    def _log_step(self) -> None:
+        """After an optimizer step, to the loggers (on the beat of ``log_every_n_steps``, and at the run's last step
+        so that the logs end where summary.json does): the train loss (and each client's that took part in a
+        federation), both sides' learning rates as the step left them, the step's tokens per second and the bytes
+        it moved across the cuts. Logged here rather than with ``self.log``, which would repeat a client's last
+        loss at the steps it sat out."""
+        _, clock, tokens, wire = self._window
+        self._window = None
+        step, trainer = self.global_step, self.trainer
+        seconds = time.perf_counter() - clock
+        for name, value in self._learning_rates().items():
+            self._record(name, value, step)
+        beat = trainer.log_every_n_steps
+        if not self.loggers or not beat or (step % beat and not trainer.should_stop
+                                            and step < trainer.estimated_stepping_batches):
+            return
+        figures = {name: series[step] for name, series in self.history.items()
+                   if step in series and not name.startswith("val_")}
+        figures.update(tokens_per_second=(self._stats["tokens"] - tokens) / seconds if seconds > 0 else 0.0,
+                       wire_bytes_per_step=float(self._wire_bytes() - wire), epoch=self.current_epoch)
+        for logger in self.loggers:  # Lightning's step of the N-th optimizer step: N - 1
+            logger.log_metrics(figures, step=step - 1)
+            logger.save()
+
+    def _learning_rates(self) -> dict[str, float]:
+        """``lr/client``, the client's learning rate (the first held client's in a federation), and ``lr/trunk``,
+        the trunk's as the server's last step reply gave it."""
+        if self.clients:
+            optimizer, trunk = self.clients[min(self.clients)].optimizer, self.federation.trunk_lr
+        else:
+            optimizer, trunk = self.trainer.optimizers[0], self._trunk_lr
+        rates = {"lr/client": float(optimizer.param_groups[0]["lr"])}
+        if trunk is not None:
+            rates["lr/trunk"] = float(trunk)
+        return rates
+
+    def _wire_bytes(self) -> int:
+        """Bytes the transport has moved so far, over every held client's link."""
+        return sum(link.wire_bytes for link in self.federation.links(self.crossing))
+
+    def _record(self, name: str, value: float, step: int) -> None:
+        """Keep ``value`` of ``name`` at ``step`` (optimizer steps done) in :attr:`history`."""
+        self.history.setdefault(name, {})[step] = float(value)
 
     def _train_loss(self, batch: dict[str, torch.Tensor], key: tuple, step: int) -> tuple[torch.Tensor, Pipeline | None]:
         """The training loss of ``batch`` (the training metrics updated); pipelined (``pipeline`` > 1) also the
@@ -345,12 +414,27 @@ class ClientModule(L.LightningModule):
         """The batch's loss (the validation metrics updated), pipelined as training is."""
         loss = self.crossing.evaluate(batch, self.pipeline, ("val", self.global_step, batch_idx),
                                       lambda out, chunk: self.val_metrics.update_output(out, chunk["labels"]))
-        self.log("val_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log(f"val_loss{self._suffix}", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({f"val_{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
+        self.log_dict({f"val_{k}{self._suffix}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
         self.val_metrics.reset()
+
+    def on_validation_end(self) -> None:
+        name = f"val_loss{self._suffix}"
+        if not self.trainer.sanity_checking and name in self.trainer.callback_metrics:
+            self._record(name, self.trainer.callback_metrics[name].item(), self.global_step)
+
+    @contextmanager
+    def validating_client(self, index: int) -> Iterator[None]:
+        """Validation inside logs its metrics as ``val_loss/client{index}`` and so on: a federated client's own
+        validation shard."""
+        self._suffix = f"/client{index}"
+        try:
+            yield
+        finally:
+            self._suffix = ""
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch, key=("test", self.global_step, batch_idx))
@@ -401,7 +485,7 @@ class ClientModule(L.LightningModule):
         self._trunk_scale = None
         step = self.global_step + 1  # the step this call makes (Lightning counts it once the hook returns)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        self.crossing.link.step(step, self._trunk_scale)
+        self._trunk_lr = self.crossing.link.step(step, self._trunk_scale).get("lr")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the client's trainable tensors and have the trunk save its own state beside."""
@@ -431,8 +515,9 @@ class ClientModule(L.LightningModule):
 
     @property
     def run_dir(self) -> Path:
-        """The run folder: checkpoints, trunk state, run.json, summary.json."""
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """The run folder (the trainer's ``default_root_dir``, whatever the loggers): checkpoints, trunk state,
+        run.json, summary.json, curves.png."""
+        return Path(self.trainer.default_root_dir)
 
     def on_fit_start(self) -> None:
         self._stats["began"] = time.perf_counter()

@@ -71,6 +71,9 @@ class FederatedClients:
         self.clients: dict[int, FederatedClient] = {}
         self.averager: Averager | None = None
         self.crossing: Any = None
+        self.trunk_lr: float | None = None
+        """The trunk's learning rate after the last step, from the server's step reply (in a ``sync`` federation the
+        reply to the member whose request completed the step; the others' say it is pending)."""
         self._slots: list[list[tuple[torch.nn.Module, str]]] = []
         self._resume: dict[str, Any] | None = None
 
@@ -182,7 +185,7 @@ class FederatedClients:
         with warnings.catch_warnings():  # a client drawn out of round 0 schedules before its first step
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)`")
             client.scheduler.step()
-        client.link.step(step + 1, None, taking_part)
+        self._trunk_step(client, step + 1, taking_part)
 
     def _weights(self, participants: set[int]) -> dict[int, float]:
         return {i: self.settings.weight(i in participants, c.samples) for i, c in self.clients.items()}
@@ -200,7 +203,13 @@ class FederatedClients:
             client.optimizer.step()
             client.optimizer.zero_grad(set_to_none=True)
             client.scheduler.step()
-            client.link.step(step + 1, None, index in participants)
+            self._trunk_step(client, step + 1, index in participants)
+
+    def _trunk_step(self, client: FederatedClient, step: int, participant: bool) -> None:
+        """Ask the server for ``client``'s trunk step ``step``; keep the learning rate its reply gives."""
+        reply = client.link.step(step, None, participant)
+        if "lr" in reply:
+            self.trunk_lr = float(reply["lr"])
 
     def _average_weights(self, step: int, participants: set[int]) -> None:
         """FedAvg's round end: every client takes the weighted average of the clients' trainable tensors."""
@@ -244,7 +253,9 @@ class FederatedClients:
             if hasattr(datamodule, "client_loader") and trainer.limit_val_batches != 0:
                 self.use(client)
                 loader = datamodule.client_loader(index, "val", shuffle=False)
-                val = trainer.validate(module, dataloaders=loader, verbose=False)[0].get("val_loss", math.nan)
+                with module.validating_client(index):  # logged as val_loss/client{index}
+                    val = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+                val = val.get(f"val_loss/client{index}", math.nan)
             rows[index] = [client.tokens, val, *client.losses]
         self.use(self.clients[min(self.clients)])
         if self.transport == "dist":
