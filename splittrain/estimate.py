@@ -12,8 +12,9 @@ and ``gradient_checkpointing`` for the client's bottom and top, ``trunk_quantiza
 - ``weights``: every tensor in the weight dtype; with a quantization, the decoder layers' ``nn.Linear`` weights in
   its format instead (:func:`splittrain.quantize.quantized_bytes`: int8 one byte each and a float32 scale per output
   row, 4-bit half a byte each and a float32 absmax per block of 64), their biases, the norms, the embedding and the
-  head staying in the weight dtype. An unquantized part's tensors are memory-mapped from the checkpoint and become
-  resident when the first forward pass touches them: at the peak all of them are;
+  head staying in the weight dtype; with ``embedding_quantization`` (the client's ``int8``) the token embedding and an
+  untied head are int8 too, with a float32 scale per row. An unquantized part's tensors are memory-mapped from the
+  checkpoint and become resident when the first forward pass touches them: at the peak all of them are;
 - adapters, their gradients and AdamW's two moments in float32 (peft keeps adapters in float32);
 - a ``full`` client: gradients and AdamW moments of every client tensor, in the weight dtype;
 - ``activations``: what autograd saves for backward, per token and decoder layer ``4 hidden + 2 q_dim + 2 kv_dim +
@@ -40,7 +41,8 @@ and ``gradient_checkpointing`` for the client's bottom and top, ``trunk_quantiza
   positions at a time, fewer than the batch's tokens; :mod:`splittrain.loss`) the top keeps no logits: the
   workspace holds one chunk's float32 logits, softmax taken in place, and for a bfloat16 or softcapped head a
   second copy (``benchmarks/chunked_loss.py`` measured 1.1 and 1.6 such chunks for fp32 with a frozen and a
-  trained head, the latter with the head's gradient, which ``gradients`` counts);
+  trained head, the latter with the head's gradient, which ``gradients`` counts). An int8 head adds the float32 rows
+  it dequantizes at a time and their block of each chunk's logits (:data:`splittrain.quantize.HEAD_BLOCK` rows);
 - ``runtime``: the process itself (interpreter, torch, Lightning, peft, tokenizer and data for the client; measured
   on CPU as each process's RSS before its first step with a tiny model over tcp) and for a quantized party
   bitsandbytes' CPU kernels and the loader's probe, or the CUDA context on a GPU.
@@ -59,7 +61,7 @@ from typing import Any
 import torch
 
 from .loss import LOSS_CHUNK
-from .quantize import check_name, quantized_bytes
+from .quantize import HEAD_BLOCK, check_embedding_name, check_name, quantized_bytes
 
 GiB = 2**30
 MiB = 2**20
@@ -196,9 +198,11 @@ def _check_settings(cuts: tuple[int, int], layers_n: int, client: str, quantizat
     return quantizations
 
 
-def _add_weights(party: PartyMemory, model: _Model, quantized: str | None, with_outside: bool) -> None:
+def _add_weights(party: PartyMemory, model: _Model, quantized: str | None, with_outside: bool,
+                 embedding_quantized: str | None = None) -> None:
     """The party's parameters and their bytes: its layers (their projections in ``quantized``'s format), and with
-    ``with_outside`` the embedding, final norm and head."""
+    ``with_outside`` the embedding, final norm and head (the embedding and an untied head in
+    ``embedding_quantized``'s format)."""
     layers, width = model.layers, model.width
     party.parameters = sum(sum(p.numel() for p in layers[i].parameters()) for i in party.layers)
     party.parameters += model.outside if with_outside else 0
@@ -208,6 +212,12 @@ def _add_weights(party: PartyMemory, model: _Model, quantized: str | None, with_
         dense = sum(m.weight.numel() for m in linears)
         rows = sum(m.out_features for m in linears)
         party.weights += quantized_bytes(dense, quantized, rows, width) - dense * width
+    if with_outside and embedding_quantized:
+        config = model.config
+        matrices = 1 if getattr(config, "tie_word_embeddings", False) else 2
+        rows = matrices * config.vocab_size
+        dense = rows * config.hidden_size
+        party.weights += quantized_bytes(dense, embedding_quantized, rows, width) - dense * width
 
 
 def _add_training_state(party: PartyMemory, model: _Model, adapted: list[str], r: int, full: bool) -> None:
@@ -246,14 +256,18 @@ def _add_activations(party: PartyMemory, shapes: list[_Layer], tokens: int, hidd
         party.workspace += small + max((x for x in weights if not cpu or x > MMAP_THRESHOLD), default=0)
 
 
-def _add_loss(top: PartyMemory, config: Any, tokens: int, width: int, loss_chunk: int) -> None:
-    """The top's logits: one chunk's in the workspace with the chunked loss, else whole ones kept for backward."""
-    if 0 < loss_chunk < tokens:  # a batch of at most loss_chunk tokens takes the plain path
-        # one chunk's float32 logits, a second copy for a bfloat16 or softcapped head
+def _add_loss(top: PartyMemory, config: Any, tokens: int, width: int, loss_chunk: int, int8_head: bool) -> None:
+    """The top's logits: one chunk's in the workspace with the chunked loss, else whole ones kept for backward; an
+    int8 head's dequantized rows and their block of logits."""
+    chunked = 0 < loss_chunk < tokens  # a batch of at most loss_chunk tokens takes the plain path
+    if chunked:  # one chunk's float32 logits, a second copy for a bfloat16 or softcapped head
         copies = 1 if width == 4 and getattr(config, "final_logit_softcapping", None) is None else 2
         top.workspace += copies * loss_chunk * config.vocab_size * 4
     else:  # float32 logits, their log-softmax and, in backward, the gradients of both
         top.activations += 4 * tokens * config.vocab_size * 4
+    if int8_head:
+        block = min(HEAD_BLOCK, config.vocab_size)
+        top.workspace += block * (config.hidden_size + (loss_chunk if chunked else tokens)) * width
 
 
 def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len: int, dtype: str | None = None,
@@ -261,15 +275,20 @@ def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len:
                     lora_targets: list[str] | None = None, device: str = "cpu", loss_chunk: int = LOSS_CHUNK,
                     quantization: str | None = None, trunk_quantization: str | None = None,
                     gradient_checkpointing: bool = False, trunk_gradient_checkpointing: bool = False,
-                    ) -> dict[str, PartyMemory]:
+                    embedding_quantization: str | None = None) -> dict[str, PartyMemory]:
     """Peak bytes of the client (bottom + top) and of the server (trunk) when training ``model`` cut at ``cuts``
     on batches of ``batch_size`` x ``seq_len`` tokens, weights in ``dtype`` (default: the config's), the loss
     computed ``loss_chunk`` positions at a time (0: whole logits; default: the client's); ``quantization`` and
     ``gradient_checkpointing`` are the client's base weights' format (``int8``, ``nf4``, ``fp4``; None: ``dtype``)
-    and activation checkpointing, ``trunk_quantization`` and ``trunk_gradient_checkpointing`` the server's."""
+    and activation checkpointing, ``trunk_quantization`` and ``trunk_gradient_checkpointing`` the server's;
+    ``embedding_quantization`` (``int8``) the format of the client's embedding and head."""
     config = model_config(model)
     layers_n = config.num_hidden_layers
     quantizations = _check_settings(cuts, layers_n, client, quantization, trunk_quantization)
+    embedding_quantization = check_embedding_name(embedding_quantization)
+    if embedding_quantization and client == "full":
+        raise ValueError(f"embedding quantization {embedding_quantization} freezes the client's embedding and head: "
+                         "client 'full' trains them")
     meta = _meta_model(config, dtype, lora_targets)
     checkpointing = {"client": gradient_checkpointing, "server": trunk_gradient_checkpointing}
     tokens, cpu = batch_size * seq_len, not device.startswith("cuda")
@@ -279,14 +298,15 @@ def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len:
     for name, party in parties.items():
         quantized, r = quantizations[name], trunk_lora_r if name == "server" else client_lora_r
         adapted = meta.targets if name == "server" or client == "lora" else []
-        _add_weights(party, meta, quantized, with_outside=name == "client")
+        _add_weights(party, meta, quantized, name == "client", embedding_quantization)
         _add_training_state(party, meta, adapted, r, full=client == "full" and name == "client")
-        party.runtime = RUNTIME_BYTES[name] + (BITSANDBYTES_BYTES if quantized else 0) if cpu else CUDA_CONTEXT_BYTES
+        bnb = quantized or (name == "client" and embedding_quantization)
+        party.runtime = RUNTIME_BYTES[name] + (BITSANDBYTES_BYTES if bnb else 0) if cpu else CUDA_CONTEXT_BYTES
         if party.layers:
             shapes = [_layer(config, meta.layers[i], adapted, r, meta.width) for i in party.layers]
             _add_activations(party, shapes, tokens, config.hidden_size, meta.width, checkpointing[name], quantized,
                              cpu)
-    _add_loss(parties["client"], config, tokens, meta.width, loss_chunk)
+    _add_loss(parties["client"], config, tokens, meta.width, loss_chunk, embedding_quantization is not None)
     return parties
 
 

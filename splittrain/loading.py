@@ -11,14 +11,10 @@ own folder, so no party ever holds another's weights.
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
-import functools
 import json
 import math
 import os
 import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +24,7 @@ import torch
 from torch import nn
 
 from .families import Family, get_family
-from .segments import SPLIT_FILE, Segment
+from .segments import SPLIT_FILE, Segment, release_freed_memory
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -42,28 +38,6 @@ def rss_bytes() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Give the heap pages freed since the last call back to the kernel (glibc only; a no-op elsewhere).
-
-    glibc keeps freed pages for the next allocation of another shape, so without this the resident peak grows with
-    work whose live tensors do not: simulated clients run one after another (``benchmarks/federated_memory.py``),
-    tensors quantized one after another while a part loads."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def reset_peak_rss() -> bool:
@@ -374,6 +348,7 @@ def split_model(
     split_point_1: int | None = None,
     split_point_2: int | None = None,
     quantization: str | None = None,
+    embedding_quantization: str | None = None,
 ) -> SplitParts:
     """Cut a decoder LLM at ``cuts`` and load the requested ``parts``, each reading only its own tensors.
 
@@ -393,6 +368,9 @@ def split_model(
         quantization: ``int8``, ``nf4`` or ``fp4``: the decoder layers' projections are quantized with
             bitsandbytes tensor by tensor as they are read (see :mod:`splittrain.quantize`); the embedding, norms
             and head keep ``dtype``.
+        embedding_quantization: ``int8``: the token embedding and an untied LM head are stored in int8 too (rows
+            with a float32 scale each, quantized block by block as they are read; a tied head shares the
+            embedding's); see :mod:`splittrain.quantize`.
 
     Returns:
         :class:`SplitParts`: the segments in model order (unpackable), indexable by part name,
@@ -405,7 +383,7 @@ def split_model(
     elif split_point_1 is not None or split_point_2 is not None:
         raise ValueError("give either cuts or split_point_1/split_point_2, not both")
     if isinstance(model_name_or_path, nn.Module):
-        if quantization not in (None, "none"):
+        if quantization not in (None, "none") or embedding_quantization not in (None, "none"):
             raise ValueError("quantization happens while a part loads from its checkpoint: split the model's folder "
                              "or hub id, not a loaded model")
         return _split_loaded(model_name_or_path, cuts, parts, as_dtype(dtype), device, device_map, family)
@@ -413,7 +391,7 @@ def split_model(
     config = checkpoint.text_config
     ranges = part_ranges(config.num_hidden_layers, cuts)
     return load_parts(checkpoint, ranges, parts, dtype, device, device_map, verbose, family, attn_implementation,
-                      quantization)
+                      quantization, embedding_quantization)
 
 
 def _select(ranges: Mapping[str, tuple[int, int]], parts: Sequence[str] | None) -> dict[str, tuple[int, int]]:
@@ -448,6 +426,7 @@ def load_parts(
     family: str | None = None,
     attn_implementation: str | None = None,
     quantization: str | None = None,
+    embedding_quantization: str | None = None,
 ) -> SplitParts:
     """Load the parts named in ``ranges`` (name -> layer range) from ``checkpoint``; see :func:`split_model`."""
     from . import quantize
@@ -464,9 +443,11 @@ def load_parts(
     prefixes = checkpoint.prefixes(fam)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     quantization = quantize.check_name(quantization)
-    if quantization:
+    embedding_quantization = quantize.check_embedding_name(embedding_quantization)
+    for fmt in dict.fromkeys(f for f in (quantization, embedding_quantization) if f):
         for target in {devices[name] for name in wanted}:
-            quantize.probe(quantization, target, build_dtype)
+            quantize.probe(fmt, target, build_dtype)
+    ends = _quantized_ends(skeleton, fam, tied, build_dtype) if embedding_quantization else []
 
     segments: dict[str, Segment] = {}
     reports: dict[str, PartReport] = {}
@@ -477,11 +458,15 @@ def load_parts(
         own_embedding = None
         if stop == config.num_hidden_layers and tied and "bottom" in segments and segments["bottom"].device != target:
             own_embedding = _fresh_embedding(config, fam, build_dtype, attn_implementation)
+            if embedding_quantization:
+                own_embedding = quantize.quantized_embedding(own_embedding, build_dtype)
+                ends.append(own_embedding)
         segment = _segment_from(skeleton, fam, config, name, start, stop, tied, own_embedding)
         report = PartReport(name, (start, stop))
         needed = {key: t for key, t in segment.state_dict(keep_vars=True).items() if t.is_meta}
         by_shard = _keys_by_shard(checkpoint, needed, fam, prefixes, name)
         quantized = _quantized_layers(segment, quantization, build_dtype)
+        quantized.update({f"{key}.weight": m for key, m in segment.named_modules() if any(m is e for e in ends)})
         loaded = _read_part(checkpoint, by_shard, {key: tuple(t.shape) for key, t in needed.items()}, quantized,
                             report, target, dtype, verbose)
         segment.load_state_dict(loaded, strict=False, assign=True)
@@ -499,6 +484,21 @@ def _fresh_embedding(config: Any, family: Family, dtype: torch.dtype, attn_imple
     """An embedding of its own for a tied top on another device than the bottom: storage cannot be shared across
     devices, so the top reads its own copy (the two stay equal unless the client trains them in full)."""
     return getattr(getattr(_skeleton(config, dtype, attn_implementation), family.stack), family.embedding)
+
+
+def _quantized_ends(skeleton: nn.Module, family: Family, tied: bool, dtype: torch.dtype) -> list[nn.Module]:
+    """Put int8 layers in place of the ``skeleton``'s token embedding and untied LM head (meta, unloaded; a tied head
+    is the embedding); returns them. Their weights are quantized block by block as they are read, as the decoder
+    layers' are."""
+    from . import quantize
+
+    inner = getattr(skeleton, family.stack)
+    ends = [quantize.quantized_embedding(getattr(inner, family.embedding), dtype)]
+    setattr(inner, family.embedding, ends[0])
+    if not tied:
+        ends.append(quantize.quantized_linear(skeleton.lm_head, "int8", dtype))
+        skeleton.lm_head = ends[1]
+    return ends
 
 
 def _quantized_layers(segment: Segment, quantization: str | None, dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -634,13 +634,14 @@ def _read_split(directory: Path) -> dict[str, Any]:
 def load_segments(directory: str | os.PathLike, parts: Sequence[str] | None = None,
                   dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                   device_map: str | Mapping[str, Any] | None = None, verbose: bool = False,
-                  quantization: str | None = None) -> SplitParts:
-    """Load the segments saved in ``directory`` (all, or the named ``parts``), optionally ``quantization``-ed."""
+                  quantization: str | None = None, embedding_quantization: str | None = None) -> SplitParts:
+    """Load the segments saved in ``directory`` (all, or the named ``parts``), optionally ``quantization``-ed (and
+    the embedding and head ``embedding_quantization``-ed)."""
     directory = Path(directory)
     meta = _read_split(directory)
     ranges = {name: (int(a), int(b)) for name, (a, b) in meta["parts"].items()}
     return load_parts(Checkpoint(directory), ranges, parts, dtype, device, device_map, verbose, meta["family"],
-                      quantization=quantization)
+                      quantization=quantization, embedding_quantization=embedding_quantization)
 
 
 def load_segment(directory: str | os.PathLike, part: str | None = None, **kwargs: Any) -> Segment:

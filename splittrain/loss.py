@@ -32,6 +32,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .metrics import IGNORE, TokenStats
+from .quantize import head_input_grad, head_linear
 
 LOSS_CHUNK = 512
 """Default trained positions per chunk of :class:`~splittrain.modules.ClientModule` (``model.loss_chunk``).
@@ -51,18 +52,19 @@ class CausalLMLoss(CausalLMOutputWithPast):
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype ``F.linear(hidden, weight)`` computes in here: autocast's when it is on, else the weight's."""
+    """The dtype ``F.linear(hidden, weight)`` computes in here: autocast's when it is on, else the weight's (the hidden
+    states' for an int8 weight, which dequantizes into it)."""
     kind = hidden.device.type
     if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
-    return weight.dtype
+    return weight.dtype if weight.is_floating_point() else hidden.dtype
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float32 logits of one chunk as the plain head computes them (linear and softcap in the compute dtype, then
     the upcast); also ``tanh`` of the capped logits (for the softcap's backward), or None."""
-    logits = nn.functional.linear(h, weight, bias)
+    logits = head_linear(h, weight, bias)
     tanh = None
     if softcap is not None:
         tanh = logits.div_(softcap).tanh_()
@@ -114,7 +116,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         eager = need_hidden and not need_head
         ctx.eager = eager
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
+            w = weight.to(dtype) if weight.is_floating_point() else weight
             b = bias.to(dtype) if bias is not None else None
             nll_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
@@ -127,7 +129,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 correct += (argmax == t).sum()
                 if eager:
                     grad = _grad_logits(probs, t, 1.0, tanh, softcap, dtype)
-                    grad_hidden[start:start + chunk] = grad @ w
+                    grad_hidden[start:start + chunk] = head_input_grad(grad, w)
                     del grad
                 del logits, tanh, probs
         if eager:
@@ -150,7 +152,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if want_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
+            w = weight.to(dtype) if weight.is_floating_point() else weight
             b = bias.to(dtype) if bias is not None else None
             for start in range(0, len(hidden), chunk):
                 h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
@@ -159,7 +161,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = _grad_logits(probs, t, grad_sum, tanh, softcap, dtype)
                 del logits, probs, tanh
                 if want_hidden:
-                    grad_hidden[start:start + chunk] = grad @ w
+                    grad_hidden[start:start + chunk] = head_input_grad(grad, w)
                 if want_weight:
                     if grad_weight.dtype == dtype:
                         grad_weight.addmm_(grad.t(), h)

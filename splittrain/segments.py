@@ -17,8 +17,12 @@ travel with the activations::
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -30,6 +34,29 @@ from .families import Family
 
 SPLIT_FILE = "split.json"
 """A saved segment folder's record of the split: family, number of layers, each part's layer range."""
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed since the last call back to the kernel (glibc only; a no-op elsewhere).
+
+    glibc keeps freed pages for the next allocation of another shape (it returns only the top of its heap), so without
+    this the resident peak grows with work whose live tensors do not: simulated clients run one after another
+    (``benchmarks/federated_memory.py``), tensors quantized one after another while a part loads, and a chunk's logits
+    (a CPU top's largest tensor, :meth:`Segment._head`) on top of the freed activations of the layers before them."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
@@ -225,15 +252,25 @@ class Segment(nn.Module):
         # A batch of at most loss_chunk positions is one chunk: the plain path computes it (the same numbers to the
         # bit, and no tensor larger than a chunk's).
         chunked = 0 < self.loss_chunk < hidden.shape[:-1].numel()
-        if labels is not None and chunked and (self.tied or type(self.lm_head) is nn.Linear):
+        weight, bias = self.head_weight()
+        int8 = not weight.is_floating_point()  # an int8 head (embedding_quantization) dequantizes block by block
+        if labels is not None and chunked and (self.tied or int8 or type(self.lm_head) is nn.Linear):
             from .loss import CausalLMLoss, chunked_causal_lm_loss
 
-            weight, bias = self.head_weight()
+            cpu = hidden.device.type == "cpu"
+            if cpu:  # the heap pages the layers freed go back before a chunk's logits (the step's largest tensor)
+                release_freed_memory()
             loss, stats = chunked_causal_lm_loss(hidden, weight, labels.to(hidden.device), bias,
                                                  chunk=self.loss_chunk, softcap=cap, **loss_kwargs)
+            if cpu:  # and those of the chunks' logits before the backward pass
+                release_freed_memory()
             return CausalLMLoss(loss=loss, logits=None, token_stats=stats)
-        if self.tied:
-            logits = nn.functional.linear(hidden, getattr(self.text_model, self.family.embedding).weight)
+        if int8:
+            from .quantize import head_linear
+
+            logits = head_linear(hidden, weight, bias)
+        elif self.tied:
+            logits = nn.functional.linear(hidden, weight)
         else:
             logits = self.lm_head(hidden)
         if cap is not None:
@@ -263,7 +300,8 @@ def save_segments(segments: Sequence[Segment], directory: str | os.PathLike,
     first = segments[0]
     if any(s.config.to_dict() != first.config.to_dict() for s in segments[1:]):
         raise ValueError("segments to save together must come from the same model")
-    if any(getattr(s, "is_loaded_in_8bit", False) or getattr(s, "is_loaded_in_4bit", False) for s in segments):
+    if any(getattr(s, "is_loaded_in_8bit", False) or getattr(s, "is_loaded_in_4bit", False)
+           or not all(p.is_floating_point() for p in s.parameters()) for s in segments):
         raise ValueError("these segments hold quantized weights: save them from the unquantized checkpoint and "
                          "quantize when each party loads its folder (load_segments(..., quantization=...))")
     directory = Path(directory)

@@ -1,0 +1,37 @@
+"""A CPU top gives glibc's freed heap pages back around its chunked loss: before a chunk's logits (the step's largest
+tensor, which would otherwise stack on the freed activations of the layers before it) and after them, before the
+backward pass. Nothing else changes."""
+
+from __future__ import annotations
+
+import torch
+
+import splittrain
+from splittrain import loading, segments
+from conftest import tiny_model
+from test_chunked_loss import inputs
+
+
+def test_a_cpu_top_trims_the_heap_around_its_chunked_loss_only(monkeypatch):
+    model = tiny_model("qwen2")
+    bottom, trunk, top = splittrain.split_model(model, cuts=(1, 3))
+    ids, mask, labels = inputs(model)
+    calls = []
+    monkeypatch.setattr(segments, "release_freed_memory", lambda: calls.append(len(calls)))
+    losses = {}
+    for chunk in (0, 7):
+        top.loss_chunk = chunk
+        calls.clear()
+        losses[chunk] = top(trunk(bottom(ids, attention_mask=mask)), labels=labels).loss
+        assert len(calls) == (2 if chunk else 0), chunk
+    torch.testing.assert_close(losses[7], losses[0], rtol=1e-6, atol=0)
+    calls.clear()
+    with torch.no_grad():  # generation: logits, no loss, no trim
+        top(trunk(bottom(ids, attention_mask=mask)), logits_to_keep=1)
+    assert not calls
+
+
+def test_release_freed_memory_is_still_loadings():
+    """Loading (and the federated clients, which import it from there) trims with the same function."""
+    assert loading.release_freed_memory is segments.release_freed_memory
+    segments.release_freed_memory()  # a no-op where the C library has no malloc_trim
