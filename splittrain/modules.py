@@ -528,6 +528,11 @@ class ClientModule(L.LightningModule):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / RUN_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
+    def on_train_start(self) -> None:
+        """A federated client that rejoined a run in progress trains from the federation's step, its data from where
+        it left it (:meth:`~splittrain.federated.client.FederatedClients.position`)."""
+        self.federation.position(self.trainer)
+
     def fit_summary(self) -> dict[str, Any]:
         """Figures of the last fit: train losses (first, last, each micro-batch), steps, time, throughput, and the
         bytes the transport moved (frames with headers for tcp/dist; tensor bytes in process)."""

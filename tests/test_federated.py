@@ -290,7 +290,7 @@ def test_secure_aggregation_hides_each_update(tcp_federation):
 
     def work(index: int, link):
         averager = SecureAverager(link, index, FederatedSettings(clients=3, average="weights"), int(weights[index]))
-        return averager.average({index: updates[index]}, {index: weights[index]}, "test")
+        return averager.average({index: updates[index]}, {index: weights[index]}, "test", 0)
 
     results = run_clients(tcp, server, {"c0": 0, "c1": 1, "c2": 2}, work)
     expected = sum(updates[i] * weights[i] for i in range(3)) / sum(weights.values())
@@ -325,7 +325,7 @@ def test_secure_aggregation_goes_on_without_a_dropped_client(tcp_federation, cap
         if index == 2:
             finished.wait(60)  # stops answering after the key exchange, until the others are done
             return "silent"
-        average = averager.average({index: updates[index]}, {index: 1.0}, "test")
+        average = averager.average({index: updates[index]}, {index: 1.0}, "test", 0)
         finished.set()
         return average
 

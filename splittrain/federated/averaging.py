@@ -36,14 +36,17 @@ def unflatten_into(vector: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Non
 class Averager(Protocol):
     """Computes a weighted average of one vector per client across all clients."""
 
-    def average(self, vectors: dict[int, torch.Tensor], weights: dict[int, float], tag: str) -> torch.Tensor:
-        """``sum_c w_c v_c / sum_c w_c`` over every client; ``vectors``/``weights`` hold this process's clients."""
+    def average(self, vectors: dict[int, torch.Tensor], weights: dict[int, float], tag: str, step: int
+                ) -> torch.Tensor:
+        """``sum_c w_c v_c / sum_c w_c`` over every client; ``vectors``/``weights`` hold this process's clients;
+        ``step`` is the federation's optimizer step (0-based) the average ends."""
 
 
 class LocalAverager:
     """All clients live in this process: the average is computed directly."""
 
-    def average(self, vectors: dict[int, torch.Tensor], weights: dict[int, float], tag: str) -> torch.Tensor:
+    def average(self, vectors: dict[int, torch.Tensor], weights: dict[int, float], tag: str, step: int
+                ) -> torch.Tensor:
         total = sum(weights.values())
         if total <= 0:
             raise RuntimeError("no client took part in this average")
@@ -60,7 +63,8 @@ class DistAverager:
     def __init__(self, group) -> None:
         self.group = group
 
-    def average(self, vectors: dict[int, torch.Tensor], weights: dict[int, float], tag: str) -> torch.Tensor:
+    def average(self, vectors: dict[int, torch.Tensor], weights: dict[int, float], tag: str, step: int
+                ) -> torch.Tensor:
         import torch.distributed as dist
 
         ((c, vector),) = vectors.items()

@@ -4,13 +4,15 @@ In one process every client is simulated: they share the frozen weights and the 
 own trainable tensors (swapped into the modules by :meth:`FederatedClients.use`), optimizer, schedule, shard and
 session on the trunk server. Under torchrun each client rank holds one, over tcp each ``fit`` process. Their
 client-side average (FedSGD gradients each step, FedAvg weights each round; :mod:`.settings`) is computed where
-:mod:`.averaging` says: in process, in the torchrun clients' group, or by secure aggregation over tcp.
+:mod:`.averaging` says: in process, in the torchrun clients' group, or by secure aggregation over tcp. A tcp client
+that dropped and runs ``fit`` again rejoins the run in progress (:mod:`.trunk` says how).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -76,6 +78,10 @@ class FederatedClients:
         reply to the member whose request completed the step; the others' say it is pending)."""
         self._slots: list[list[tuple[torch.nn.Module, str]]] = []
         self._resume: dict[str, Any] | None = None
+        self._resumed_step = 0
+        """The optimizer steps of the checkpoint this run resumes from (0: a fresh fit)."""
+        self._rejoined: tuple[int, int] | None = None
+        """After a rejoin: the federation's step this process goes on from, and its client's data position."""
 
     def held(self) -> list[int]:
         """The federation's clients this process holds: all of them in one process, one under torchrun/tcp."""
@@ -106,7 +112,8 @@ class FederatedClients:
         """One :class:`FederatedClient` per held client: its own trainable tensors of the crossing's bottom and top
         (the first held client uses the modules' own), optimizer, schedule (``optim``, ``total_steps``) and session
         on the trunk server (the first held client the crossing's link, the others ``connect(index)``). Sample-weighted
-        averages weigh clients by their shard sizes in ``datamodule`` (equal when the loaders are not ours)."""
+        averages weigh clients by their shard sizes in ``datamodule`` (equal when the loaders are not ours). A client
+        the server finds behind a federation in progress rejoins it (:meth:`_catch_up`)."""
         self.crossing = crossing
         slots: dict[int, list[tuple[torch.nn.Module, str]]] = {}
         originals: dict[int, torch.nn.Parameter] = {}
@@ -117,7 +124,7 @@ class FederatedClients:
                         slots.setdefault(id(param), []).append((sub, name))
                         originals[id(param)] = param
         self._slots = list(slots.values())
-        held = self.held()
+        held, rejoining = self.held(), []
         for n, index in enumerate(held):
             params = list(originals.values()) if n == 0 else [
                 torch.nn.Parameter(p.detach().clone()) for p in originals.values()]
@@ -125,9 +132,14 @@ class FederatedClients:
             rows = len(datamodule.client_dataset(index, "train")) if hasattr(datamodule, "client_dataset") else 1
             optimizer, scheduler = build_optimizer(params or [torch.nn.Parameter(torch.zeros(0))], optim, total_steps)
             self.clients[index] = FederatedClient(index, link, params, optimizer, scheduler, rows)
-            link.join(index, rows)
+            joined = link.request_plain("join", {"index": index, "samples": rows, "step": self._resumed_step,
+                                                 "settings": self.settings.common()})
+            if joined.get("rejoin"):  # behind a federation in progress
+                rejoining.append(index)
         self.averager = self._averager(held[0])
         self._restore()
+        for index in rejoining:
+            self._catch_up(self.clients[index])
         self.use(self.clients[held[0]])
 
     def _averager(self, first: int) -> Averager:
@@ -141,7 +153,9 @@ class FederatedClients:
         if self.transport == "tcp":
             from .secagg import SecureAverager
 
-            return SecureAverager(self.clients[first].link, first, self.settings, self.clients[first].samples)
+            client = self.clients[first]
+            share = (lambda step: self._state_of(client, step)) if self.settings.average == "gradients" else None
+            return SecureAverager(client.link, first, self.settings, client.samples, share)
         return LocalAverager()
 
     def use(self, client: FederatedClient) -> None:
@@ -194,7 +208,7 @@ class FederatedClients:
         """FedSGD: every client steps on the weighted average of the clients' gradients."""
         vectors = {i: flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in c.params])
                    for i, c in self.clients.items()}
-        average = self.averager.average(vectors, self._weights(participants), f"gradients {step}")
+        average = self.averager.average(vectors, self._weights(participants), f"gradients {step}", step)
         for index, client in sorted(self.clients.items()):
             for p in client.params:
                 if p.grad is None:
@@ -215,7 +229,7 @@ class FederatedClients:
         """FedAvg's round end: every client takes the weighted average of the clients' trainable tensors."""
         vectors = {i: flatten(c.params) for i, c in self.clients.items()}
         average = self.averager.average(vectors, self._weights(participants),
-                                        f"weights {self.settings.round_of(step)}")
+                                        f"weights {self.settings.round_of(step)}", step)
         for client in self.clients.values():
             unflatten_into(average, client.params)
 
@@ -230,6 +244,7 @@ class FederatedClients:
             raise ValueError("this checkpoint was written by a run with one client; a federated run resumes "
                              "only from its own checkpoints")
         self._resume = checkpoint["federated"]
+        self._resumed_step = int(checkpoint.get("global_step", 0))
 
     def _restore(self) -> None:
         saved = self._resume
@@ -241,6 +256,72 @@ class FederatedClients:
                 raise ValueError(f"the checkpoint holds no matching state for client {index}")
             client.load_state_dict(state)
         self._resume = None
+
+    # ---------------------------------------------------------------------------------------- rejoins
+    @torch.no_grad()
+    def _catch_up(self, client: FederatedClient) -> None:
+        """Rejoin a federation in progress (tcp; see :mod:`splittrain.federated.trunk`): take the state the server
+        answers ``catch_up`` with (FedSGD: the members' weights and AdamW moments; FedAvg: the last weight average,
+        AdamW afresh) and the schedule at the federation's step; :meth:`position` puts the training loop there."""
+        if self.transport != "tcp":
+            raise RuntimeError(f"a client rejoins a federation in progress over tcp, not {self.transport}")
+        gradients = self.settings.average == "gradients"
+        size = sum(p.numel() for p in client.params)
+        room = torch.zeros((3 if gradients else 1, size), dtype=torch.int64)
+        header, tensors = client.link.request_tensors("catch_up", {}, {"room": room})
+        step, position, state = int(header["step"]), int(header["position"]), tensors.get("state")
+        if gradients:
+            if state is None:
+                raise RuntimeError("the trunk server answered catch_up without the federation's client-side state")
+            weights, exp_avg, exp_avg_sq = state.view(torch.float64)  # float64 values cross as their int64 bits
+            unflatten_into(weights, client.params)
+            steps, offset = torch.tensor(float(header["optimizer_steps"])), 0
+            for p in client.params:
+                n = p.numel()
+                client.optimizer.state[p] = {
+                    "step": steps.clone(),
+                    "exp_avg": exp_avg[offset:offset + n].view_as(p).to(p.device, p.dtype, copy=True),
+                    "exp_avg_sq": exp_avg_sq[offset:offset + n].view_as(p).to(p.device, p.dtype, copy=True)}
+                offset += n
+        elif state is not None:
+            unflatten_into(self.averager.decoded(state[0], float(header["total_weight"])), client.params)
+        with warnings.catch_warnings():  # the schedule goes to the federation's step without optimizer steps
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)`")
+            for _ in range(step):
+                client.scheduler.step()
+        self._rejoined = (step, position)
+        print(f"splittrain: client {client.index} rejoins the federation at step {step}; its data goes on from batch "
+              f"{position}", file=sys.stderr, flush=True)
+
+    def _state_of(self, client: FederatedClient, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """FedSGD: the client-side state ``client`` holds before its optimizer step ``step + 1``, alike on every
+        member (a ``share`` request): weights and AdamW moments as float64 (3, n), crossing as their int64 bits, and
+        the optimizer steps taken."""
+        states = [client.optimizer.state.get(p, {}) for p in client.params]
+        taken = {int(s["step"]) for s in states if "step" in s}
+        if any(set(s) != {"step", "exp_avg", "exp_avg_sq"} for s in states) or len(taken) > 1:
+            raise RuntimeError(f"client {client.index} cannot share its optimizer's state: it is not AdamW's after the "
+                               "same steps on every tensor")
+        state = torch.stack([flatten(client.params), flatten([s["exp_avg"] for s in states]),
+                             flatten([s["exp_avg_sq"] for s in states])]).view(torch.int64)
+        return {"step": step, "optimizer_steps": taken.pop() if taken else 0}, {"state": state}
+
+    def position(self, trainer: Any) -> None:
+        """After a rejoin, as training starts: Lightning's loop at the federation's step, the client's loader at the
+        first batch of its own data it has not trained on (that batch's epoch and place in it)."""
+        if self._rejoined is None:
+            return
+        (step, position), self._rejoined = self._rejoined, None
+        loop = trainer.fit_loop
+        loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(step)
+        loop.epoch_loop._batches_that_stepped = step
+        ((index, loader),) = ((i, trainer.train_dataloader[i]) for i in self.clients)
+        if not (hasattr(loader, "load_state_dict") and hasattr(loader, "batch_sampler")):
+            raise RuntimeError(f"client {index} rejoined but its training loader cannot start mid-epoch: use "
+                               "InstructionDataModule's loaders")
+        epoch, batch = divmod(position, len(loader))
+        loader.load_state_dict({"epoch": epoch, "consumed": batch})
+        loop.epoch_progress.increment_by(epoch)
 
     # ---------------------------------------------------------------------------------------- figures
     def summaries(self, module: Any, trainer: Any, datamodule: Any) -> dict[str, dict[str, Any]]:

@@ -39,12 +39,18 @@ Threat model and limits:
   two participants each learns the other's update. Differential privacy, if wanted, is a separate layer.
 * A (key, nonce) pair must mask a single vector: two vectors masked with the same masks differ by the difference
   of their updates. :class:`Masker` refuses a nonce it has already used since its last :meth:`Masker.agree`.
+  :class:`SecureAverager` numbers its averages by the federation's step, so a client that rejoins uses the
+  members' nonces, with keys derived from its new key pair.
+* A client that rejoins a run in progress brings a new key pair; the server relays its public key as it relayed
+  the first ones (:meth:`Masker.admit`), with the same trust. What a rejoining client is sent besides is what the
+  server already learns from the sums (:mod:`splittrain.federated.trunk`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,6 +191,7 @@ class Masker:
         self.name = name
         self.keypair = keypair if keypair is not None else KeyPair.generate()
         self._keys: dict[str, bytes] = {}
+        self._publics: dict[str, bytes] = {}
         self._used_nonces: set[int] = set()
 
     @property
@@ -203,7 +210,16 @@ class Masker:
             raise ValueError(f"the roster lists a public key for {self.name!r} that is not this client's")
         self._keys = {other: self.keypair.shared_key(pub, pair_context(context_prefix, self.name, other))
                       for other, pub in publics.items() if other != self.name}
+        self._publics = {other: bytes(pub) for other, pub in publics.items() if other != self.name}
         self._used_nonces = set()
+
+    def admit(self, publics: Mapping[str, bytes], context_prefix: bytes = CONTEXT) -> None:
+        """Derive keys with the peers of ``publics`` that are new or have a new public key (a client that rejoined);
+        the other keys and the nonces used with them stay."""
+        for other, pub in publics.items():
+            if other != self.name and self._publics.get(other) != bytes(pub):
+                self._keys[other] = self.keypair.shared_key(pub, pair_context(context_prefix, self.name, other))
+                self._publics[other] = bytes(pub)
 
     def protect(self, values: torch.Tensor, weight: float, participants: Sequence[str], nonce: int,
                 scale_bits: int = SCALE_BITS) -> torch.Tensor:
@@ -236,44 +252,69 @@ class SecureAverager:
     At the start every client publishes an X25519 public key and its weight through the server (``keys``) and
     derives a mask key with every other client. Each average is then one ``aggregate`` request carrying this
     client's update, fixed-point encoded with its weight and masked pairwise, so the server can only add the
-    updates up. When a client dropped out, the server answers with the survivors and the round is redone over
-    them with a fresh nonce.
+    updates up. When a client dropped out, or one rejoined with a new key pair, the server answers with the round's
+    participants (and the members' public keys) and the round is redone over them with a fresh nonce.
+
+    Args:
+        link: this client's link to the trunk server.
+        index: this client's index.
+        settings: the federation.
+        samples: this client's training rows (its weight).
+        share: FedSGD: the client-side state this client holds (header and tensors of a ``share`` request), sent
+            when the server asks for it for a client that rejoins.
     """
 
     SCALE_BITS = 40
     """Fixed-point fraction bits: updates are scaled by weight / total weight, so |values| < 2**22 fit."""
 
-    def __init__(self, link, index: int, settings: FederatedSettings, samples: int) -> None:
-        self.link, self.index, self.settings = link, index, settings
+    def __init__(self, link, index: int, settings: FederatedSettings, samples: int,
+                 share: Callable[[int], tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None) -> None:
+        self.link, self.index, self.settings, self.share = link, index, settings, share
         self.masker = Masker(self.name(index))
         header = self.link.request_plain("keys", {"public": self.masker.public.hex(),
                                                   "weight": settings.weight(True, samples)})
-        publics = {self.name(int(i)): bytes.fromhex(h) for i, h in header["publics"].items()}
-        self.masker.agree(publics, b"splittrain secagg v1 " + str(header["federation"]).encode())
+        self.context = b"splittrain secagg v1 " + str(header["federation"]).encode()
+        self.masker.agree(self._publics(header), self.context)
         self.alive = sorted(int(i) for i in header["publics"])
+        self.roster = int(header.get("roster", 0))
         self.scale = float(sum(header["weights"].values()))
-        self.sequence = 0
 
     @staticmethod
     def name(index: int) -> str:
         return f"{index:06d}"  # sorts as the indices do
 
-    def average(self, vectors: dict[int, torch.Tensor], weights: dict[int, float], tag: str) -> torch.Tensor:
+    def _publics(self, header: dict[str, Any]) -> dict[str, bytes]:
+        return {self.name(int(i)): bytes.fromhex(h) for i, h in header["publics"].items()}
+
+    def average(self, vectors: dict[int, torch.Tensor], weights: dict[int, float], tag: str, step: int
+                ) -> torch.Tensor:
+        """The weighted average of every client's vector; ``step``: the federation's optimizer step (0-based) it
+        ends, which numbers the round's nonces alike on every client."""
         ((index, vector),) = vectors.items()
-        self.sequence += 1
-        for attempt in range(self.settings.clients):
-            nonce = (self.sequence << 8) | attempt
+        for attempt in range(min(self.settings.clients + 2, 256)):  # a rejoin redoes a round once, a dropout too
+            nonce = ((step + 1) << 8) | attempt
             if self.alive == [self.index]:  # the only client left: its own update is the average
                 return vector.clone()
             masked = self.masker.protect(vector, weights[index] / self.scale, [self.name(i) for i in self.alive],
                                          nonce, self.SCALE_BITS)
-            header, tensors = self.link.request_tensors(
-                "aggregate", {"nonce": nonce, "weight": weights[index], "participants": self.alive}, {"masked": masked})
+            request = {"nonce": nonce, "weight": weights[index], "participants": self.alive, "roster": self.roster}
+            header, tensors = self.link.request_tensors("aggregate", request, {"masked": masked})
+            if "share" in header:  # a client rejoins at this step: send it the state first, then the update again
+                if self.share is None:
+                    raise RuntimeError(f"the trunk server asked client {self.index} for a state it does not share")
+                fields, state = self.share(int(header["share"]))
+                self.link.request_tensors("share", fields, state)
+                header, tensors = self.link.request_tensors("aggregate", request, {"masked": masked})
             if "retry" in header:
                 self.alive = sorted(header["retry"])
+                self.masker.admit(self._publics(header), self.context)
+                self.roster = int(header["roster"])
                 continue
-            total = float(header["total_weight"])
-            if total <= 0:
-                raise RuntimeError("no client took part in this average")
-            return decode(tensors["sum"], total / self.scale, self.SCALE_BITS).to(vector.dtype)
+            return self.decoded(tensors["sum"], float(header["total_weight"])).to(vector.dtype)
         raise RuntimeError(f"secure aggregation of {tag} failed: clients kept dropping out")
+
+    def decoded(self, total: torch.Tensor, total_weight: float) -> torch.Tensor:
+        """The float64 average of a masked sum the server answered, of clients weighing ``total_weight``."""
+        if total_weight <= 0:
+            raise RuntimeError("no client took part in this average")
+        return decode(total, total_weight / self.scale, self.SCALE_BITS)

@@ -26,8 +26,8 @@ the average at its end.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -116,6 +116,11 @@ class FederatedSettings:
     def ends_round(self, step: int) -> bool:
         """Whether optimizer step ``step`` (0-based) is the last of its round (weights are averaged after it)."""
         return (step + 1) % self.round_steps == 0
+
+    def common(self) -> dict[str, Any]:
+        """The settings every party of one federation holds alike (a client that joins with others is refused);
+        ``round_timeout`` is the server's and ``client_index`` each client's own."""
+        return {k: v for k, v in asdict(self).items() if k not in ("round_timeout", "client_index")}
 
 
 def round_half_up(x: float) -> int:

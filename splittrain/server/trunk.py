@@ -93,8 +93,8 @@ class TrunkServer:
         self._handlers: dict[str, Callable[[Session, Header, Tensors], tuple[Header, Tensors]]] = {
             "forward": self._forward, "backward": self._backward, "grad_sq_norm": self._grad_sq_norm,
             "step": self._step, "save": self._save, "load": self._load, "join": self.federated.join,
-            "keys": self.federated.keys, "aggregate": self.federated.aggregate,
-            "end_generation": self.generations.end,
+            "keys": self.federated.keys, "aggregate": self.federated.aggregate, "catch_up": self.federated.catch_up,
+            "share": self.federated.share, "end_generation": self.generations.end,
         }
 
     # ------------------------------------------------------------------------------------------ adapters

@@ -90,6 +90,12 @@ def _indices(value: Any) -> bool:
     return isinstance(value, list) and len(value) <= 2**16 and all(type(i) is int for i in value)
 
 
+def _settings(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) <= 32 and all(
+        isinstance(k, str) and len(k) <= 64 and (value[k] is None or type(value[k]) in (bool, int, float, str))
+        and (not isinstance(value[k], str) or len(value[k]) <= 64) for k in value)
+
+
 # ------------------------------------------------------------------------------------------------ the table
 @dataclass(frozen=True)
 class Field:
@@ -198,21 +204,41 @@ KINDS: dict[str, Kind] = {
     "load": Kind("restore the client's trunk adapter from checkpoint 'tag' (a truthy 'force': even while a "
                  "federation trains)", fields=_TAGGED),
     "join": Kind(
-        "join the federation as client 'index' holding 'samples' training rows",
-        fields={"index": Field(_int, required=True), "samples": Field(_count, required=True)},
+        "join the federation as client 'index' holding 'samples' training rows, having made 'step' optimizer steps "
+        "(behind the federation's: it rejoins and catches up), with the federation 'settings' it trains with",
+        fields={"index": Field(_int, required=True), "samples": Field(_count, required=True),
+                "step": Field(_count, error="'step' must be the client's optimizer steps so far (an integer >= 0)"),
+                "settings": Field(_settings, error="'settings' must map at most 32 names to short plain values")},
         error="join carries the client's integer 'index' and 'samples'"),
     "keys": Kind(
         "secure aggregation: relay this client's X25519 'public' key and 'weight' to every client",
         fields={"public": Field(_public_key, required=True), "weight": Field(_weight, required=True)},
         error="keys carries a 32-byte hex X25519 'public' key and a 'weight' >= 0"),
     "aggregate": Kind(
-        "secure aggregation: add the clients' 'masked' updates of round 'nonce' among 'participants'",
+        "secure aggregation: add the clients' 'masked' updates of round 'nonce' among 'participants', masked with the "
+        "keys of version 'roster' of the public keys",
         fields={"nonce": Field(_int, required=True), "weight": Field(_weight, required=True),
-                "participants": Field(_indices, required=True)},
-        error="aggregate carries an integer 'nonce', a 'weight' >= 0 and 'participants'",
+                "participants": Field(_indices, required=True), "roster": Field(_count)},
+        error="aggregate carries an integer 'nonce', a 'weight' >= 0, 'participants' and a 'roster' version >= 0",
         tensors={"masked": Tensor(("int64",), (None,))},
         tensor_error="aggregate carries one 1-d int64 tensor 'masked'",
         replies={"sum": "masked"}),
+    "catch_up": Kind(
+        "a client that rejoined asks for the federation's step, its own data position and the client-side 'state' "
+        "to go on from (waits for the next synchronisation point); 'room' is int64 zeros of the state's shape "
+        "(FedSGD: weights and AdamW moments, float64 values as their int64 bits, (3, n); FedAvg: the last masked "
+        "sum, (1, n))",
+        tensors={"room": Tensor(("int64",), ((1, 3), None))},
+        tensor_error="catch_up carries one tensor 'room': int64 zeros of shape (3, n) or (1, n)",
+        replies={"state": "room"}),
+    "share": Kind(
+        "FedSGD: a member sends the federation's client-side 'state' at step 'step' (weights and AdamW moments after "
+        "'optimizer_steps' steps, float64 values as their int64 bits, (3, n)) for a client that rejoins there; the "
+        "server asked for it",
+        fields={"step": Field(_count, required=True), "optimizer_steps": Field(_count, required=True)},
+        error="share carries the 'step' and the 'optimizer_steps' of the state it holds",
+        tensors={"state": Tensor(("int64",), (3, None))},
+        tensor_error="share carries one int64 tensor 'state' of shape (3, n)"),
     "end_generation": Kind("free the KV cache of generation 'generation'",
                            fields={"generation": Field(_generation, required=True, error=_GENERATION)}),
 }
