@@ -192,3 +192,15 @@ def _bad_scales_are_refused_and_serving_goes_on(address: str, token: str) -> Non
     out = link.forward(Activations(hidden, None, torch.arange(5)[None]), ("probe", 1), False, False)
     assert out.shape == (2, 5, 128)
     link.close()
+
+
+def test_a_request_that_cannot_be_encoded_leaves_nothing_outstanding():
+    """A frame that cannot be made (here: too many tensors) raises at submit and is not waited for at close."""
+    from splittrain.transport.tcp import TcpTransport
+
+    transport = TcpTransport.__new__(TcpTransport)  # no connection: encode refuses before anything is sent
+    transport.closed, transport.seq, transport.acked, transport.server_step = False, 0, 0, 0
+    transport.replay, transport.outstanding = [], __import__("collections").deque()
+    with pytest.raises(ProtocolError, match="at most"):
+        transport.submit("forward", {}, {f"t{i}": torch.zeros(1) for i in range(9)})
+    assert not transport.outstanding and transport.seq == 0 and not transport.replay

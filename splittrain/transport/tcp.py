@@ -767,8 +767,9 @@ class TcpTransport:
         if self.closed:  # used again after close(): a new session
             self.closed, self.session = False, secrets.token_hex(16)
             self._connect_with_retry(None)
+        header = {**header, "seq": self.seq + 1, "ack": self.acked}
+        buffers = encode(kind, header, tensors)  # a frame that cannot be made raises here, before it is outstanding
         self.seq += 1
-        header = {**header, "seq": self.seq, "ack": self.acked}
         entry = None
         if kind in _LOGGED_KINDS and (kind != "forward" or header.get("training")):
             entry = (self.server_step, kind, header, tensors)
@@ -776,7 +777,7 @@ class TcpTransport:
         request = _Request(self, kind, header, tensors, entry)
         self.outstanding.append(request)
         try:
-            self._send(encode(kind, header, tensors))
+            self._send(buffers)
         except (OSError, PeerClosed) as exc:
             self._recover(exc)
         return request
