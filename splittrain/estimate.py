@@ -42,7 +42,10 @@ and ``gradient_checkpointing`` for the client's bottom and top, ``trunk_quantiza
   workspace holds one chunk's float32 logits, softmax taken in place, and for a bfloat16 or softcapped head a
   second copy (``benchmarks/chunked_loss.py`` measured 1.1 and 1.6 such chunks for fp32 with a frozen and a
   trained head, the latter with the head's gradient, which ``gradients`` counts). An int8 head adds the float32 rows
-  it dequantizes at a time and their block of each chunk's logits (:data:`splittrain.quantize.HEAD_BLOCK` rows);
+  it dequantizes at a time and their block of each chunk's logits (:data:`splittrain.quantize.HEAD_BLOCK` rows). On
+  CPU the top gives the heap's free pages back before and after its chunks (``release_freed_memory``), so the loss's
+  workspace takes the place of what the layers' left resident, and the larger of the two counts (measured with
+  ``benchmarks/client_memory.py``);
 - ``runtime``: the process itself (interpreter, torch, Lightning, peft, tokenizer and data for the client; measured
   on CPU as each process's RSS before its first step with a tiny model over tcp) and for a quantized party
   bitsandbytes' CPU kernels and the loader's probe, or the CUDA context on a GPU.
@@ -256,18 +259,23 @@ def _add_activations(party: PartyMemory, shapes: list[_Layer], tokens: int, hidd
         party.workspace += small + max((x for x in weights if not cpu or x > MMAP_THRESHOLD), default=0)
 
 
-def _add_loss(top: PartyMemory, config: Any, tokens: int, width: int, loss_chunk: int, int8_head: bool) -> None:
+def _add_loss(top: PartyMemory, config: Any, tokens: int, width: int, loss_chunk: int, int8_head: bool,
+              cpu: bool) -> None:
     """The top's logits: one chunk's in the workspace with the chunked loss, else whole ones kept for backward; an
-    int8 head's dequantized rows and their block of logits."""
+    int8 head's dequantized rows and their block of logits. On CPU the top gives the heap's free pages back before
+    its chunks (:func:`splittrain.segments.release_freed_memory`), so what the layers' workspace held is not resident
+    beside them: the larger of the two counts."""
     chunked = 0 < loss_chunk < tokens  # a batch of at most loss_chunk tokens takes the plain path
+    workspace = 0
     if chunked:  # one chunk's float32 logits, a second copy for a bfloat16 or softcapped head
         copies = 1 if width == 4 and getattr(config, "final_logit_softcapping", None) is None else 2
-        top.workspace += copies * loss_chunk * config.vocab_size * 4
+        workspace += copies * loss_chunk * config.vocab_size * 4
     else:  # float32 logits, their log-softmax and, in backward, the gradients of both
         top.activations += 4 * tokens * config.vocab_size * 4
     if int8_head:
         block = min(HEAD_BLOCK, config.vocab_size)
-        top.workspace += block * (config.hidden_size + (loss_chunk if chunked else tokens)) * width
+        workspace += block * (config.hidden_size + (loss_chunk if chunked else tokens)) * width
+    top.workspace = max(top.workspace, workspace) if chunked and cpu else top.workspace + workspace
 
 
 def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len: int, dtype: str | None = None,
@@ -306,7 +314,7 @@ def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len:
             shapes = [_layer(config, meta.layers[i], adapted, r, meta.width) for i in party.layers]
             _add_activations(party, shapes, tokens, config.hidden_size, meta.width, checkpointing[name], quantized,
                              cpu)
-    _add_loss(parties["client"], config, tokens, meta.width, loss_chunk, embedding_quantization is not None)
+    _add_loss(parties["client"], config, tokens, meta.width, loss_chunk, embedding_quantization is not None, cpu)
     return parties
 
 

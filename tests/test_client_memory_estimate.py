@@ -28,15 +28,32 @@ def config(tmp_path: Path, tied: bool) -> str:
 @pytest.mark.parametrize("loss_chunk", [0, 32])
 def test_the_int8_matrix_replaces_the_float_one_and_adds_its_blocks(tmp_path, tied, loss_chunk):
     folder = config(tmp_path, tied)
-    plain, int8 = (estimate_memory(folder, (1, 3), 2, 64, client="lora", loss_chunk=loss_chunk,
-                                   embedding_quantization=e) for e in (None, "int8"))
+
+    def client(device: str, embedding: str | None):
+        return estimate_memory(folder, (1, 3), 2, 64, client="lora", loss_chunk=loss_chunk, device=device,
+                               embedding_quantization=embedding)
+
+    plain, int8 = client("cuda", None), client("cuda", "int8")
     rows = VOCAB * (1 if tied else 2)
     assert plain["client"].weights - int8["client"].weights == rows * HIDDEN * WIDTH - (rows * HIDDEN + 4 * rows)
     block = min(HEAD_BLOCK, VOCAB)
     assert int8["client"].workspace - plain["client"].workspace == block * (HIDDEN + (loss_chunk or 128)) * WIDTH
-    assert int8["client"].runtime - plain["client"].runtime == BITSANDBYTES_BYTES
     assert int8["client"].parameters == plain["client"].parameters
     assert int8["server"].as_dict() == plain["server"].as_dict()
+    assert client("cpu", "int8")["client"].runtime - client("cpu", None)["client"].runtime == BITSANDBYTES_BYTES
+
+
+@pytest.mark.parametrize("loss_chunk", [16, 32, 64])
+def test_on_cpu_a_chunk_takes_the_place_of_the_heap_the_top_gives_back(tmp_path, loss_chunk):
+    """The CPU top trims the heap before its chunks: the workspace is the layers' or one chunk's logits (two copies
+    in bfloat16), the larger; on CUDA both."""
+    folder = config(tmp_path, True)
+    whole, chunked = (estimate_memory(folder, (1, 3), 2, 64, loss_chunk=c)["client"] for c in (0, loss_chunk))
+    logits = 2 * loss_chunk * VOCAB * 4
+    assert chunked.workspace == max(whole.workspace, logits)
+    whole, chunked = (estimate_memory(folder, (1, 3), 2, 64, loss_chunk=c, device="cuda")["client"]
+                      for c in (0, loss_chunk))
+    assert chunked.workspace == whole.workspace + logits
 
 
 def test_int8_embedding_mistakes(tmp_path):
