@@ -1,6 +1,6 @@
 """What the split costs, in one report: rerun the cost benchmarks and regenerate ``benchmarks/RESULTS.md``.
 
-    python benchmarks/report.py              # reruns split_overhead, clients, slow_link, load_memory (~17 min on 2 cores)
+    python benchmarks/report.py              # reruns split_overhead, clients, slow_link, offload, load_memory (~22 min)
     python benchmarks/report.py --quick      # the same with each benchmark's smoke run
     python benchmarks/report.py --no-run     # RESULTS.md and the plot from the JSON already in results/
 
@@ -26,6 +26,7 @@ BENCHMARKS = {  # script -> (its JSON, extra arguments of a full run)
     "split_overhead.py": ("split_overhead.json", []),
     "clients.py": ("clients.json", []),
     "slow_link.py": ("slow_link.json", []),
+    "offload.py": ("offload.json", []),
     "load_memory.py": ("load_memory.json", []),
 }
 
@@ -182,6 +183,53 @@ def slow_link_section(data: dict, targets: Targets) -> list[str]:
         "count per step, frame headers included. With the int8 wire the pipelined run's losses differ from the "
         "unpipelined run's by more than rounding: each micro-batch is quantized (and its residual carried) on its "
         "own.", ""]
+
+
+def offload_section(data: dict, targets: Targets) -> list[str]:
+    """``offload.py``: the pipelined split step with each party on a core of its own against the unsplit model on one,
+    and the step-time model's predictions."""
+    headline = next(r for r in data["runs"] if r["cuts"] == data["first_choice"])
+    targets.add(f"offload, cut {tuple(headline['cuts'])}: pipelined split step / unsplit step on one core",
+                data["ratio_to_unsplit"], 0.85, fastest=data["min_ratio_to_unsplit"])
+    errors = sorted(abs(r["model_error"]) for r in data["runs"])
+    fastest = sorted(abs(r["model_error_fastest"]) for r in data["runs"])
+    targets.add(f"offload: step-time model's error, second best of {len(errors)} measured cuts",
+                errors[1] if len(errors) > 1 else None, 0.10, fastest=fastest[1] if len(fastest) > 1 else None)
+    fit = data["stage_fit_ms"]
+    stages = [[name, f"{fit['fixed'][name]:.1f}", f"{fit['per_layer'][name]:.1f}"] for name in fit["fixed"]]
+    runs = [[str(tuple(r["cuts"])), f"{r['split_median_ms']:.0f}", f"{r['unsplit_median_ms']:.0f}",
+             f"{r['ratio_to_unsplit']:.3f}", f"{r['min_ratio_to_unsplit']:.3f}", f"{r['predicted_ms']:.0f}",
+             f"{r['model_error']:+.1%}", f"{r['model_error_fastest']:+.1%}", f"{r['max_loss_diff_vs_unsplit']:.1e}"]
+            for r in data["runs"]]
+    best = [[name, str(tuple(r["cuts"])), f"{r['predicted_ms']:.0f}", f"{r['ratio_to_unsplit_estimate']:.3f}"]
+            for name, r in data["best"].items()]
+    loop = data["loopback"]
+    shape = data["shape"]
+    drift = ", ".join(f"{d:+.1%}" for d in data["unsplit_drift"].values())
+    return [
+        "## Offload: each party on a core of its own (`offload.py`)", "",
+        f"{data['params'] / 1e6:.1f}M-parameter Qwen2 shape (hidden {shape['hidden_size']}, "
+        f"{shape['num_hidden_layers']} layers, vocab {shape['vocab_size']}), LoRA r={data['lora_r']} on the trunk, "
+        f"frozen bottom and top, batch {data['batch']}x{data['length']} as {data['micro']} pipelined micro-batches, "
+        f"fp32. The client is pinned to core {data['cores']['client']}, the trunk server (over tcp on loopback) to "
+        f"core {data['cores']['server']}, one torch thread each; the unsplit model (LoRA on the same layers, same "
+        f"initial adapters) runs alone on the client's core. Every cut's unsplit and split runs and the stage "
+        f"timings take turns batch by batch; median of {data['steps']} timed steps. The unsplit medians moved "
+        f"{drift} from the first half of the steps to the second. Ran {where(data)}.", "",
+        "Stage times per micro-batch on one core with one thread (fixed + per layer, from two splits of the model); "
+        f"a crossing is {data['crossing_bytes'] / 1e3:.0f} kB, loopback {loop['rate'] / 1e9:.2f} GB/s and "
+        f"{loop['latency'] * 1e6:.0f} us one way:", "",
+        *table(["stage", "fixed ms", "ms per layer"], stages),
+        *table(["cuts", "split ms/step", "unsplit ms/step", "x unsplit", "fastest x", "model ms", "model error",
+                "fastest model error", "max abs loss diff"], runs),
+        "Fastest x: the fastest split step / the fastest unsplit step; fastest model error: the model on the fastest "
+        "repetition of each stage against the fastest split step (a busy machine moves both less).", "",
+        "The model simulates the client's schedule (bottoms, then tops as the trunk's outputs come back, then the "
+        "tops' backward passes sending dL/dh; the server's trunk passes in arrival order; a full-duplex link). The "
+        f"fastest cut it finds for the client (slow links: {data['slow_link_latency_s'] * 1e3:.0f} ms one way; x "
+        "unsplit estimated from the stages run one after another on one core, scaled by the measured unsplit "
+        f"step / that sum, {data['unsplit_over_one_core_stages']:.3f}):", "",
+        *table(["link", "cuts", "model ms/step", "x unsplit (estimated)"], best)]
 
 
 def memory_section(data: dict, targets: Targets) -> list[str]:
@@ -381,6 +429,11 @@ def plot(sections: dict[str, dict], path: Path) -> None:
                        [(f"{r['rate']} {SHORT[r['wire']]}" + (f" x{r['pipeline']} micro" if r["pipeline"] > 1 else ""),
                          r["ratio_to_in_process"], slow_target(r))
                         for r in sections["slow"]["runs"]]))
+    if "offload" in sections:
+        offload = sections["offload"]
+        panels.append(("offload: split step / unsplit, a core each",
+                       [(f"cuts {tuple(r['cuts'])}", r["ratio_to_unsplit"],
+                         0.85 if r["cuts"] == offload["first_choice"] else None) for r in offload["runs"]]))
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
@@ -414,6 +467,7 @@ def main() -> None:
     for key, name, section in (("overhead", "split_overhead.json", overhead_section),
                                ("clients", "clients.json", clients_section),
                                ("slow", "slow_link.json", slow_link_section),
+                               ("offload", "offload.json", offload_section),
                                ("memory", "load_memory.json", memory_section),
                                ("quantization", "quantization_quality.json", quantization_section),
                                ("wire_quality", "wire_quality.json", wire_quality_section),
