@@ -43,9 +43,9 @@ and ``gradient_checkpointing`` for the client's bottom and top, ``trunk_quantiza
   second copy (``benchmarks/chunked_loss.py`` measured 1.1 and 1.6 such chunks for fp32 with a frozen and a
   trained head, the latter with the head's gradient, which ``gradients`` counts). An int8 head adds the float32 rows
   it dequantizes at a time and their block of each chunk's logits (:data:`splittrain.quantize.HEAD_BLOCK` rows). On
-  CPU the top gives the heap's free pages back before and after its chunks (``release_freed_memory``), so the loss's
-  workspace takes the place of what the layers' left resident, and the larger of the two counts (measured with
-  ``benchmarks/client_memory.py``);
+  CPU, where a chunk's logits reach :data:`splittrain.segments.TRIM_LOGITS_BYTES`, the top gives the heap's free
+  pages back before and after its chunks (``release_freed_memory``), so the loss's workspace takes the place of what
+  the layers' left resident, and the larger of the two counts (measured with ``benchmarks/client_memory.py``);
 - ``runtime``: the process itself (interpreter, torch, Lightning, peft, tokenizer and data for the client; measured
   on CPU as each process's RSS before its first step with a tiny model over tcp) and for a quantized party
   bitsandbytes' CPU kernels and the loader's probe, or the CUDA context on a GPU.
@@ -65,6 +65,7 @@ import torch
 
 from .loss import LOSS_CHUNK
 from .quantize import HEAD_BLOCK, check_embedding_name, check_name, quantized_bytes
+from .segments import TRIM_LOGITS_BYTES
 
 GiB = 2**30
 MiB = 2**20
@@ -263,8 +264,8 @@ def _add_loss(top: PartyMemory, config: Any, tokens: int, width: int, loss_chunk
               cpu: bool) -> None:
     """The top's logits: one chunk's in the workspace with the chunked loss, else whole ones kept for backward; an
     int8 head's dequantized rows and their block of logits. On CPU the top gives the heap's free pages back before
-    its chunks (:func:`splittrain.segments.release_freed_memory`), so what the layers' workspace held is not resident
-    beside them: the larger of the two counts."""
+    chunks of :data:`~splittrain.segments.TRIM_LOGITS_BYTES` or more, so what the layers' workspace held is not
+    resident beside them: the larger of the two counts."""
     chunked = 0 < loss_chunk < tokens  # a batch of at most loss_chunk tokens takes the plain path
     workspace = 0
     if chunked:  # one chunk's float32 logits, a second copy for a bfloat16 or softcapped head
@@ -275,7 +276,8 @@ def _add_loss(top: PartyMemory, config: Any, tokens: int, width: int, loss_chunk
     if int8_head:
         block = min(HEAD_BLOCK, config.vocab_size)
         workspace += block * (config.hidden_size + (loss_chunk if chunked else tokens)) * width
-    top.workspace = max(top.workspace, workspace) if chunked and cpu else top.workspace + workspace
+    trimmed = chunked and cpu and min(loss_chunk, tokens) * config.vocab_size * 4 >= TRIM_LOGITS_BYTES
+    top.workspace = max(top.workspace, workspace) if trimmed else top.workspace + workspace
 
 
 def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len: int, dtype: str | None = None,

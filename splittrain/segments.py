@@ -34,6 +34,11 @@ from .families import Family
 
 SPLIT_FILE = "split.json"
 """A saved segment folder's record of the split: family, number of layers, each part's layer range."""
+TRIM_LOGITS_BYTES = 32 * 2**20
+"""A CPU top gives the heap's free pages back around its chunked loss when a chunk's float32 logits are at least this
+large (glibc's largest mmap threshold): then they are the step's largest tensor and would stack on the freed
+activations; below it the trim costs more time than it saves memory (a heap walk and the pages faulted in again:
+~0.15 s a step on the quickstart, whose chunks are 4 MiB)."""
 
 
 @functools.cache
@@ -53,7 +58,8 @@ def release_freed_memory() -> None:
     glibc keeps freed pages for the next allocation of another shape (it returns only the top of its heap), so without
     this the resident peak grows with work whose live tensors do not: simulated clients run one after another
     (``benchmarks/federated_memory.py``), tensors quantized one after another while a part loads, and a chunk's logits
-    (a CPU top's largest tensor, :meth:`Segment._head`) on top of the freed activations of the layers before them."""
+    (a CPU top's largest tensor, :meth:`Segment._head`, :data:`TRIM_LOGITS_BYTES`) on top of the freed activations of
+    the layers before them."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -257,12 +263,13 @@ class Segment(nn.Module):
         if labels is not None and chunked and (self.tied or int8 or type(self.lm_head) is nn.Linear):
             from .loss import CausalLMLoss, chunked_causal_lm_loss
 
-            cpu = hidden.device.type == "cpu"
-            if cpu:  # the heap pages the layers freed go back before a chunk's logits (the step's largest tensor)
+            rows = min(self.loss_chunk, hidden.shape[:-1].numel())
+            trim = hidden.device.type == "cpu" and rows * len(weight) * 4 >= TRIM_LOGITS_BYTES
+            if trim:  # the heap pages the layers freed go back before a chunk's logits (the step's largest tensor)
                 release_freed_memory()
             loss, stats = chunked_causal_lm_loss(hidden, weight, labels.to(hidden.device), bias,
                                                  chunk=self.loss_chunk, softcap=cap, **loss_kwargs)
-            if cpu:  # and those of the chunks' logits before the backward pass
+            if trim:  # and those of the chunks' logits before the backward pass
                 release_freed_memory()
             return CausalLMLoss(loss=loss, logits=None, token_stats=stats)
         if int8:

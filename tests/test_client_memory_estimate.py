@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from splittrain import estimate
 from splittrain.errors import UserError
 from splittrain.estimate import BITSANDBYTES_BYTES, estimate_memory
 from splittrain.quantize import HEAD_BLOCK
@@ -44,16 +45,23 @@ def test_the_int8_matrix_replaces_the_float_one_and_adds_its_blocks(tmp_path, ti
 
 
 @pytest.mark.parametrize("loss_chunk", [16, 32, 64])
-def test_on_cpu_a_chunk_takes_the_place_of_the_heap_the_top_gives_back(tmp_path, loss_chunk):
-    """The CPU top trims the heap before its chunks: the workspace is the layers' or one chunk's logits (two copies
-    in bfloat16), the larger; on CUDA both."""
+def test_on_cpu_a_large_chunk_takes_the_place_of_the_heap_the_top_gives_back(tmp_path, monkeypatch, loss_chunk):
+    """Where the CPU top trims the heap before its chunks (logits of TRIM_LOGITS_BYTES or more), the workspace is the
+    layers' or one chunk's logits (two copies in bfloat16), the larger; below that threshold, and on CUDA, both."""
     folder = config(tmp_path, True)
-    whole, chunked = (estimate_memory(folder, (1, 3), 2, 64, loss_chunk=c)["client"] for c in (0, loss_chunk))
     logits = 2 * loss_chunk * VOCAB * 4
-    assert chunked.workspace == max(whole.workspace, logits)
-    whole, chunked = (estimate_memory(folder, (1, 3), 2, 64, loss_chunk=c, device="cuda")["client"]
-                      for c in (0, loss_chunk))
-    assert chunked.workspace == whole.workspace + logits
+
+    def workspaces(device: str) -> tuple[int, int]:
+        return tuple(estimate_memory(folder, (1, 3), 2, 64, loss_chunk=c, device=device)["client"].workspace
+                     for c in (0, loss_chunk))
+
+    whole, chunked = workspaces("cpu")
+    assert chunked == whole + logits  # 5 MiB chunks or less: no trim
+    monkeypatch.setattr(estimate, "TRIM_LOGITS_BYTES", loss_chunk * VOCAB * 4)
+    whole, chunked = workspaces("cpu")
+    assert chunked == max(whole, logits)
+    whole, chunked = workspaces("cuda")
+    assert chunked == whole + logits
 
 
 def test_int8_embedding_mistakes(tmp_path):

@@ -1,29 +1,35 @@
-"""A CPU top gives glibc's freed heap pages back around its chunked loss: before a chunk's logits (the step's largest
-tensor, which would otherwise stack on the freed activations of the layers before it) and after them, before the
-backward pass. Nothing else changes."""
+"""A CPU top gives glibc's freed heap pages back around its chunked loss when a chunk's logits are large: before them
+(the step's largest tensor, which would otherwise stack on the freed activations of the layers before it) and after
+them, before the backward pass. Nothing else changes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import splittrain
 from splittrain import loading, segments
-from conftest import tiny_model
+from conftest import VOCAB, tiny_model
 from test_chunked_loss import inputs
 
 
-def test_a_cpu_top_trims_the_heap_around_its_chunked_loss_only(monkeypatch):
+@pytest.mark.parametrize("large", [True, False])
+def test_a_cpu_top_trims_the_heap_around_a_chunked_loss_of_large_logits(monkeypatch, large):
+    """Chunks of 7 x 96 logits: trimmed when the threshold is below their size, not at the default (32 MiB, which
+    spares small models the trim's cost); never on the plain path or in generation."""
     model = tiny_model("qwen2")
     bottom, trunk, top = splittrain.split_model(model, cuts=(1, 3))
     ids, mask, labels = inputs(model)
     calls = []
     monkeypatch.setattr(segments, "release_freed_memory", lambda: calls.append(len(calls)))
+    if large:
+        monkeypatch.setattr(segments, "TRIM_LOGITS_BYTES", 7 * VOCAB * 4)
     losses = {}
     for chunk in (0, 7):
         top.loss_chunk = chunk
         calls.clear()
         losses[chunk] = top(trunk(bottom(ids, attention_mask=mask)), labels=labels).loss
-        assert len(calls) == (2 if chunk else 0), chunk
+        assert len(calls) == (2 if chunk and large else 0), chunk
     torch.testing.assert_close(losses[7], losses[0], rtol=1e-6, atol=0)
     calls.clear()
     with torch.no_grad():  # generation: logits, no loss, no trim
