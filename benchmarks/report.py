@@ -395,7 +395,7 @@ def estimate_section(data: dict, targets: Targets) -> list[str]:
                 "ratio"], rows)]
 
 
-SHORT = {"float32": "f32", "bfloat16": "bf16"}
+SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int8": "i8"}
 
 
 def slow_target(run: dict) -> float | None:
