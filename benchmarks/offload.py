@@ -291,7 +291,8 @@ def client_parts(folder: str, cuts: tuple[int, int]):
 
 
 class Unsplit:
-    """The whole model on this process's core, peft LoRA on the trunk layers of ``cuts``; one batch per ``step``."""
+    """The whole model on this process's core, peft LoRA on the trunk layers of ``cuts``; one batch per ``step``.
+    ``shares``: per step, the share of its wall-clock this thread was on the core (below 1: other processes ran)."""
 
     wire_bytes = 0
 
@@ -309,12 +310,15 @@ class Unsplit:
         init_lora(self.model)
         self.optimizer, _ = build_optimizer([p for p in self.model.parameters() if p.requires_grad],
                                             OptimSettings(lr=1e-3), None)
+        self.shares: list[float] = []
 
     def step(self, index: int, batch: dict) -> float:
+        began, cpu = time.perf_counter(), time.thread_time()
         loss = self.model(**batch, use_cache=False).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
+        self.shares.append((time.thread_time() - cpu) / (time.perf_counter() - began))
         return loss.item()
 
 
@@ -433,6 +437,7 @@ def measure(folder: str, args, layers: int, server_core: int) -> dict:
     ranked = sorted(all_cuts(layers), key=lambda c: step_time(first.stages(c), args.micro, crossing_bytes,
                                                               Link(math.inf, 0.0)))
     measured = list(dict.fromkeys([ranked[0], *(tuple(c) for c in args.cuts or default_cuts(layers))]))
+    load_before = os.getloadavg()[0]
     with ExitStack() as stack:
         runs = []
         for cuts in measured:
@@ -441,9 +446,12 @@ def measure(folder: str, args, layers: int, server_core: int) -> dict:
         link = loopback(stack, server_core, runs[1].link, args.link_repeats)
         results = interleave([*runs, timer], batches, args.warmup)
     results.pop("stages")
+    for run in runs:
+        if isinstance(run, Unsplit):
+            results[run.name]["cpu_shares"] = run.shares[args.warmup:]
     return {"measured": measured, "results": results, "fit": timer.fit(), "fastest_fit": timer.fit(min),
             "first_choice": ranked[0], "stage_medians": timer.medians(), "link": link,
-            "crossing_bytes": crossing_bytes}
+            "crossing_bytes": crossing_bytes, "load_average": [load_before, os.getloadavg()[0]]}
 
 
 def default_cuts(layers: int) -> list[tuple[int, int]]:
@@ -506,6 +514,7 @@ def main() -> None:
         "max_abs_model_error": max(abs(r["model_error"]) for r in rows),
         "max_loss_diff_vs_unsplit": max(r["max_loss_diff_vs_unsplit"] for r in rows),
         "unsplit_over_one_core_stages": calibration, "unsplit_drift": drift, "unsplit_spread": max(floors) / min(floors),
+        "load_average_1min": m["load_average"],
         "runs": rows, "best": best, "predictions": predictions}
     print_report(result, args)
     result["elapsed_s"] = time.perf_counter() - began
@@ -530,6 +539,8 @@ def measured_rows(m: dict, micro: int) -> list[dict]:
             "predicted_fastest_ms": fastest * 1e3, "model_error_fastest": fastest / min(split["times"]) - 1,
             "one_core_ms": one_core_time(stages, micro) * 1e3,
             "max_loss_diff_vs_unsplit": max(abs(a - b) for a, b in zip(split["losses"], unsplit["losses"])),
+            "unsplit_cpu_share_median": statistics.median(unsplit["cpu_shares"]),
+            "unsplit_cpu_share_min": min(unsplit["cpu_shares"]),
             "wire_bytes_per_step": split["wire_bytes"], "split_all_ms": [t * 1e3 for t in split["times"]],
             "unsplit_all_ms": [t * 1e3 for t in unsplit["times"]], "losses": split["losses"]})
     return rows
@@ -570,9 +581,12 @@ def print_report(result: dict, args) -> None:
               f"{r['model_error']:>+7.1%} {r['model_error_fastest']:>+9.1%} {r['max_loss_diff_vs_unsplit']:>11.2e}")
     print("medians of the timed steps and stage repetitions; min x: fastest split step / fastest unsplit step; min "
           "error: the model on the fastest stage repetitions / the fastest split step - 1")
-    print(f"unsplit step / the stages one after another on one core: {result['unsplit_over_one_core_stages']:.3f}; "
-          "the unsplit medians moved " + ", ".join(f"{d:+.1%}" for d in result["unsplit_drift"].values())
-          + " from the first half of the steps to the second")
+    print(f"unsplit step / the stages one after another on one core: {result['unsplit_over_one_core_stages']:.3f}")
+    shares = [r["unsplit_cpu_share_min"] for r in result["runs"]]
+    print("noise: the unsplit medians moved " + ", ".join(f"{d:+.1%}" for d in result["unsplit_drift"].values())
+          + f" from the first half of the steps to the second; the unsplit steps had {min(shares):.0%} of their core "
+          f"at least (others ran there); 1-minute load average {result['load_average_1min'][0]:.2f} before the "
+          f"timed runs, {result['load_average_1min'][1]:.2f} after (this benchmark adds up to 2)")
     for name, r in result["best"].items():
         print(f"fastest cut for the client, {name}: {tuple(r['cuts'])}, model {r['predicted_ms']:.0f} ms/step, "
               f"{r['ratio_to_unsplit_estimate']:.3f}x the unsplit step (estimated)")

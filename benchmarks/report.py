@@ -206,6 +206,8 @@ def offload_section(data: dict, targets: Targets) -> list[str]:
     loop = data["loopback"]
     shape = data["shape"]
     drift = ", ".join(f"{d:+.1%}" for d in data["unsplit_drift"].values())
+    share = min(r["unsplit_cpu_share_min"] for r in data["runs"])
+    load = data["load_average_1min"]
     return [
         "## Offload: each party on a core of its own (`offload.py`)", "",
         f"{data['params'] / 1e6:.1f}M-parameter Qwen2 shape (hidden {shape['hidden_size']}, "
@@ -214,8 +216,10 @@ def offload_section(data: dict, targets: Targets) -> list[str]:
         f"fp32. The client is pinned to core {data['cores']['client']}, the trunk server (over tcp on loopback) to "
         f"core {data['cores']['server']}, one torch thread each; the unsplit model (LoRA on the same layers, same "
         f"initial adapters) runs alone on the client's core. Every cut's unsplit and split runs and the stage "
-        f"timings take turns batch by batch; median of {data['steps']} timed steps. The unsplit medians moved "
-        f"{drift} from the first half of the steps to the second. Ran {where(data)}.", "",
+        f"timings take turns batch by batch; median of {data['steps']} timed steps. Noise: the unsplit medians moved "
+        f"{drift} from the first half of the steps to the second, the unsplit steps had at least {share:.0%} of their "
+        f"core, the 1-minute load average was {load[0]:.2f} before the timed runs and {load[1]:.2f} after (the "
+        f"benchmark itself adds up to 2). Ran {where(data)}.", "",
         "Stage times per micro-batch on one core with one thread (fixed + per layer, from two splits of the model); "
         f"a crossing is {data['crossing_bytes'] / 1e3:.0f} kB, loopback {loop['rate'] / 1e9:.2f} GB/s and "
         f"{loop['latency'] * 1e6:.0f} us one way:", "",
