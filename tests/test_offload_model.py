@@ -95,6 +95,6 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         assert run["max_loss_diff_vs_unsplit"] < 1e-4
     assert set(data["stage_fit_ms"]["fixed"]) == set(data["stage_fit_ms"]["per_layer"]) == set(STAGES)
     assert data["loopback"]["rate"] > 0 and data["loopback"]["latency"] > 0
-    assert set(data["best"]) == {"loopback", "100 Mbit/s", "20 Mbit/s"}
+    assert set(data["best"]) == set(data["best_ratio"]) == {"loopback", "100 Mbit/s", "20 Mbit/s"}
     for field in ("ratio_to_unsplit", "max_abs_model_error", "first_choice", "predictions", "machine"):
         assert field in data
