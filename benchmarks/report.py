@@ -1,6 +1,6 @@
 """What the split costs, in one report: rerun the cost benchmarks and regenerate ``benchmarks/RESULTS.md``.
 
-    python benchmarks/report.py              # reruns split_overhead, clients, slow_link, offload, load_memory (~22 min)
+    python benchmarks/report.py              # reruns split_overhead, clients, slow_link, load_memory (~17 min on 2 cores)
     python benchmarks/report.py --quick      # the same with each benchmark's smoke run
     python benchmarks/report.py --no-run     # RESULTS.md and the plot from the JSON already in results/
 
@@ -26,7 +26,6 @@ BENCHMARKS = {  # script -> (its JSON, extra arguments of a full run)
     "split_overhead.py": ("split_overhead.json", []),
     "clients.py": ("clients.json", []),
     "slow_link.py": ("slow_link.json", []),
-    "offload.py": ("offload.json", []),
     "load_memory.py": ("load_memory.json", []),
 }
 
