@@ -283,7 +283,8 @@ def quantization_section(data: dict, targets: Targets) -> list[str]:
         f"The quickstart fit (`{data['settings']['config']}`, steps: {data['settings']['steps']}, held-out rows: "
         f"{data['settings']['eval_rows']}) in a child process per run: `full/float32` is the config as is; the "
         f"`lora/*` runs train LoRA on the client's frozen base, float32 or quantized by bitsandbytes on both parties "
-        f"(decoder-layer projections; embedding, norms, head float32). Seed s sets `seed_everything`, `model.seed` "
+        f"(decoder-layer projections; embedding, norms, head float32, except that `+ int8 embedding` also stores the "
+        f"client's tied embedding and head as int8 rows). Seed s sets `seed_everything`, `model.seed` "
         f"and `data.seed`. The last columns are each quantized run minus `{data['settings']['reference']}` of the "
         f"same seed (wall time as a ratio). Exact match, ROUGE-L and BLEU of the answers generated for the held-out "
         f"rows; validation loss, perplexity and token accuracy after training. Ran {where(data)}"
@@ -342,8 +343,9 @@ def client_memory_section(data: dict, targets: Targets) -> list[str]:
     """``client_memory.py``: the client's peak RSS and step time at a 152k vocabulary (not rerun by this script,
     ~15 min: ``python benchmarks/client_memory.py``)."""
     by = {r["config"]: r for r in data["runs"]}
-    targets.add("client at a 152k vocabulary, int8 + chunked + checkpointing: peak RSS / plain",
-                by["int8 + chunked + checkpointing"]["memory_ratio"], data["memory_target"])
+    config = data.get("memory_config", "int8 + chunked + checkpointing")
+    targets.add(f"client at a 152k vocabulary, {config}: peak RSS / plain", by[config]["memory_ratio"],
+                data["memory_target"])
     targets.add("client at a 152k vocabulary, chunked + checkpointing: step time / plain",
                 by["chunked + checkpointing"]["time_ratio"], data["time_target"])
     gib = lambda b: f"{b / 2**30:.2f}"

@@ -711,12 +711,14 @@ def estimate_command(options: EstimateOptions, overrides: Sequence[str] = ()) ->
                               trunk.lora.targets, device, loss_chunk=module.loss_chunk,
                               quantization=module.quantization, trunk_quantization=trunk.quantization,
                               gradient_checkpointing=module.gradient_checkpointing,
-                              trunk_gradient_checkpointing=trunk.gradient_checkpointing)
+                              trunk_gradient_checkpointing=trunk.gradient_checkpointing,
+                              embedding_quantization=module.embedding_quantization)
     if options.json:
         print(estimate_json(parties))
     else:
         weights = module.dtype_name or "checkpoint"
-        client = (f"client {module.client_mode} ({module.quantization or weights} weights, checkpointing "
+        embedding = f", {module.embedding_quantization} embedding" if module.embedding_quantization else ""
+        client = (f"client {module.client_mode} ({module.quantization or weights} weights{embedding}, checkpointing "
                   f"{'on' if module.gradient_checkpointing else 'off'}, "
                   f"{f'loss chunks of {module.loss_chunk}' if module.loss_chunk > 0 else 'whole logits'})")
         server = (f"server ({trunk.quantization or weights} weights, checkpointing "

@@ -111,6 +111,10 @@ class ClientModule(L.LightningModule):
             weights). ``trunk.quantization`` is the server's.
         gradient_checkpointing: the client's decoder layers recompute their activations in the backward pass
             instead of keeping them (the same gradients; ``trunk.gradient_checkpointing`` is the server's).
+        embedding_quantization: ``int8``: the client's token embedding and an untied LM head stored as int8 rows
+            with a float32 scale each (bitsandbytes' ``Embedding8bit``; see :mod:`splittrain.quantize`), the head
+            dequantized a block of rows at a time in the loss. At a large vocabulary these are most of the client's
+            weights. Not with ``client: full``.
     """
 
     def __init__(self, model: str = "quickstart", cuts: list[int] | tuple[int, int] = (2, 4),
@@ -126,14 +130,16 @@ class ClientModule(L.LightningModule):
                  recipe: RecipeName | None = None,
                  privacy: PrivacySettings = PrivacySettings(), pipeline: int = 1, loss_chunk: int = 512,
                  quantization: Literal["int8", "nf4", "fp4"] | None = None, gradient_checkpointing: bool = False,
+                 embedding_quantization: Literal["int8"] | None = None,
                  ) -> None:
         super().__init__()
-        from .quantize import check_name
+        from .quantize import check_embedding_name, check_name
 
         self.quantization = check_name(quantization)
+        self.embedding_quantization = check_embedding_name(embedding_quantization)
         check_name(trunk.quantization)
-        _check_arguments(self.quantization, client, cuts, transport, address, wire_dtype, pipeline, loss_chunk,
-                         eval_max_rows, federated)
+        _check_arguments(self.quantization, self.embedding_quantization, client, cuts, transport, address,
+                         wire_dtype, pipeline, loss_chunk, eval_max_rows, federated)
         self.recipe, client_lora, trunk = _recipe_defaults(recipe, client_lora, trunk)
         self.model_name, self.cuts, self.client_mode = model, tuple(cuts), client
         self.client_lora, self.optim, self.trunk_settings = client_lora, optim, trunk
@@ -181,7 +187,8 @@ class ClientModule(L.LightningModule):
 
         path = resolve_model(self.model_name)
         bottom, top = split_model(path, cuts=self.cuts, parts=("bottom", "top"), dtype=self.dtype_name,
-                                  device_map=self.device_map, quantization=self.quantization)
+                                  device_map=self.device_map, quantization=self.quantization,
+                                  embedding_quantization=self.embedding_quantization)
         if self.recipe is not None and top.family.name != self.recipe.name:
             raise ValueError(f"model.recipe is {self.recipe.name!r} but {self.model_name} is a {top.family.name!r} "
                              f"model: name its own family's recipe, or none")
@@ -545,13 +552,17 @@ class ClientModule(L.LightningModule):
                 "train_losses": losses}
 
 
-def _check_arguments(quantization: str | None, client: str, cuts: Sequence[int], transport: str, address: str | None,
-                     wire_dtype: str, pipeline: int, loss_chunk: int, eval_max_rows: int | None,
-                     federated: FederatedSettings) -> None:
+def _check_arguments(quantization: str | None, embedding_quantization: str | None, client: str, cuts: Sequence[int],
+                     transport: str, address: str | None, wire_dtype: str, pipeline: int, loss_chunk: int,
+                     eval_max_rows: int | None, federated: FederatedSettings) -> None:
     """Refuse settings of :class:`ClientModule` that cannot work, before any weight loads."""
     if quantization and client == "full":
         raise UserError(f"model.quantization {quantization} freezes the client's base weights, and client: full "
                         "trains them: use client: lora (or frozen) with a quantized base, or no quantization")
+    if embedding_quantization and client == "full":
+        raise UserError(f"model.embedding_quantization {embedding_quantization} freezes the client's embedding and "
+                        "head, and client: full trains them: use client: lora (or frozen), or no embedding "
+                        "quantization")
     if pipeline < 1:
         raise ValueError(f"pipeline is the number of micro-batches per batch (>= 1), got {pipeline}")
     if loss_chunk < 0:

@@ -5,6 +5,7 @@ matrix ever whole, and the mistakes refused."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -191,3 +192,29 @@ def test_int8_embedding_mistakes_get_one_clear_line(checkpoint, tmp_path):
     bottom = split_model(folder, cuts=CUTS, parts=("bottom",), embedding_quantization="int8")["bottom"]
     with pytest.raises(ValueError, match="hold quantized weights"):
         save_segments([bottom], tmp_path / "bottom")
+
+
+def test_fit_with_an_int8_embedding_trains_lora_over_it(tmp_path, monkeypatch):
+    """``model.embedding_quantization: int8`` through ``fit``: the client's embedding (and tied head) load as int8
+    rows, LoRA trains over them, the first loss is the float model's to the quantization's cost, the checkpoint
+    holds only the adapters, and ``client: full`` is refused in one line."""
+    from test_cli import fit
+
+    from splittrain.modules import ClientModule
+    from splittrain.state import load_state
+
+    monkeypatch.setenv("SPLITTRAIN_CACHE", str(tmp_path / "cache"))
+    plain = fit(tmp_path / "plain", "--model.client", "lora", steps=3)
+    cli = fit(tmp_path / "run", "--model.client", "lora", "--model.embedding_quantization", "int8", steps=3)
+    embedding = cli.model.bottom.text_model.embed_tokens.weight
+    assert embedding.dtype == torch.int8 and not embedding.requires_grad
+    assert cli.model.top.head_weight()[0] is embedding  # the quickstart's head is tied: one int8 matrix
+    first, quantized = plain.model._stats["losses"], cli.model._stats["losses"]
+    assert quantized != first and all(math.isfinite(loss) for loss in quantized)
+    assert quantized == pytest.approx(first, rel=0.01)  # each step tracks the float model's
+    adapters = cli.model.client_adapters()
+    assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # LoRA trained over the int8 rows
+    keys = set(load_state(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"])
+    assert keys and not any("embed_tokens" in key for key in keys) and any("lora_A" in key for key in keys)
+    with pytest.raises(UserError, match=r"embedding_quantization int8 freezes the client's embedding and head"):
+        ClientModule(model="quickstart", client="full", embedding_quantization="int8")
