@@ -1,6 +1,6 @@
 """What quantizing the frozen base weights costs in answer quality: the quickstart fit with a float32, int8 and nf4 base.
 
-    python benchmarks/quantization_quality.py                        # the 4 runs below, seed 0 (~12-15 min on 2 cores)
+    python benchmarks/quantization_quality.py                        # the 5 runs below, seed 0 (~15-20 min on 2 cores)
     python benchmarks/quantization_quality.py --seeds 0 1            # twice: the run-to-run noise beside the differences
     python benchmarks/quantization_quality.py --runs lora/nf4 --seeds 1 --merge   # add runs to the JSON already there
     python benchmarks/quantization_quality.py --max-steps 20 --eval-rows 20 --out /tmp/q.json   # smoke run
@@ -14,10 +14,12 @@ answered by generation) in a child process of its own with its own temporary run
 - ``lora/float32``: ``--model.client lora`` (the client trains LoRA on its frozen float32 base): the reference of
   the quantized runs, which need a LoRA (or frozen) client;
 - ``lora/int8``: ``--model.client lora --model.quantization int8 --model.trunk.quantization int8``;
-- ``lora/nf4``: ``--model.client lora --model.quantization nf4 --model.trunk.quantization nf4``.
+- ``lora/nf4``: ``--model.client lora --model.quantization nf4 --model.trunk.quantization nf4``;
+- ``lora/int8 + int8 embedding``: ``lora/int8`` and ``--model.embedding_quantization int8`` (the client's tied
+  embedding and head as int8 rows too).
 
 Quantization (bitsandbytes) covers the decoder layers' projections of both parties; embedding, norms and head stay
-float32. Seed ``s`` is ``--seed_everything s --model.seed s --data.seed s`` (Lightning's seed, the LoRA
+float32 unless the last run's option quantizes the client's embedding and head. Seed ``s`` is ``--seed_everything s --model.seed s --data.seed s`` (Lightning's seed, the LoRA
 initialisation, the training order); seed 0 is the config's own. The base model (built once with a fixed seed) and
 the validation and held-out rows are the same for every seed.
 
@@ -59,6 +61,8 @@ RUNS = {  # name -> the fit's extra arguments
     "lora/float32": ["--model.client", "lora"],
     "lora/int8": ["--model.client", "lora", "--model.quantization", "int8", "--model.trunk.quantization", "int8"],
     "lora/nf4": ["--model.client", "lora", "--model.quantization", "nf4", "--model.trunk.quantization", "nf4"],
+    "lora/int8 + int8 embedding": ["--model.client", "lora", "--model.quantization", "int8",
+                                   "--model.trunk.quantization", "int8", "--model.embedding_quantization", "int8"],
 }
 REFERENCE = "lora/float32"  # the float32 base with the quantized runs' client mode
 METRICS = [  # (key in the record, key in summary.json, column, format)
