@@ -8,7 +8,8 @@
 skipped. The sections of ``quantization_quality.py``, ``wire_quality.py``, ``chunked_loss.py``, ``client_memory.py`` and
 ``estimate_check.py`` are read from their JSON as it is: each of those scripts reruns itself. The report holds every
 table, each target with the figure that meets or misses it, the machine and date of each run, and
-``results/ratios.png`` (matplotlib): every ratio beside its target.
+``results/ratios.png`` (matplotlib): every ratio beside its target. ``generate_grid.py`` (hours for the whole grid on
+2 cores) is not rerun here either: its section and ``results/generate_grid.png`` read ``results/generate_grid.json``.
 """
 
 from __future__ import annotations
@@ -404,6 +405,176 @@ def estimate_section(data: dict, targets: Targets) -> list[str]:
                 "ratio"], rows)]
 
 
+def grid_label(cell: dict) -> str:
+    return f"{SHORT[cell['dtype']]} b{cell['batch']} {cell['input']}+{cell['output']}"
+
+
+def generate_grid_section(data: dict, targets: Targets) -> list[str]:
+    """``generate_grid.py``: split generation over prompt lengths x output lengths x batch sizes, each mode beside
+    ``transformers``' ``generate``, on one machine in one run per invocation."""
+    cells = data["cells"]
+    limit = data["targets"]
+
+    def worst(mode: str, batch: int = 1) -> dict | None:
+        rows = [c for c in cells if mode in c["runs"] and c["batch"] >= batch]
+        return min(rows, key=lambda c: c["runs"][mode]["ratio_tokens_per_s"]) if rows else None
+
+    for mode, batch, what in (("in process", 1, "in process, every cell"), ("tcp", 8, "loopback tcp, batch 8")):
+        cell = worst(mode, batch)
+        rows = [c for c in cells if mode in c["runs"] and c["batch"] >= batch]
+        within = sum(c["runs"][mode]["ratio_tokens_per_s"] >= limit[mode] for c in rows)
+        fastest = min((c["runs"][mode].get("ratio_fastest", float("inf")) for c in rows), default=None)
+        targets.add(f"generate grid, {what}: split tokens/s / transformers' (worst cell"
+                    f"{', ' + grid_label(cell) if cell else ''}; {within} of {len(rows)} cells met)",
+                    cell["runs"][mode]["ratio_tokens_per_s"] if cell else None, limit[mode], at_most=False,
+                    fastest=fastest if fastest != float("inf") else None)
+    shaped = [c for c in cells if "model_error" in c["runs"].get("shaped", {})]
+    if shaped:
+        cell = max(shaped, key=lambda c: abs(c["runs"]["shaped"]["model_error"]))
+        within = sum(abs(c["runs"]["shaped"]["model_error"]) <= limit["shaped_error"] for c in shaped)
+        fastest = [abs(c["runs"]["shaped"]["model_error_p10"]) for c in shaped if "model_error_p10" in c["runs"]["shaped"]]
+        targets.add(f"generate grid, 100 Mbit/s + 20 ms: per-token latency vs model, worst |error| ({grid_label(cell)}; "
+                    f"{within} of {len(shaped)} cells within)", abs(cell["runs"]["shaped"]["model_error"]),
+                    limit["shaped_error"], fmt="{:.1%}", fastest=max(fastest) if fastest else None)
+    else:
+        targets.add("generate grid, 100 Mbit/s + 20 ms: per-token latency vs model", None, limit["shaped_error"],
+                    fmt="{:.1%}")
+    modes = [m for m in ("in process", "tcp", "shaped") if any(m in c["runs"] for c in cells)]
+
+    def pick(cell: dict, mode: str, key: str, fmt: str, scale: float = 1.0) -> str:
+        value = cell["runs"].get(mode, {}).get(key)
+        return fmt.format(value * scale) if value is not None else "-"
+
+    speed = [[c["dtype"], str(c["batch"]), str(c["input"]), f"{c['output']}{' (capped)' if c['capped'] else ''}",
+              pick(c, "transformers", "ttft_ms", "{:.0f}"),
+              f"{pick(c, 'transformers', 'per_token_ms_median', '{:.1f}')} / "
+              f"{pick(c, 'transformers', 'per_token_ms_p90', '{:.1f}')}",
+              pick(c, "transformers", "tokens_per_s", "{:.1f}"),
+              *(pick(c, m, "ratio_tokens_per_s", "{:.3f}") for m in modes),
+              "yes" if all(r["same_tokens"] for r in c["runs"].values()) else "**no**",
+              f"{c['load_average_1min'][0]:.1f}"] for c in cells]
+    latency = [[c["dtype"], str(c["batch"]), str(c["input"]), str(c["output"]),
+                *(f"{pick(c, m, 'ttft_ms', '{:.0f}')}" for m in modes),
+                *(f"{pick(c, m, 'per_token_ms_median', '{:.1f}')} / {pick(c, m, 'per_token_ms_p90', '{:.1f}')}"
+                  for m in modes),
+                pick(c, "shaped", "predicted_per_token_ms", "{:.1f}"), pick(c, "shaped", "model_error", "{:+.1%}"),
+                pick(c, "shaped", "model_error_p10", "{:+.1%}"), loopback_model(c, data)] for c in cells]
+    wire = [[c["dtype"], str(c["batch"]), str(c["input"]), str(c["output"]),
+             f"{c['runs']['tcp']['cut_bytes_per_step']['cut1_up'] / c['batch']:.0f}",
+             f"{c['runs']['tcp']['cut_bytes_per_step']['cut2_down'] / c['batch']:.0f}",
+             pick(c, "tcp", "wire_bytes_per_step", "{:.0f}"), pick(c, "tcp", "round_trips_per_step", "{:.0f}"),
+             pick(c, "tcp", "prefill_wire_bytes", "{:.2f}", 2**-20)] for c in cells if "tcp" in c["runs"]]
+    memory = []
+    for c in cells:
+        mem = next((c["runs"][m]["memory_mib"] for m in modes if m in c["runs"]), None)
+        hf = c["runs"]["transformers"]["memory_mib"]
+        memory.append([c["dtype"], str(c["batch"]), str(c["input"]), str(c["output"]),
+                       f"{hf['weights']:.0f} + {hf['kv_cache']:.1f}",
+                       f"{mem['client_weights']:.0f} + {mem['client_kv_cache']:.1f}" if mem else "-",
+                       f"{mem['server_weights']:.0f} + {mem['server_kv_cache']:.1f}" if mem else "-",
+                       pick(c, "tcp", "server_idle_rss_mib", "{:.0f}"), pick(c, "tcp", "server_peak_rss_mib", "{:.0f}"),
+                       pick(c, "transformers", "client_rss_growth_mib", "{:.0f}"),
+                       pick(c, "in process", "client_rss_growth_mib", "{:.0f}"),
+                       pick(c, "tcp", "client_rss_growth_mib", "{:.0f}")])
+    batching = []
+    for c in cells:
+        single = next((o for o in cells if o["batch"] == 1 and (o["dtype"], o["input"], o["output"]) ==
+                       (c["dtype"], c["input"], c["output"])), None)
+        if c["batch"] > 1 and single is not None:
+            batching.append([c["dtype"], f"{c['input']}+{c['output']}", str(c["batch"]),
+                             *(f"{c['runs'][m]['tokens_per_s'] / single['runs'][m]['tokens_per_s']:.2f}"
+                               if m in c["runs"] and m in single["runs"] else "-" for m in ("transformers", *modes))])
+    shape, runs = data["shape"], data["log"]
+    ran = "; ".join(f"`{r['cells']}`, {r['reps']} repetition(s), load {r['load_average_1min'][0]:.1f} -> "
+                    f"{r['load_average_1min'][-1]:.1f}, {r['elapsed_s'] / 60:.0f} min" for r in runs)
+    skipped = "".join(f" The {m} mode was skipped: {why}." for m, why in data["skipped"].items())
+    return [
+        "## Split generation over a grid (`generate_grid.py`)", "",
+        f"{data['params'] / 1e6:.1f}M-parameter Qwen2 shape (hidden {shape['hidden_size']}, "
+        f"{shape['num_hidden_layers']} layers, {shape['num_key_value_heads']} KV heads, vocab {shape['vocab_size']}, "
+        f"context {shape['max_position_embeddings']}), cuts {tuple(data['cuts'])}, random prompts of the cell's length, "
+        f"greedy, no stop token, every cache a `{data['cache']}`, {data['threads']} torch threads per process. In "
+        "each cell `transformers`' `generate` of the unsplit model and split generation in process, over tcp on "
+        f"loopback (the trunk server a process of its own) and over tcp shaped to {data['rate']} each way with "
+        f"{data['delay_ms']:.0f} ms each way (a veth pair between two network namespaces, tbf on both ends; the "
+        "delay added by a relay in the server's process, as this kernel has no netem) take turns repetition by "
+        "repetition; medians over repetitions, per-token latencies pooled. The wire dtype is the compute dtype. "
+        f"Invocations (the machine is shared: the 1-minute load average includes other jobs): {ran}.{skipped} "
+        f"Ran {where(data)}.", "",
+        "![generation grid](results/generate_grid.png)", "",
+        "Tokens/s of each mode / `transformers`' in the same cell (load: 1-minute load average when the cell began):",
+        "", *table(["dtype", "batch", "prompt", "new", "HF TTFT ms", "HF ms/token (median / p90)", "HF tokens/s",
+                    *(f"{m} x HF" for m in modes), "same tokens", "load"], speed),
+        "Time to first token and per-token latency (median / p90, ms) per mode; the shaped link's model is "
+        "`transformers`' per-token time + 2 x delay x round trips per token + bytes per token / rate (medians; the "
+        "fastest decile: the 10th percentile of the shaped link's per-token times against the model on "
+        "`transformers`' 10th percentile, what a quieter machine would show); the loopback model puts the loopback "
+        "tcp per-token time in place of `transformers`' (what the split itself costs without the link):", "",
+        *table(["dtype", "batch", "prompt", "new", *(f"TTFT {m}" for m in modes), *(f"ms/token {m}" for m in modes),
+                "shaped model ms", "shaped vs model", "fastest decile vs model", "shaped vs loopback model"], latency),
+        "Bytes per decode step: the payload crossing each cut per token (hidden states up with positions and the mask "
+        "column, hidden states down), the transport's count per step (both directions, frame headers included), "
+        "the requests per step, and the prompt's bytes (MiB):", "",
+        *table(["dtype", "batch", "prompt", "new", "cut 1 B/token", "cut 2 B/token", "wire B/step",
+                "round trips/step", "prompt MiB"], wire),
+        "Memory per party, MiB: weights + KV cache at the end (exact), the tcp trunk server process's RSS with the "
+        "trunk loaded (interpreter and libraries included) and its peak RSS during the run, "
+        "and how far the client process's peak RSS rose above its RSS before the run (it also holds the other "
+        "runs' weights):", "",
+        *table(["dtype", "batch", "prompt", "new", "HF weights + KV", "client weights + KV", "server weights + KV",
+                "server RSS before", "server peak RSS", "HF run growth", "in process run growth", "tcp run growth"], memory),
+        "Batching: tokens/s of the batch / tokens/s of one row, same prompt and output lengths (what answering "
+        "that many users in one trunk call would gain):", "",
+        *table(["dtype", "cell", "batch", "transformers", *modes], batching)]
+
+
+def loopback_model(cell: dict, data: dict) -> str:
+    """The shaped per-token latency against loopback tcp's per-token time + the link's delay and bytes."""
+    tcp, shaped = cell["runs"].get("tcp", {}), cell["runs"].get("shaped", {})
+    if tcp.get("per_token_ms_median") is None or shaped.get("per_token_ms_median") is None:
+        return "-"
+    rate = {"k": 1e3, "m": 1e6, "g": 1e9}[data["rate"].removesuffix("bit")[-1]] * float(data["rate"][:-4])
+    model = (tcp["per_token_ms_median"] + 2 * data["delay_ms"] * shaped["round_trips_per_step"]
+             + shaped["wire_bytes_per_step"] * 8 / rate * 1e3)
+    return f"{shaped['per_token_ms_median'] / model - 1:+.1%}"
+
+
+def plot_grid(data: dict, path: Path) -> None:
+    """Each mode's tokens/s / transformers' per cell (targets dashed), and the shaped link's per-token latency beside
+    its model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells, limit = data["cells"], data["targets"]
+    names = [grid_label(c) for c in cells]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 0.55 * len(cells) * 2), 4.6))
+    modes = [m for m in ("in process", "tcp", "shaped") if any(m in c["runs"] for c in cells)]
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        left.bar([x + (i - (len(modes) - 1) / 2) * width for x in range(len(cells))],
+                 [c["runs"].get(mode, {}).get("ratio_tokens_per_s", 0) for c in cells], width, label=mode)
+    left.axhline(limit["in process"], color="#c44e52", linestyle="--", linewidth=0.8, label="in process target")
+    left.axhline(limit["tcp"], color="#8172b2", linestyle=":", linewidth=0.8, label="tcp target (batch 8)")
+    left.set_xticks(range(len(cells)), names, rotation=60, ha="right", fontsize=7)
+    left.set_title("split tokens/s / transformers'", fontsize=10)
+    left.legend(fontsize=7)
+    shaped = [c for c in cells if "predicted_per_token_ms" in c["runs"].get("shaped", {})]
+    if shaped:
+        xs = range(len(shaped))
+        right.bar([x - 0.2 for x in xs], [c["runs"]["shaped"]["per_token_ms_median"] for c in shaped], 0.4,
+                  label="measured")
+        right.bar([x + 0.2 for x in xs], [c["runs"]["shaped"]["predicted_per_token_ms"] for c in shaped], 0.4,
+                  label="model")
+        right.set_xticks(list(xs), [grid_label(c) for c in shaped], rotation=60, ha="right", fontsize=7)
+        right.legend(fontsize=7)
+    right.set_title(f"{data['rate']} + {data['delay_ms']:.0f} ms: ms per token", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int8": "i8"}
 
 
@@ -482,7 +653,8 @@ def main() -> None:
                                ("wire_quality", "wire_quality.json", wire_quality_section),
                                ("chunked", "chunked_loss.json", chunked_loss_section),
                                ("client_memory", "client_memory.json", client_memory_section),
-                               ("estimate", "estimate_check.json", estimate_section)):
+                               ("estimate", "estimate_check.json", estimate_section),
+                               ("generate_grid", "generate_grid.json", generate_grid_section)):
         data = load(name)
         if data is None:
             script = "report.py" if name in {json_name for json_name, _ in BENCHMARKS.values()} else name[:-5] + ".py"
@@ -491,6 +663,8 @@ def main() -> None:
         sections[key] = data
         body += section(data, targets)
     plot(sections, RESULTS / "ratios.png")
+    if "generate_grid" in sections:
+        plot_grid(sections["generate_grid"], RESULTS / "generate_grid.png")
     lines = [
         "# What the split costs", "",
         "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; each section names the machine "
