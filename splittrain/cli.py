@@ -59,6 +59,8 @@ LIGHTNING_COMMANDS = {"fit": "train split (LightningCLI: --config, --print_confi
                       "validate": "validate a model or checkpoint", "test": "test a model or checkpoint"}
 """The commands LightningCLI parses and runs (:func:`_lightning_cli`), with their help."""
 DEBUG_ENV = "SPLITTRAIN_DEBUG"
+REPLICA_GRACE_SECONDS = 3.0
+"""How long a trunk replica that lost another one goes on refusing its clients' requests with why, before it stops."""
 """Set to 1 to see the traceback of a user's mistake (as ``--debug`` does)."""
 
 
@@ -333,6 +335,8 @@ class ServeOptions:
     """HOST:PORT of a monitor: /metrics (Prometheus), /status (JSON) and / (a live page); off by default"""
     http_token_file: str | None = None
     """file holding the bearer token /metrics and /status require (required to bind the monitor off loopback)"""
+    replica_timeout: float = 30.0
+    """several trunk replicas (serve under torchrun): seconds without a replica's heartbeat before the run stops"""
 
 
 @dataclass(kw_only=True)
@@ -495,13 +499,19 @@ def serve_command(options: ServeOptions, connections: dict[str, Any], limits: An
     known, tls = _serve_credentials(options.tokens, options.tls_cert, options.tls_key)
     check_address(options.address)
     http_token = _monitor_token(options.http, options.http_token_file)
-    server, run = _trunk_server(options, limits, overrides)
+    server, run, replicas = _trunk_server(options, limits, overrides)
+    address = options.address
+    if replicas is not None:  # replica r listens on the port plus r
+        host, _, port = address.rpartition(":")
+        address = f"{host}:{replicas.listen_port(int(port))}"
     try:
-        tcp = TcpServer(server, options.address, known, tls, status_file=run / "server_status.json", **connections)
+        tcp = TcpServer(server, address, known, tls, status_file=run / "server_status.json", **connections)
     except OSError as error:  # taken while the model loaded
-        raise UserError(f"--address {options.address}: {_bind_problem(error)}") from error
+        raise UserError(f"--address {address}: {_bind_problem(error)}") from error
+    if replicas is not None:
+        _replicate(server, replicas, tcp)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: tcp.stop())
+        signal.signal(sig, lambda *_: tcp.stop() if replicas is None else replicas.request_stop())
     if options.http:
         from .server.monitor import Monitor
 
@@ -514,14 +524,43 @@ def serve_command(options: ServeOptions, connections: dict[str, Any], limits: An
     fed = server.federation
     federation = "" if fed is None else (f"; a federation of {fed.clients} clients (average {fed.average}, trunk "
                                          f"update {fed.trunk_update}, round timeout {fed.round_timeout:g} s)")
+    replica = "" if replicas is None else (f"; trunk replica {replicas.rank} of {replicas.size} (pid {os.getpid()}) "
+                                           f"for clients {sorted(replicas.own(fed.clients))}")
     print(f"splittrain: trunk server (layers {server.trunk.start}-{server.trunk.stop - 1}) listening on {tcp.address}"
-          f"{' with TLS' if tls else ''} for {len(known)} client(s){federation}; checkpoints in {run / 'trunk'}",
-          flush=True)
+          f"{' with TLS' if tls else ''} for {len(known)} client(s){federation}{replica}; checkpoints in "
+          f"{run / 'trunk'}", flush=True)
     tcp.serve_forever()
     paths = server.save_all(LATEST)
     steps = ", ".join(f"{owner!r} at step {adapter.steps}" for owner, adapter in server.adapters.items())
     print(f"splittrain: trunk server stopped ({steps or 'no client trained'}); saved "
           f"{', '.join(map(str, paths)) or 'nothing'}", flush=True)
+    if replicas is not None:
+        if replicas.failure is not None:
+            raise UserError(replicas.failure)
+        replicas.close()
+
+
+def _replicate(server: Any, replicas: Any, tcp: Any) -> None:
+    """Make ``server`` one of the trunk's ``replicas`` (configs compared, addresses learnt) and watch the others:
+    when one is lost, this replica refuses its clients' requests with why for a few seconds, then stops."""
+    import threading
+
+    from .server.replicas import ReplicaError
+
+    try:
+        server.replicate(replicas, tcp.address)
+    except ReplicaError as error:
+        tcp.listener.close()
+        raise UserError(str(error)) from error
+
+    def failed(why: str) -> None:
+        threading.Timer(REPLICA_GRACE_SECONDS, tcp.stop).start()
+        server.fail(why)
+
+    replicas.watch(failed, tcp.stop)
+    if replicas.rank == 0:
+        print("splittrain: trunk replicas (client c connects to replica c % "
+              f"{replicas.size}): {', '.join(f'{r}: {a}' for r, a in enumerate(replicas.addresses))}", flush=True)
 
 
 def _monitor_token(http: str | None, token_file: str | None) -> str | None:
@@ -580,10 +619,22 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _trunk_server(options: ServeOptions, limits: Any, overrides: Sequence[str]) -> tuple[Any, Path]:
-    """The trunk server of ``options.config`` (model loaded, resumed with ``options.resume``) and its run folder."""
+def _trunk_server(options: ServeOptions, limits: Any, overrides: Sequence[str]) -> tuple[Any, Path, Any]:
+    """The trunk server of ``options.config`` (model loaded, resumed with ``options.resume``), its run folder and,
+    under torchrun, the trunk's replicas it is one of (:mod:`splittrain.server.replicas`; replica r > 0 keeps its
+    run folder in ``replica<r>/`` of the given one)."""
+    from .server.replicas import ReplicaError, Replicas
+
     module, trainer, _ = client_settings(options.config, overrides)
     run = Path(options.run_dir or trainer.get("default_root_dir") or "runs/server")
+    if options.replica_timeout <= 0:
+        raise UserError(f"--replica_timeout must be positive, got {options.replica_timeout}")
+    try:
+        replicas = Replicas.from_environment(module.federated.round_timeout, options.replica_timeout)
+    except ReplicaError as error:
+        raise UserError(str(error)) from error
+    if replicas is not None and replicas.rank:
+        run = run / f"replica{replicas.rank}"
     max_steps = trainer.get("max_steps") or -1
     check_model(module)
     server = module.build_server(max_steps if max_steps > 0 else None, run, limits, save_every=options.save_every)
@@ -593,7 +644,7 @@ def _trunk_server(options: ServeOptions, limits: Any, overrides: Sequence[str]) 
             print(f"splittrain: resumed the trunk adapter of {owner!r} at step {step} (when it connects)", flush=True)
         if not resumed:
             print(f"splittrain: no trunk checkpoint in {run / 'trunk'}; starting at step 0", flush=True)
-    return server, run
+    return server, run, replicas
 
 
 def _serve_credentials(tokens: str, tls_cert: str | None, tls_key: str | None) -> tuple[dict[str, str], Any]:

@@ -57,6 +57,7 @@ class SharedAdapter(Protocol):
     """The trunk adapter the federation's members train."""
 
     steps: int
+    trainable: list[tuple[str, torch.nn.Parameter]]
 
     def step_reply(self) -> Header: ...
 
@@ -79,6 +80,33 @@ class Member(Protocol):
 
 Apply = Callable[[Any, dict[str, torch.Tensor], float | None], None]
 """Applies one optimizer step of an adapter to gradients, scaled by the clipping scale."""
+
+
+class Replication(Protocol):
+    """The trunk's replicas (:class:`splittrain.server.replicas.Replicas`): what a synchronisation point combines
+    across them."""
+
+    rank: int
+    size: int
+    addresses: list[str]
+    failure: str | None
+
+    def owner(self, index: int) -> int: ...
+
+    def own(self, clients: int) -> set[int]: ...
+
+    def keyring(self, name: str, clients: int, local: dict[int, tuple[str, float]]
+                ) -> dict[int, tuple[str, float]]: ...
+
+    def arrivals(self, name: str, clients: int, local: dict[int, tuple[int, list[int], bool]]
+                 ) -> tuple[set[int], set[int], bool]: ...
+
+    def masked_sum(self, total: torch.Tensor) -> torch.Tensor: ...
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def mean_gradients(self, name: str, params: list[tuple[str, torch.Tensor]],
+                       contributions: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -158,6 +186,9 @@ class TrunkFederation:
         self._caught_up: set[int] = set()
         self._restored: tuple[str, int] | None = None
         """(checkpoint file, step) of the last restore, so every client of a federation may resume from it."""
+        self.replicas: Replication | None = None
+        """The trunk's replicas when several server processes serve it (their clients are combined); None: this
+        server serves every client."""
 
     # ------------------------------------------------------------------------------------------ members
     def join(self, session: Member, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
@@ -168,6 +199,12 @@ class TrunkFederation:
         index, samples = header["index"], header["samples"]
         if not 0 <= index < clients:
             raise ValueError(f"client index {index} is outside this server's federation of {clients} client(s)")
+        replicas = self.replicas
+        if replicas is not None and replicas.owner(index) != replicas.rank:
+            owner = replicas.owner(index)
+            raise ValueError(f"client index {index} is served by trunk replica {owner} at "
+                             f"{replicas.addresses[owner]}, not by this one (replica {replicas.rank}): client c "
+                             f"connects to replica c % {replicas.size}")
         owner = self.roster.get(index)
         if owner is not None and owner != session.client:
             raise ValueError(f"client index {index} belongs to client {owner!r}: client {session.client!r} cannot "
@@ -221,7 +258,16 @@ class TrunkFederation:
             raise ValueError(f"client {session.client!r} has made {step} steps but the federation {self.federated_step}: "
                              "restart the server with --resume in its run folder, or resume the client from the "
                              "server's step (--ckpt_path)")
-        return step < self.federated_step or again
+        rejoin = step < self.federated_step or again
+        if rejoin and self.replicas is not None:
+            raise ValueError(f"client {session.client!r} (index {index}) comes back to a federation in progress: "
+                             "rejoining is not supported when several trunk replicas serve it")
+        return rejoin
+
+    def check_replicas(self) -> None:
+        """Refuse every request once the trunk's replicas cannot go on (one died or stopped answering)."""
+        if self.replicas is not None and self.replicas.failure is not None:
+            raise RuntimeError(self.replicas.failure)
 
     def member(self, session: Member) -> int:
         """The client index of ``session``, which must have joined and not been dropped since."""
@@ -255,7 +301,12 @@ class TrunkFederation:
                 "positions": {str(i): p for i, p in sorted(self.positions.items())},
                 "rejoining": {str(i): a for i, a in sorted(self.rejoining.items())
                               if a is None or a >= self.federated_step},
-                "rejoins": list(self.rejoins)}
+                "rejoins": list(self.rejoins),
+                "waiting": {g.name: {"expected": sorted(g.expected), "arrived": sorted(g.arrived),
+                                     "seconds": round(time.monotonic() - g.started, 1)}
+                            for g in self.gatherings.values() if not g.done},
+                **({"replica": {"rank": self.replicas.rank, "replicas": self.replicas.size,
+                                "addresses": list(self.replicas.addresses)}} if self.replicas is not None else {})}
 
     # ------------------------------------------------------------------------------------------ steps
     def forward(self, session: Member, step: int) -> None:
@@ -308,7 +359,11 @@ class TrunkFederation:
             # in client order, not arrival order: the sum is the same whoever came first
             weighted = [taking[i] for i in sorted(taking) if taking[i][1] > 0 and taking[i][0]]
             scale = next((sc for _, _, _, sc in arrived.values() if sc is not None), None)
-            self.apply(session.adapter, combine(weighted, mean=True), scale)
+            if self.replicas is not None:  # every replica's clients, as one server's (DDP's all-reduce)
+                grads = self.replicas.mean_gradients(f"step {target}", session.adapter.trainable, weighted)
+            else:
+                grads = combine(weighted, mean=True)
+            self.apply(session.adapter, grads, scale)
             for s, _, _, _ in arrived.values():
                 s.grads.clear()
                 s.step = target
@@ -372,6 +427,8 @@ class TrunkFederation:
             return self._keys_reply(), {}
 
         def finish(arrived: dict[int, Any]) -> Header:
+            if self.replicas is not None:  # every replica's clients agree on keys together
+                arrived = self.replicas.keyring("keys", self.settings.clients, arrived)
             self.keyring = {i: v[0] for i, v in arrived.items()}
             self.key_weights = {str(i): v[1] for i, v in arrived.items()}
             return self._keys_reply()
@@ -399,14 +456,23 @@ class TrunkFederation:
             return {"share": step}, {}
 
         def finish(arrived: dict[int, Any]) -> Any:
+            version = self.keyring_version
             sizes = {v[0].numel() for v in arrived.values()}
+            who, agreed = set(arrived), all(sorted(v[2]) == sorted(arrived) and v[3] == version
+                                           for v in arrived.values())
+            if self.replicas is not None:  # the round's participants are every replica's clients
+                who, sizes, agreed = self.replicas.arrivals(
+                    name, self.settings.clients,
+                    {i: (v[0].numel(), list(v[2]), v[3] != version) for i, v in arrived.items()})
             if len(sizes) != 1:
                 raise ValueError(f"clients sent updates of different sizes {sorted(sizes)}")
-            version = self.keyring_version
-            if any(sorted(v[2]) != sorted(arrived) or v[3] != version for v in arrived.values()):
+            if not agreed:
                 publics = self._keys_reply()["publics"] if self.keyring is not None else {}
-                return {"retry": sorted(arrived), "roster": version, "publics": publics}, {}
+                return {"retry": sorted(who), "roster": version, "publics": publics}, {}
             total, summed = sum(v[1] for v in arrived.values()), add_masked([arrived[i][0] for i in sorted(arrived)])
+            if self.replicas is not None:
+                total = float(self.replicas.sum(torch.tensor([total], dtype=torch.float64)))
+                summed = self.replicas.masked_sum(summed)
             if gradients and self.settings.trunk_update == "sync":
                 self.summed[step] = {i: (v[4], 1.0 if v[1] > 0 else 0.0) for i, v in arrived.items()}
             elif not gradients:
@@ -415,7 +481,8 @@ class TrunkFederation:
 
         value = (tensors["masked"].clone(), float(header["weight"]), list(header["participants"]),
                  header.get("roster", 0), dict(session.grads))
-        gathering = self._gather(f"aggregate {header['nonce']}", step, index, value, finish)
+        name = f"aggregate {header['nonce']}"
+        gathering = self._gather(name, step, index, value, finish)
         if not gathering.done:
             raise RuntimeError("secure aggregation needs clients that can wait for each other (tcp)")
         self.count("aggregations")
@@ -495,6 +562,8 @@ class TrunkFederation:
         """The clients a synchronisation point of ``step`` waits for: those not dropped nor gone, a client that
         rejoined from the step it is expected from."""
         members = set(range(self.settings.clients)) - self.dropped - self.left
+        if self.replicas is not None:  # the others' clients arrive at their replicas
+            members &= self.replicas.own(self.settings.clients)
         return {i for i in members if i not in self.rejoining
                 or step is not None and self.rejoining[i] is not None and step >= self.rejoining[i]}
 
@@ -515,6 +584,7 @@ class TrunkFederation:
         elif self.block:
             deadline = gathering.started + self.settings.round_timeout
             while not gathering.done:
+                self.check_replicas()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._drop_missing(gathering)

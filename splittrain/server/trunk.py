@@ -31,6 +31,7 @@ from ..transport.wire import ProtocolError, TensorSpec
 from .adapters import FEDERATION, TrunkAdapter, TrunkAdapters
 from .checkpoints import LATEST, Checkpoints, last_checkpoint
 from .generation import Generations
+from .replicas import ReplicaError, Replicas, describe
 from .sessions import Graph, Session, Sessions
 from .settings import ServerLimits
 from .traffic import Traffic
@@ -121,6 +122,11 @@ class TrunkServer:
             return adapter
 
     @property
+    def schedule(self) -> dict[str, Any]:
+        """The trunk schedule a federation's clients must train with (the server's optimizer and max_steps)."""
+        return self.optim.resolved(self._schedule_steps)
+
+    @property
     def steps(self) -> int:
         """The optimizer steps of the only adapter (0 before any)."""
         return self.adapter().steps if self.adapters else 0
@@ -139,6 +145,27 @@ class TrunkServer:
         """Add one to a status counter (safe from any thread)."""
         with self._count_lock:
             self.counters[counter] += 1
+
+    # ------------------------------------------------------------------------------------------ replicas
+    def replicate(self, replicas: Replicas, address: str) -> None:
+        """Serve this trunk as one of ``replicas`` (:mod:`.replicas`) listening on ``address``: the replicas'
+        configs are compared, and the federation's synchronisation points combine every replica's clients."""
+        fed = self.federation
+        if fed is None or fed.trunk_update != "sync":
+            raise ReplicaError("several trunk replicas serve one federation with trunk_update: sync (DDP semantics); "
+                               "set model.federated.clients >= 2 and trunk_update: sync")
+        if fed.clients < replicas.size:
+            raise ReplicaError(f"{replicas.size} trunk replicas for a federation of {fed.clients} clients: each "
+                               "replica serves at least one client")
+        self.instance = self.federated.instance = replicas.agree(describe(self), address, self.instance)
+        self.federated.replicas = replicas
+
+    def fail(self, why: str) -> None:
+        """The replicas cannot go on (:meth:`Replicas.watch`): every request from now on, and every client waiting
+        at a synchronisation point, is refused with ``why``."""
+        log.error("%s", why)
+        with self.lock:
+            self.federated.changed.notify_all()
 
     # ------------------------------------------------------------------------------------------ sessions
     def open_session(self, client: str, session_id: str, schedule: Any = None) -> dict[str, Any]:
@@ -169,7 +196,7 @@ class TrunkServer:
             ours = adapter.schedule
         else:
             adapter = self.adapter(FEDERATION)
-            ours = self.optim.resolved(self._schedule_steps)
+            ours = self.schedule
         theirs = wanted.resolved(None) if wanted is not None else ours
         if theirs != ours:
             diffs = [f"{k} {theirs[k]!r} (server: {ours[k]!r})" for k in ours if ours[k] != theirs[k]]
@@ -215,6 +242,7 @@ class TrunkServer:
         if handler is None:
             raise ProtocolError(f"unknown message kind {kind!r}; expected one of {sorted(self._handlers)}")
         with self.lock:
+            self.federated.check_replicas()
             session = self._session(client)
             if session_id is not None and session.id != session_id:
                 raise ProtocolError(f"this connection's session of client {client!r} was replaced by a newer one")
@@ -336,6 +364,9 @@ class TrunkServer:
     def _grad_sq_norm(self, session: Session, header: Header, tensors: Tensors) -> tuple[Header, Tensors]:
         """The squared norm of the gradients waiting for this client's next step: its own, or (federation) its
         and its fellow members' sum, which is what the step applies."""
+        if self.federated.replicas is not None:
+            raise RuntimeError("global-norm clipping is not combined across trunk replicas: train without "
+                               "trainer.gradient_clip_val")
         sharing = [session] if self.federation is None else self.federated.fellows(session)
         combined = combine([(s.grads, 1.0) for s in sharing if s.grads], mean=False)
         norms = [torch.linalg.vector_norm(g) for g in combined.values()]

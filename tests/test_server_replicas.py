@@ -1,0 +1,178 @@
+"""Several server processes for one trunk (``serve`` under torchrun, gloo on loopback): 2 replicas x 2 tcp clients
+give what one server of 4 clients gives (the one-process simulation of 4 clients, which one tcp server reproduces:
+test_federated_processes); a replica killed mid-run stops the run with a message naming it; a replica started with
+another config is refused on both sides."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from processes import Processes, child_env, free_port, make_tokens, read_status, tail, wait_for, write_config
+from splittrain.state import load_state
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+FEDERATED = {"clients": 4, "average": "gradients", "trunk_update": "sync", "round_timeout": 300}
+LISTENING = re.compile(r"listening on (\S+) .*trunk replica (\d+) of (\d+) \(pid (\d+)\)")
+
+
+@pytest.fixture(autouse=True)
+def quickstart_built():
+    """The quickstart model, built before processes race to build it."""
+    from splittrain.quickstart import model_dir
+
+    model_dir()
+
+
+@pytest.fixture
+def workers():
+    """Pids of torchrun's workers (the replicas), which run in sessions of their own: killed by pid when the test
+    ends, also on failure."""
+    pids: list[int] = []
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def config(folder: Path, steps: int = STEPS, **federated) -> Path:
+    return write_config(folder / "config.yaml", folder / "run", steps=steps, every=2, batch_size=4, limit=120,
+                        model={"client": "lora", "federated": {**FEDERATED, **federated}})
+
+
+def replicas(procs: Processes, workers: list[int], cfg: Path, tokens: Path, run: Path, count: int = 2
+             ) -> tuple[subprocess.Popen, dict[int, tuple[str, int]]]:
+    """``serve`` under torchrun with ``count`` replicas on free loopback ports; returns torchrun and, by rank, each
+    replica's address and pid (added to ``workers``)."""
+    proc = procs.start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(count),
+                        "-m", "splittrain", "serve", "--config", str(cfg), "--address", "127.0.0.1:0", "--tokens",
+                        str(tokens), "--run_dir", str(run), "--threads", "1"], procs.folder / "replicas.log")
+
+    def listening() -> dict[int, tuple[str, int]] | None:
+        found = {int(m[1]): (m[0], int(m[3])) for m in LISTENING.findall(proc.log.read_text(errors="replace"))}
+        return found if len(found) == count else None
+
+    where = wait_for(listening, 300, "every replica to listen", proc, proc.log)
+    workers.extend(pid for _, pid in where.values())
+    return proc, where
+
+
+def fits(procs: Processes, cfg: Path, known: dict[str, str], where: dict[int, tuple[str, int]], *extra: str
+         ) -> dict[int, subprocess.Popen]:
+    """A tcp client per name, client c at replica c % R."""
+    return {index: procs.fit(cfg, "--model.transport", "tcp", "--model.address", where[index % len(where)][0],
+                             "--model.client_name", name, "--model.federated.client_index", str(index),
+                             "--trainer.default_root_dir", str(procs.folder / name), *extra, token=known[name],
+                             log_name=f"{name}.log")
+            for index, name in enumerate(known)}
+
+
+def losses(run: Path) -> dict[str, list[float]]:
+    import json
+
+    figures = {}
+    for path in sorted(run.glob("summary*.json")):
+        figures.update(json.loads(path.read_text())["clients"])
+    return {client: f["train_losses"] for client, f in figures.items()}
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys() and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_replicas_of_two_clients_equal_one_server_of_four(procs, workers, tmp_path):
+    from splittrain.cli import main
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    main(["fit", "--config", str(config(reference))])  # 4 clients, one trunk
+    want_losses = losses(reference / "run")
+    want_client = load_state(reference / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    want_trunk = load_state(reference / "run" / "trunk" / f"step-{STEPS}.safetensors")["trainable"]
+
+    cfg = config(tmp_path)
+    tokens, known = make_tokens(tmp_path, "c0", "c1", "c2", "c3")
+    server_run = tmp_path / "server"
+    torchrun, where = replicas(procs, workers, cfg, tokens, server_run)
+    clients = fits(procs, cfg, known, where)
+    for fit in clients.values():
+        Processes.finish(fit, timeout=400)
+    Processes.signal(torchrun, signal.SIGTERM, timeout=120)  # torchrun exits 1 on a signal whatever its workers do
+    log = torchrun.log.read_text()
+    assert log.count("trunk server stopped") == 2 and "splittrain: error" not in log, tail(torchrun.log)
+
+    worst_loss = 0.0
+    for index in range(4):
+        got, want = losses(tmp_path / f"c{index}")[f"client{index}"], want_losses[f"client{index}"]
+        assert len(got) == len(want) == STEPS
+        worst_loss = max(worst_loss, *(abs(x - y) for x, y in zip(got, want)))
+    worst_client = max(largest_difference(load_state(tmp_path / f"c{i}" / "checkpoints" / "last.ckpt")["state_dict"],
+                                          want_client) for i in range(4))
+    trunks = [load_state(run / "trunk" / f"step-{STEPS}.safetensors")["trainable"]
+              for run in (server_run, server_run / "replica1")]
+    worst_trunk = max(largest_difference(trunk, want_trunk) for trunk in trunks)
+    print(f"largest differences from one server of 4 clients: loss {worst_loss:.3g}, client weights "
+          f"{worst_client:.3g}, trunk LoRA {worst_trunk:.3g} (replicas apart: "
+          f"{largest_difference(*trunks):.3g})")
+    assert worst_loss <= 1e-5 and worst_client <= 1e-5 and worst_trunk <= 1e-5
+    for rank, run in enumerate((server_run, server_run / "replica1")):
+        status = read_status(run)
+        assert status["replica"]["rank"] == rank and status["federated_step"] == STEPS
+        assert status["counters"]["aggregations"] == 2 * STEPS  # its 2 clients' masked updates, every step
+        assert sorted(status["clients"]) == [f"c{i}" for i in range(4) if i % 2 == rank]
+
+
+def test_a_killed_replica_stops_the_run_naming_it(procs, workers, tmp_path):
+    cfg = config(tmp_path, steps=400, clients=2)
+    tokens, known = make_tokens(tmp_path, "c0", "c1")
+    server_run = tmp_path / "server"
+    torchrun, where = replicas(procs, workers, cfg, tokens, server_run)
+    clients = fits(procs, cfg, known, where, "--model.reconnect_timeout", "5")
+    wait_for(lambda: (s := read_status(server_run)) and s["federated_step"] >= 2, 300, "two federated steps",
+             torchrun, torchrun.log)
+    dead, pid = where[1]
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    codes = {name: proc.wait(timeout=120) for name, proc in (("torchrun", torchrun), ("c0", clients[0]),
+                                                              ("c1", clients[1]))}
+    seconds = time.monotonic() - killed
+    print(f"every process ended {seconds:.1f} s after the replica was killed: {codes}")
+    assert all(code != 0 for code in codes.values()), codes
+    named = f"trunk replica 1 ({dead}) died or stopped answering"
+    assert named in torchrun.log.read_text(), tail(torchrun.log)  # the surviving replica says which one died
+    assert named in (tmp_path / "c0.log").read_text(), tail(tmp_path / "c0.log")  # and so does its client
+    assert dead in (tmp_path / "c1.log").read_text(), tail(tmp_path / "c1.log")  # the dead one's client names it
+    assert seconds < 60
+
+
+def test_a_replica_with_another_config_is_refused_on_both_sides(procs, tmp_path):
+    cfg = config(tmp_path, clients=2)
+    tokens, _ = make_tokens(tmp_path, "c0", "c1")
+    port = free_port()
+    started = []
+    for rank, extra in ((0, ()), (1, ("--model.trunk.lora.r", "8"))):
+        env = child_env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        started.append(procs.start([sys.executable, "-m", "splittrain", "serve", "--config", str(cfg), "--address",
+                                    "127.0.0.1:0", "--tokens", str(tokens), "--run_dir", str(tmp_path / "server"),
+                                    "--threads", "1", *extra], tmp_path / f"replica{rank}.log", env))
+    for rank, proc in enumerate(started):
+        assert proc.wait(timeout=300) == 2, tail(proc.log)  # a user error
+        text = proc.log.read_text()
+        assert "trunk replica 1 was started with another config than replica 0: lora.r 8 (replica 0: 16)" in text, \
+            tail(proc.log)
+        assert "Traceback" not in text and "listening on" not in text
