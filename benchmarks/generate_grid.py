@@ -111,6 +111,17 @@ def rss(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of a process so far (``/proc/PID/task/*/schedstat``, nanoseconds)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            pass
+    return total / 1e9
+
+
 def reset_peak(pid: int | str = "self") -> None:
     """Reset a process's peak RSS to its current RSS (Linux >= 4.0)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -263,15 +274,19 @@ class Clock:
 
 
 class Counted:
-    """A :class:`~splittrain.cut.TrunkLink` whose requests are counted (round trips)."""
+    """A :class:`~splittrain.cut.TrunkLink` whose requests are counted (round trips) and timed."""
 
     def __init__(self, link: Any) -> None:
-        self.link, self.requests = link, 0
+        self.link, self.requests, self.spans = link, 0, []
         request = link._request
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.requests += 1
-            return request(*args, **kwargs)
+            began = time.perf_counter()
+            try:
+                return request(*args, **kwargs)
+            finally:
+                self.spans.append((began, time.perf_counter()))
 
         link._request = counted
 
@@ -280,18 +295,26 @@ def timed(run: Callable[[Clock], torch.Tensor], link: Any = None, counter: Count
           server: Server | None = None) -> dict[str, Any]:
     """One generation: its tokens, wall time, the times of its tokens, bytes and requests, memory peaks."""
     clock = Clock(link)
-    requests = counter.requests if counter else 0
+    requests, spans = (counter.requests, len(counter.spans)) if counter else (0, 0)
     if server is not None:
         reset_peak(server.proc.pid)
     reset_peak()
     before = rss()["VmRSS"]
+    server_cpu = cpu_seconds(server.proc.pid) if server is not None else 0.0
+    cpu = time.process_time()
     start = time.perf_counter()
     tokens = run(clock)
     wall = time.perf_counter() - start
-    out = {"tokens": tokens, "wall": wall, "start": start, "times": clock.times, "bytes": clock.bytes,
+    cpu = time.process_time() - cpu
+    if server is not None:
+        cpu += cpu_seconds(server.proc.pid) - server_cpu
+    out = {"tokens": tokens, "wall": wall, "cpu": cpu, "start": start, "times": clock.times, "bytes": clock.bytes,
            "client_rss_growth": rss()["VmHWM"] - before}
     if counter is not None:
         out["requests"] = counter.requests - requests
+        steps = counter.spans[spans:][1:-1]  # the decode steps' requests (not the prompt's, not the cache's end)
+        out["request_s"] = [end - began for began, end in steps]
+        out["client_s"] = [b[0] - a[1] for a, b in zip(steps, steps[1:])]
     if server is not None:
         out["server_peak_rss"] = rss(server.proc.pid)["VmHWM"]
         out["server_idle_rss"] = server.idle_rss
@@ -307,7 +330,8 @@ def summary(records: list[dict], batch: int, new: int) -> dict[str, Any]:
            "per_token_ms_median": statistics.median(gaps) * 1e3 if gaps else None,
            "per_token_ms_p90": deciles[-1] if gaps else None, "per_token_ms_p10": deciles[0] if gaps else None,
            "tokens_per_s": batch * new / wall, "tokens_per_s_fastest": batch * new / min(r["wall"] for r in records),
-           "wall_s": [r["wall"] for r in records],
+           "wall_s": [r["wall"] for r in records], "cpu_s": [r["cpu"] for r in records],
+           "tokens_per_cpu_s": batch * new / statistics.median(r["cpu"] for r in records),
            "client_rss_growth_mib": max(r["client_rss_growth"] for r in records) / 2**20}
     if records[0]["bytes"] and new > 1:
         r = records[0]
@@ -315,6 +339,11 @@ def summary(records: list[dict], batch: int, new: int) -> dict[str, Any]:
         out["wire_bytes_per_step"] = (r["bytes"][-1] - r["bytes"][1]) / (new - 1)
     if "requests" in records[0]:
         out["requests"] = records[0]["requests"]
+        # a decode step split in two: the trunk's request (server + link) and the client's own work between requests
+        requests, client = [x for r in records for x in r["request_s"]], [x for r in records for x in r["client_s"]]
+        if requests and client:
+            out["request_ms_median"] = statistics.median(requests) * 1e3
+            out["client_ms_median"] = statistics.median(client) * 1e3
         if new > 1:  # less the prompt's request and the one that frees the server's cache
             out["round_trips_per_step"] = (records[0]["requests"] - 2) / (new - 1)
     if "server_peak_rss" in records[0]:
@@ -440,6 +469,7 @@ def role_grid(args: argparse.Namespace) -> None:
                         base = row["runs"]["transformers"]
                         stats["ratio_tokens_per_s"] = stats["tokens_per_s"] / base["tokens_per_s"]
                         stats["ratio_fastest"] = stats["tokens_per_s_fastest"] / base["tokens_per_s_fastest"]
+                        stats["ratio_cpu"] = stats["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
                         if name == "shaped" and stats.get("per_token_ms_median") is not None:
                             link_ms = (2 * DELAY * 1e3 * stats["round_trips_per_step"]
                                        + stats["wire_bytes_per_step"] * 8 / rate_bits(RATE) * 1e3)
@@ -486,7 +516,7 @@ def print_cell(row: dict) -> None:
           f"{row['load_average_1min'][1]:.2f}")
     for name, r in row["runs"].items():
         tok = f"{r['per_token_ms_median']:.1f}/{r['per_token_ms_p90']:.1f}" if r["per_token_ms_median"] else "-"
-        extra = f" {r['ratio_tokens_per_s']:.3f}x" if "ratio_tokens_per_s" in r else ""
+        extra = f" {r['ratio_tokens_per_s']:.3f}x (cpu {r['ratio_cpu']:.3f}x)" if "ratio_tokens_per_s" in r else ""
         if "wire_bytes_per_step" in r:
             extra += f" {r['wire_bytes_per_step'] / 1e3:.1f} kB/step"
         if "model_error" in r:
@@ -506,6 +536,8 @@ def summarize(done: list[dict]) -> None:
             print(f"target {mode} >= {limit}x transformers' tokens/s: {'met' if ratio >= limit else 'MISSED'} "
                   f"(worst {ratio:.3f}x at {worst['dtype']} batch {worst['batch']} in {worst['input']} out "
                   f"{worst['output']})")
+            cpu = min(row["runs"][mode]["ratio_cpu"] for row in rows)
+            print(f"  per CPU-second (client + server): {'met' if cpu >= limit else 'MISSED'} (worst {cpu:.3f}x)")
     errors = [row["runs"]["shaped"]["model_error"] for row in done if "model_error" in row["runs"].get("shaped", {})]
     if errors:
         worst = max(errors, key=abs)

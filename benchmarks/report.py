@@ -428,6 +428,12 @@ def generate_grid_section(data: dict, targets: Targets) -> list[str]:
                     f"{', ' + grid_label(cell) if cell else ''}; {within} of {len(rows)} cells met)",
                     cell["runs"][mode]["ratio_tokens_per_s"] if cell else None, limit[mode], at_most=False,
                     fastest=fastest if fastest != float("inf") else None)
+        cpu = [c for c in rows if "ratio_cpu" in c["runs"][mode]]
+        if cpu:
+            low = min(cpu, key=lambda c: c["runs"][mode]["ratio_cpu"])
+            targets.add(f"generate grid, {what}: split tokens per CPU-second (client + server) / transformers' "
+                        f"(worst cell, {grid_label(low)}; {sum(c['runs'][mode]['ratio_cpu'] >= limit[mode] for c in cpu)}"
+                        f" of {len(cpu)} cells met)", low["runs"][mode]["ratio_cpu"], limit[mode], at_most=False)
     shaped = [c for c in cells if "model_error" in c["runs"].get("shaped", {})]
     if shaped:
         cell = max(shaped, key=lambda c: abs(c["runs"]["shaped"]["model_error"]))
@@ -450,7 +456,8 @@ def generate_grid_section(data: dict, targets: Targets) -> list[str]:
               f"{pick(c, 'transformers', 'per_token_ms_median', '{:.1f}')} / "
               f"{pick(c, 'transformers', 'per_token_ms_p90', '{:.1f}')}",
               pick(c, "transformers", "tokens_per_s", "{:.1f}"),
-              *(pick(c, m, "ratio_tokens_per_s", "{:.3f}") for m in modes),
+              *(f"{pick(c, m, 'ratio_tokens_per_s', '{:.3f}')} ({pick(c, m, 'ratio_cpu', '{:.3f}')})"
+                for m in modes),
               "yes" if all(r["same_tokens"] for r in c["runs"].values()) else "**no**",
               f"{c['load_average_1min'][0]:.1f}"] for c in cells]
     latency = [[c["dtype"], str(c["batch"]), str(c["input"]), str(c["output"]),
@@ -458,7 +465,9 @@ def generate_grid_section(data: dict, targets: Targets) -> list[str]:
                 *(f"{pick(c, m, 'per_token_ms_median', '{:.1f}')} / {pick(c, m, 'per_token_ms_p90', '{:.1f}')}"
                   for m in modes),
                 pick(c, "shaped", "predicted_per_token_ms", "{:.1f}"), pick(c, "shaped", "model_error", "{:+.1%}"),
-                pick(c, "shaped", "model_error_p10", "{:+.1%}"), loopback_model(c, data)] for c in cells]
+                pick(c, "shaped", "model_error_p10", "{:+.1%}"), loopback_model(c, data),
+                *(f"{pick(c, m, 'request_ms_median', '{:.1f}')} / {pick(c, m, 'client_ms_median', '{:.1f}')}"
+                  for m in modes if m != "in process")] for c in cells]
     wire = [[c["dtype"], str(c["batch"]), str(c["input"]), str(c["output"]),
              f"{c['runs']['tcp']['cut_bytes_per_step']['cut1_up'] / c['batch']:.0f}",
              f"{c['runs']['tcp']['cut_bytes_per_step']['cut2_down'] / c['batch']:.0f}",
@@ -502,16 +511,22 @@ def generate_grid_section(data: dict, targets: Targets) -> list[str]:
         f"Invocations (the machine is shared: the 1-minute load average includes other jobs): {ran}.{skipped} "
         f"Ran {where(data)}.", "",
         "![generation grid](results/generate_grid.png)", "",
-        "Tokens/s of each mode / `transformers`' in the same cell (load: 1-minute load average when the cell began):",
+        "Tokens/s of each mode / `transformers`' in the same cell, and in brackets tokens per CPU-second of the "
+        "client and the trunk server together / `transformers`' (what a machine of its own would show; the wall "
+        "clock on this shared machine counts the time other jobs held the cores; load: the 1-minute load average "
+        "when the cell began):",
         "", *table(["dtype", "batch", "prompt", "new", "HF TTFT ms", "HF ms/token (median / p90)", "HF tokens/s",
                     *(f"{m} x HF" for m in modes), "same tokens", "load"], speed),
         "Time to first token and per-token latency (median / p90, ms) per mode; the shaped link's model is "
         "`transformers`' per-token time + 2 x delay x round trips per token + bytes per token / rate (medians; the "
         "fastest decile: the 10th percentile of the shaped link's per-token times against the model on "
         "`transformers`' 10th percentile, what a quieter machine would show); the loopback model puts the loopback "
-        "tcp per-token time in place of `transformers`' (what the split itself costs without the link):", "",
+        "tcp per-token time in place of `transformers`' (what the split itself costs without the link); a remote "
+        "decode step split in two (medians): the trunk's request (server compute + link) and the client's work "
+        "between requests (top, choosing the token, bottom):", "",
         *table(["dtype", "batch", "prompt", "new", *(f"TTFT {m}" for m in modes), *(f"ms/token {m}" for m in modes),
-                "shaped model ms", "shaped vs model", "fastest decile vs model", "shaped vs loopback model"], latency),
+                "shaped model ms", "shaped vs model", "fastest decile vs model", "shaped vs loopback model",
+                *(f"{m}: request / client ms" for m in modes if m != "in process")], latency),
         "Bytes per decode step: the payload crossing each cut per token (hidden states up with positions and the mask "
         "column, hidden states down), the transport's count per step (both directions, frame headers included), "
         "the requests per step, and the prompt's bytes (MiB):", "",
