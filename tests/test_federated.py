@@ -337,6 +337,40 @@ def test_secure_aggregation_goes_on_without_a_dropped_client(tcp_federation, cap
     assert any("'c2'" in r.getMessage() and "round_timeout" in r.getMessage() for r in caplog.records)
 
 
+def test_a_client_left_alone_still_averages_through_the_server(tcp_federation):
+    """Once the other client is dropped, the lone client's round still goes to the server (a client rejoining at
+    that step waits there for the federation's state): its update is the round's sum, sent in fixed point, and the
+    average it gets back is its own update."""
+    import threading
+
+    from splittrain.federated import SecureAverager
+
+    tcp, server, _ = tcp_federation(2, round_timeout=2.0)
+    received = []
+    aggregate = server._handlers["aggregate"]
+    server._handlers["aggregate"] = lambda s, h, t: (received.append((h["participants"], t["masked"].clone())),
+                                                     aggregate(s, h, t))[1]
+    update = torch.randn(100, dtype=torch.float64)
+    finished = threading.Event()
+
+    def work(index: int, link):
+        averager = SecureAverager(link, index, FederatedSettings(clients=2, round_timeout=2.0), 10)
+        if index == 1:
+            finished.wait(60)  # silent after the key exchange: dropped after round_timeout
+            return "silent"
+        average = averager.average({0: update}, {0: 1.0}, "test", 0)
+        finished.set()
+        return average
+
+    results = run_clients(tcp, server, {"c0": 0, "c1": 1}, work)
+    assert (results["c0"] - update).abs().max().item() <= 2.0 ** -SecureAverager.SCALE_BITS
+    assert [p for p, _ in received] == [[0, 1], [0]]  # masked for both, then alone
+    lone = received[1][1]
+    # weight 1 of the two clients' agreed total 2: the update's half, in fixed point, as the round's sum
+    assert torch.equal(lone, torch.round(update / 2 * 2.0 ** SecureAverager.SCALE_BITS).to(torch.int64))
+    assert server.dropped == {1}
+
+
 def quickstart_fit(run, *extra: str, steps: int = 6):
     from pathlib import Path
 

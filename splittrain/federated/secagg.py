@@ -33,7 +33,9 @@ Threat model and limits:
   2-client round (telling the victim its partner is a client the server plays or colludes with) learns the
   victim's update given its own: it is the total minus its own. A server that claims a client dropped after
   receiving its masked vector learns that client's update as the difference between the full round's total and
-  the survivors' redo. A server that swaps public keys can derive every mask. Defending against these needs
+  the survivors' redo; one that tells a client it is the round's only participant gets its update unmasked (a
+  lone client sends its update as the round's sum, so that a client rejoining at that step is served). A server
+  that swaps public keys can derive every mask. Defending against these needs
   authenticated keys, a minimum participant count the clients check, and Bonawitz's double masking.
 * The aggregate itself is revealed, so whoever knows all but one of the summed updates learns the last one; with
   two participants each learns the other's update. Differential privacy, if wanted, is a separate layer.
@@ -293,10 +295,14 @@ class SecureAverager:
         ((index, vector),) = vectors.items()
         for attempt in range(min(self.settings.clients + 2, 256)):  # a rejoin redoes a round once, a dropout too
             nonce = ((step + 1) << 8) | attempt
-            if self.alive == [self.index]:  # the only client left: its own update is the average
-                return vector.clone()
-            masked = self.masker.protect(vector, weights[index] / self.scale, [self.name(i) for i in self.alive],
-                                         nonce, self.SCALE_BITS)
+            if self.alive == [self.index]:
+                # The only client left still asks the server: a client that rejoins at this step waits for its
+                # state (``share``) and is admitted by a redone round. Its update is the round's sum, all that
+                # secure aggregation reveals of a round, so it goes unmasked (one client has no pair to mask with).
+                masked = encode(vector, weights[index] / self.scale, self.SCALE_BITS)
+            else:
+                masked = self.masker.protect(vector, weights[index] / self.scale, [self.name(i) for i in self.alive],
+                                             nonce, self.SCALE_BITS)
             request = {"nonce": nonce, "weight": weights[index], "participants": self.alive, "roster": self.roster}
             header, tensors = self.link.request_tensors("aggregate", request, {"masked": masked})
             if "share" in header:  # a client rejoins at this step: send it the state first, then the update again
