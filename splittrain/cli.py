@@ -530,13 +530,13 @@ def serve_command(options: ServeOptions, connections: dict[str, Any], limits: An
           f"{' with TLS' if tls else ''} for {len(known)} client(s){federation}{replica}; checkpoints in "
           f"{run / 'trunk'}", flush=True)
     tcp.serve_forever()
+    if replicas is not None and replicas.failure is not None:  # mid-step: the checkpoints save_every wrote stand
+        raise UserError(replicas.failure)
     paths = server.save_all(LATEST)
     steps = ", ".join(f"{owner!r} at step {adapter.steps}" for owner, adapter in server.adapters.items())
     print(f"splittrain: trunk server stopped ({steps or 'no client trained'}); saved "
           f"{', '.join(map(str, paths)) or 'nothing'}", flush=True)
     if replicas is not None:
-        if replicas.failure is not None:
-            raise UserError(replicas.failure)
         replicas.close()
 
 

@@ -30,6 +30,12 @@ Synchronisation points of a step before ``A`` do not expect it; its first averag
 every member takes its new public key (a retry carries the members' public keys). A FedSGD client whose update
 went into a step's average but that never asked for the step (it died in between) takes part in the step's trunk
 update too, with the trunk gradients it left, so both sides of the step hold the same clients.
+
+Replicas. When several server processes serve the trunk (:attr:`TrunkFederation.replicas`,
+:mod:`splittrain.server.replicas`), each waits at a synchronisation point for its own clients only, then combines
+what it gathered with the other replicas' (the key agreement's keys and weights, a secure average's participants,
+masked sum and total weight, a ``sync`` step's weighted trunk gradients) before it finishes, so every replica
+finishes alike. Rejoining is refused there.
 """
 
 from __future__ import annotations

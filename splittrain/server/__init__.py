@@ -16,6 +16,7 @@ counter) as safetensors, written atomically.
 - :mod:`.sessions`: clients' sessions, their bounds and timeouts;
 - :mod:`.generation`: generations' KV caches;
 - :mod:`.checkpoints`: the adapters' checkpoints;
+- :mod:`.replicas`: several server processes for one trunk (``serve`` under torchrun), their collectives;
 - :mod:`.settings`: :class:`TrunkSettings`, :class:`ServerLimits` and :func:`load_trunk`.
 
 A federation's trunk half (membership, synchronisation points, secure-aggregation relay) is

@@ -84,8 +84,8 @@ class Replicas:
             raise ReplicaError(f"WORLD_SIZE {size} asks for trunk replicas but {', '.join(missing)} is not set: run "
                                "serve under torchrun, or set RANK, MASTER_ADDR and MASTER_PORT in every replica")
         if not dist.is_initialized():
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # a GPU per replica
+            if torch.cuda.is_available():  # a GPU per replica (model.device_map's "cuda" is this one)
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
             dist.init_process_group("gloo", timeout=timedelta(seconds=round_timeout + 2 * timeout))
         health = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
         return cls(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, health, timeout)
@@ -258,8 +258,11 @@ class Replicas:
                 for lost, work in works:
                     work.wait(timedelta(seconds=self.timeout))
             except RuntimeError as error:
-                self.failure = (f"{self.name(lost)} died or stopped answering ({_one_line(error)}): the trunk "
-                                "replicas stop, since that replica's clients cannot go on without it")
+                how = ("its connection closed" if "closed" in str(error).lower() else
+                       f"no heartbeat for {self.timeout:g} s" if "timed out" in str(error).lower() else
+                       _one_line(error))
+                self.failure = (f"{self.name(lost)} died or stopped answering ({how}): the trunk replicas stop, "
+                                "since that replica's clients cannot go on without it")
                 self._failed.set()
                 failed(self.failure)
                 return
@@ -303,4 +306,4 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300]
+    return " ".join(str(error).split())[:200]
