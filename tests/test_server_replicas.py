@@ -13,20 +13,51 @@ import sys
 import time
 from pathlib import Path
 
+import threading
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from processes import Processes, child_env, free_port, make_tokens, read_status, tail, wait_for, write_config
+from splittrain.federated import FederatedSettings
+from splittrain.federated.trunk import TrunkFederation
+from splittrain.server.replicas import Replicas
 from splittrain.state import load_state
-
-pytestmark = pytest.mark.slow
 
 STEPS = 4
 FEDERATED = {"clients": 4, "average": "gradients", "trunk_update": "sync", "round_timeout": 300}
 LISTENING = re.compile(r"listening on (\S+) .*trunk replica (\d+) of (\d+) \(pid (\d+)\)")
 
 
-@pytest.fixture(autouse=True)
+def test_a_replica_serves_its_share_of_the_clients():
+    """Replica 0 of 2 serves clients 0 and 2, waits for them alone at a synchronisation point, refuses client 1 with
+    the address of the replica that serves it, and refuses a rejoin."""
+    replicas = Replicas(0, 2, None, None, 1.0)
+    replicas.addresses = ["127.0.0.1:7000", "127.0.0.1:7001"]
+    sessions: dict = {}
+    fed = TrunkFederation(FederatedSettings(clients=4), sessions, threading.RLock(), lambda counter: None,
+                          lambda *args: None, "instance")
+    fed.replicas, fed.block = replicas, False
+
+    def join(name: str, index: int, step: int = 0) -> dict:
+        session = sessions[name] = SimpleNamespace(client=name, index=None, samples=0, step=None, connections=1,
+                                                   grads={}, adapter=SimpleNamespace(steps=0))
+        with fed.changed:
+            return fed.join(session, {"index": index, "samples": 10, "step": step}, {})[0]
+
+    assert replicas.own(4) == {0, 2} and replicas.listen_port(7000) == 7000 and replicas.listen_port(0) == 0
+    assert join("c0", 0)["rejoin"] is False
+    with pytest.raises(ValueError, match=r"client index 1 is served by trunk replica 1 at 127.0.0.1:7001, not by this "
+                                         r"one \(replica 0\): client c connects to replica c % 2"):
+        join("c1", 1)
+    assert fed._expected(0) == {0, 2}
+    fed.federated_step = 3
+    with pytest.raises(ValueError, match="rejoining is not supported when several trunk replicas serve it"):
+        join("c2", 2)
+
+
+@pytest.fixture
 def quickstart_built():
     """The quickstart model, built before processes race to build it."""
     from splittrain.quickstart import model_dir
@@ -95,7 +126,8 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_two_replicas_of_two_clients_equal_one_server_of_four(procs, workers, tmp_path):
+@pytest.mark.slow
+def test_two_replicas_of_two_clients_equal_one_server_of_four(procs, workers, tmp_path, quickstart_built):
     from splittrain.cli import main
 
     reference = tmp_path / "reference"
@@ -137,7 +169,8 @@ def test_two_replicas_of_two_clients_equal_one_server_of_four(procs, workers, tm
         assert sorted(status["clients"]) == [f"c{i}" for i in range(4) if i % 2 == rank]
 
 
-def test_a_killed_replica_stops_the_run_naming_it(procs, workers, tmp_path):
+@pytest.mark.slow
+def test_a_killed_replica_stops_the_run_naming_it(procs, workers, tmp_path, quickstart_built):
     cfg = config(tmp_path, steps=400, clients=2)
     tokens, known = make_tokens(tmp_path, "c0", "c1")
     server_run = tmp_path / "server"
@@ -160,7 +193,8 @@ def test_a_killed_replica_stops_the_run_naming_it(procs, workers, tmp_path):
     assert seconds < 60
 
 
-def test_a_replica_with_another_config_is_refused_on_both_sides(procs, tmp_path):
+@pytest.mark.slow
+def test_a_replica_with_another_config_is_refused_on_both_sides(procs, tmp_path, quickstart_built):
     cfg = config(tmp_path, clients=2)
     tokens, _ = make_tokens(tmp_path, "c0", "c1")
     port = free_port()
