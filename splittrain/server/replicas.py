@@ -83,11 +83,16 @@ class Replicas:
         if missing:
             raise ReplicaError(f"WORLD_SIZE {size} asks for trunk replicas but {', '.join(missing)} is not set: run "
                                "serve under torchrun, or set RANK, MASTER_ADDR and MASTER_PORT in every replica")
-        if not dist.is_initialized():
-            if torch.cuda.is_available():  # a GPU per replica (model.device_map's "cuda" is this one)
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-            dist.init_process_group("gloo", timeout=timedelta(seconds=round_timeout + 2 * timeout))
-        health = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        if torch.cuda.is_available():  # a GPU per replica (model.device_map's "cuda" is this one)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        wait = round_timeout + 2 * timeout
+        try:
+            dist.init_process_group("gloo", timeout=timedelta(seconds=wait))
+            health = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        except (RuntimeError, ValueError) as error:  # DistStoreError, DistNetworkError: RuntimeErrors
+            raise ReplicaError(f"the {size} trunk replicas did not all meet within {wait:g} s at "
+                               f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (did one fail to start? see "
+                               f"its output): {_one_line(error)}") from error
         return cls(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, health, timeout)
 
     # ------------------------------------------------------------------------------------------ who serves whom
@@ -112,8 +117,12 @@ class Replicas:
         :class:`ReplicaError` on every replica, naming the differences, when one was started with another. Returns
         replica 0's ``instance`` id, which every replica takes: secure aggregation binds the clients' pairwise keys to
         it, so clients of different replicas must see the same."""
-        texts = self._gather_text(json.dumps({"config": description, "address": address, "instance": instance},
-                                             sort_keys=True))
+        try:
+            texts = self._gather_text(json.dumps({"config": description, "address": address, "instance": instance},
+                                                 sort_keys=True))
+        except RuntimeError as error:
+            raise ReplicaError(f"a trunk replica left while the replicas compared their configs (see its output): "
+                               f"{_one_line(error)}") from error
         seen = [json.loads(t) for t in texts]
         self.addresses = [s["address"] for s in seen]
         ours = _flat(seen[0]["config"])
@@ -232,12 +241,10 @@ class Replicas:
             raise ReplicaError(self.failure) from error
 
     # ------------------------------------------------------------------------------------------ liveness
-    def watch(self, failed: Callable[[str], None], stop: Callable[[], None]) -> threading.Thread:
+    def watch(self, failed: Callable[[str], None], stop: Callable[[], None]) -> None:
         """Exchange heartbeats with every other replica until a stop is asked of any of them (then ``stop()``
         on every replica, at the same round) or one is lost (then ``failed(why)``)."""
-        thread = threading.Thread(target=self._beat, args=(failed, stop), name="splittrain-replicas", daemon=True)
-        thread.start()
-        return thread
+        threading.Thread(target=self._beat, args=(failed, stop), name="splittrain-replicas", daemon=True).start()
 
     def request_stop(self) -> None:
         """Stop every replica at the next heartbeat (a SIGTERM or SIGINT of this one)."""

@@ -150,6 +150,8 @@ class TrunkServer:
     def replicate(self, replicas: Replicas, address: str) -> None:
         """Serve this trunk as one of ``replicas`` (:mod:`.replicas`) listening on ``address``: the replicas'
         configs are compared, and the federation's synchronisation points combine every replica's clients."""
+        # configs first: a replica with another federation is named by every replica, before anyone refuses its own
+        self.instance = self.federated.instance = replicas.agree(describe(self), address, self.instance)
         fed = self.federation
         if fed is None or fed.trunk_update != "sync":
             raise ReplicaError("several trunk replicas serve one federation with trunk_update: sync (DDP semantics); "
@@ -157,7 +159,6 @@ class TrunkServer:
         if fed.clients < replicas.size:
             raise ReplicaError(f"{replicas.size} trunk replicas for a federation of {fed.clients} clients: each "
                                "replica serves at least one client")
-        self.instance = self.federated.instance = replicas.agree(describe(self), address, self.instance)
         self.federated.replicas = replicas
 
     def fail(self, why: str) -> None:
