@@ -1,4 +1,5 @@
-"""Split generation over a grid of prompt lengths, output lengths and batch sizes, beside ``transformers``' ``generate``.
+"""Split generation over a grid of prompt lengths, output lengths and batch sizes, beside ``transformers``'
+``generate``.
 
     python benchmarks/generate_grid.py                      # ~105M Qwen2 shape, the whole grid (hours on 2 cores)
     python benchmarks/generate_grid.py --inputs 32 128 --outputs 16 128 --batches 1 8 --dtypes float32
@@ -20,12 +21,20 @@ the same weights with no stop token:
 
 Every run's tokens are checked equal to ``transformers'`` (the harness's accuracy half). Figures per run: time to
 first token (the prompt through every segment, the first token chosen), the median and 90th percentile of the
-time between later tokens, tokens/s (new tokens over the whole call), bytes per decode step (the transport's count,
+time between later tokens, tokens/s (new tokens over the whole call) and tokens per CPU-second of the client
+process and the trunk server process together (a shared machine's wall clock counts the time other jobs hold
+the cores; CPU time does not, so run with ``--threads 1`` there), bytes per decode step (the transport's count,
 both directions, frames included; the payload crossing each cut computed from the tensors), the round trips per
 decode step (requests the link sent), and memory per party: the weights and KV cache each party holds at the end
-(exact), the trunk server process's peak RSS during the run, and how far the client process's peak RSS rose above
-its RSS before the run (``/proc/PID/clear_refs`` resets the peaks before each run). On the shaped link the
-per-token latency is compared with ``transformers``' per-token time + 2 x 20 ms x round trips + bytes / rate.
+(exact), the trunk server process's RSS before any generation and its peak during the run, and how far the
+client process's peak RSS rose above its RSS before the run (``/proc/PID/clear_refs`` resets the peaks before
+each run). On the shaped link the
+per-token latency is compared with ``transformers``' per-token time + 2 x 20 ms x round trips + bytes / rate
+(medians, and 10th percentiles: the fastest tokens, what a quieter machine shows). Each remote decode step is
+also split into the trunk's request (server compute + link) and the client's work between requests.
+
+``--append`` keeps the cells already in ``--out`` and measures the others, so a grid too long for one sitting
+runs as several invocations (each logged with its load average).
 
 Targets (read the ratios: absolute times depend on the machine): in process tokens/s >= 0.95x ``transformers'`` in
 every cell; loopback tcp >= 0.85x at batch 8; shaped per-token latency within 10% of the model.
@@ -476,7 +485,8 @@ def role_grid(args: argparse.Namespace) -> None:
                             stats["predicted_per_token_ms"] = base["per_token_ms_median"] + link_ms
                             stats["model_error"] = stats["per_token_ms_median"] / stats["predicted_per_token_ms"] - 1
                             # the fastest decile of tokens on both sides: what a quiet machine would show
-                            stats["model_error_p10"] = stats["per_token_ms_p10"] / (base["per_token_ms_p10"] + link_ms) - 1
+                            fastest = base["per_token_ms_p10"] + link_ms
+                            stats["model_error_p10"] = stats["per_token_ms_p10"] / fastest - 1
                     row["runs"][name] = stats
                 done.append(row)
                 print_cell(row)

@@ -431,9 +431,10 @@ def generate_grid_section(data: dict, targets: Targets) -> list[str]:
         cpu = [c for c in rows if "ratio_cpu" in c["runs"][mode]]
         if cpu:
             low = min(cpu, key=lambda c: c["runs"][mode]["ratio_cpu"])
+            met = sum(c["runs"][mode]["ratio_cpu"] >= limit[mode] for c in cpu)
             targets.add(f"generate grid, {what}: split tokens per CPU-second (client + server) / transformers' "
-                        f"(worst cell, {grid_label(low)}; {sum(c['runs'][mode]['ratio_cpu'] >= limit[mode] for c in cpu)}"
-                        f" of {len(cpu)} cells met)", low["runs"][mode]["ratio_cpu"], limit[mode], at_most=False)
+                        f"(worst cell, {grid_label(low)}; {met} of {len(cpu)} cells met)", low["runs"][mode]["ratio_cpu"],
+                        limit[mode], at_most=False)
     shaped = [c for c in cells if "model_error" in c["runs"].get("shaped", {})]
     if shaped:
         cell = max(shaped, key=lambda c: abs(c["runs"]["shaped"]["model_error"]))
@@ -502,7 +503,7 @@ def generate_grid_section(data: dict, targets: Targets) -> list[str]:
         f"{data['params'] / 1e6:.1f}M-parameter Qwen2 shape (hidden {shape['hidden_size']}, "
         f"{shape['num_hidden_layers']} layers, {shape['num_key_value_heads']} KV heads, vocab {shape['vocab_size']}, "
         f"context {shape['max_position_embeddings']}), cuts {tuple(data['cuts'])}, random prompts of the cell's length, "
-        f"greedy, no stop token, every cache a `{data['cache']}`, {data['threads']} torch threads per process. In "
+        f"greedy, no stop token, every cache a `{data['cache']}`, {data['threads']} torch thread(s) per process. In "
         "each cell `transformers`' `generate` of the unsplit model and split generation in process, over tcp on "
         f"loopback (the trunk server a process of its own) and over tcp shaped to {data['rate']} each way with "
         f"{data['delay_ms']:.0f} ms each way (a veth pair between two network namespaces, tbf on both ends; the "
