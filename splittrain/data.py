@@ -349,7 +349,8 @@ class EpochBatchSampler(Sampler[list[int]]):
     """Batches of example indices in a seeded order per epoch, able to start mid-epoch (resume).
 
     Plain batches chunk a permutation drawn from (seed, epoch). With ``rows`` (packing), the packed batches are
-    fixed and only their order is drawn per epoch. Lightning calls :meth:`set_epoch` at every epoch start.
+    fixed and only their order is drawn per epoch. Lightning calls :meth:`set_epoch` at every epoch start (through
+    :attr:`sampler`).
     """
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int,
@@ -358,6 +359,12 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.fixed_batches = fixed_batches
         self.epoch = 0
         self.start = 0  # batches to skip once, set by a resumed loader
+
+    @property
+    def sampler(self) -> EpochBatchSampler:
+        """Itself: Lightning sets the epoch of a loader's ``sampler`` and ``batch_sampler.sampler``, never of the
+        batch sampler, so without this every epoch would repeat the first one's order."""
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -276,6 +276,24 @@ def test_data_module_order_depends_only_on_the_seed():
     assert first_batches(data_module(seed=1).train_dataloader()) != same[0]
 
 
+def test_lightning_sets_each_epochs_order_on_every_client_loader():
+    """Lightning's own per-epoch call reaches the batch sampler, for one loader and for each client's, so epoch 1
+    is drawn afresh (not a repeat of epoch 0) and a client that rejoins mid-run finds the order the others had."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from lightning.pytorch.utilities import CombinedLoader
+
+    module = data_module()
+    loader = module.train_dataloader()
+    first = first_batches(loader)
+    _set_sampler_epoch(loader, 1)
+    assert loader.batch_sampler.epoch == 1 and first_batches(loader) != first
+    module.shard(2)
+    combined = CombinedLoader(module.train_dataloader(), "max_size_cycle")
+    for client_loader in combined.flattened:
+        _set_sampler_epoch(client_loader, 3)
+    assert [dl.batch_sampler.epoch for dl in combined.flattened] == [3, 3]
+
+
 def test_data_module_holds_out_validation_and_packs():
     module = data_module(val=None, val_size=0.25, packing=True, batch_size=2)
     assert (len(module.train_dataset), len(module.val_dataset)) == (150, 50)

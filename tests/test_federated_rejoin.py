@@ -222,7 +222,8 @@ class Away(FederatedClients):
 
 
 def config(folder: Path, steps: int = STEPS, every: int = 3, **federated) -> Path:
-    return write_config(folder / "config.yaml", folder / "unused", steps=steps, every=every, batch_size=4, limit=120,
+    # 8 rows a client: epochs of 2 batches, so a rejoin lands in another epoch than the first
+    return write_config(folder / "config.yaml", folder / "unused", steps=steps, every=every, batch_size=4, limit=24,
                         model={"client": "lora", "federated": {"clients": 3, "trunk_update": "sync",
                                                                "round_timeout": 300, **federated}})
 
