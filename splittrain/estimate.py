@@ -69,8 +69,10 @@ from .segments import TRIM_LOGITS_BYTES
 
 GiB = 2**30
 MiB = 2**20
-RUNTIME_BYTES = {"client": int(0.56 * GiB), "server": int(0.45 * GiB)}
-"""Resident memory of a party's process before any model tensor (CPU, measured with a tiny model over tcp)."""
+RUNTIME_BYTES = {"client": int(0.63 * GiB), "server": int(0.515 * GiB)}
+"""Resident memory of a party's process before any model tensor (CPU, measured with a tiny model over tcp: the
+quickstart's peak RSS less its estimated tensors). It includes bitsandbytes, which peft imports whenever it is
+installed (about 50 MB)."""
 BITSANDBYTES_BYTES = 8 * MiB
 """What a quantized party's process adds: bitsandbytes' CPU kernels and the loader's probe of the format."""
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
