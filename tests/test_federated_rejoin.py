@@ -170,6 +170,37 @@ def test_rejoin_bookkeeping_and_refusals():
     assert wait_for(lambda: answer.get("c1"), 10, "c1 to catch up")[0] == {"step": 55, "position": 4}
 
 
+def test_a_client_whose_update_is_in_a_steps_average_took_part_in_that_step():
+    """A FedSGD client that sent its update for step 2's average and died before asking for the step: the step
+    takes its trunk gradients too, so it took part in step 2: its data position counts it, and its rejoin record
+    says it was away from the next step on (the reference's window starts there)."""
+    fed, sessions, adapter = federation()
+    for index, name in enumerate(("c0", "c1", "c2")):
+        join(fed, sessions, adapter, name, index)
+    step_all(fed, sessions, ("c0", "c1", "c2"), 1)
+
+    def average(name: str) -> None:  # step 2's forward pass and secure average, all three waiting for each other
+        session = sessions[name]
+        with fed.changed:
+            fed.block = True
+            fed.forward(session, 1)
+            session.grads = {"w": torch.ones(2)}
+            fed.aggregate(session, {"nonce": 2 << 8, "weight": 1.0, "participants": [0, 1, 2], "roster": 0},
+                          {"masked": torch.zeros(4, dtype=torch.int64)})
+
+    threads = [threading.Thread(target=average, args=(name,), daemon=True) for name in ("c0", "c1", "c2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(t.is_alive() for t in threads) and fed.summed[1].keys() == {0, 1, 2}
+    del sessions["c2"]  # its process dies before it asks for step 2; a new one joins
+    assert join(fed, sessions, adapter, "c2", 2)["rejoin"] is True
+    step_all(fed, sessions, ("c0", "c1"), 2)
+    assert fed.federated_step == 2 and fed.positions == {0: 2, 1: 2, 2: 2}
+    assert fed.dropped_at[2] == 2
+
+
 def test_a_member_admits_a_rejoining_clients_new_public_key():
     """Masks agreed before a client came back with a new key pair do not cancel with its new ones; they do again
     once the others admit its new public key."""

@@ -362,6 +362,8 @@ class TrunkFederation:
                     log.info("step %d takes the trunk gradients of client %d, whose update is in the step's average",
                              target, i)
                     taking[i] = contribution
+                    if i in self.dropped_at:  # it took part in this step: away from the next one on
+                        self.dropped_at[i] = max(self.dropped_at[i], target)
             # in client order, not arrival order: the sum is the same whoever came first
             weighted = [taking[i] for i in sorted(taking) if taking[i][1] > 0 and taking[i][0]]
             scale = next((sc for _, _, _, sc in arrived.values() if sc is not None), None)
