@@ -1,0 +1,412 @@
+"""A federation that runs for minutes while its clients are killed and come back: is anything applied twice or lost?
+
+    python benchmarks/soak.py                                    # 16 clients, 650 FedSGD steps (~12 min, then the replay)
+    python benchmarks/soak.py --clients 4 --steps 40 --kill-every 10 --out /tmp/soak.json   # a smoke run (~2 min)
+
+One ``python -m splittrain serve`` and ``--clients`` ``python -m splittrain fit`` processes over tcp on loopback
+train the quickstart model (``client: lora``, 40 rows a client, batches of 8) as a FedSGD federation (``average:
+gradients``, ``trunk_update: sync``: every step waits for every client it expects). While the federation is short
+of 80% of its steps, a client drawn at random (seeded) is killed with SIGKILL every ``--kill-every`` seconds on
+average (its process group, by pid) and started again after a pause of up to ``--reboot`` seconds, as a machine
+that crashed and rebooted: a new ``fit`` in a run folder of its own, which rejoins the run in progress (it catches
+up with the federation's state and its own data position and is expected again from the next step).
+
+Recorded (``results/soak.json``): the server's counters (steps applied, step requests answered again), its resident
+set every ``--rss-every`` seconds, every kill (when, which client, the federation's step) and the latency until the
+server's status lists that client as caught up again, and the final check. The check replays the run in one
+process: the same federation with each client away for exactly the steps the server's status says it was away
+(``rejoins``: dropped at, expected again from), its data loader moving while it is away and its batches taken in
+order when it is back (the reference of ``tests/test_federated_rejoin.py``). Every update that counted must be in
+the final weights and none twice: the trunk's and every client's final weights are compared with the replay's.
+
+Targets (issue "a federation that runs for days"): 0 steps applied twice (steps applied == the federation's steps),
+0 lost updates (the replay's weights equal, to float rounding, the soak's), server RSS at the end within 5% of its
+level after the first minute of training, every killed client caught up again within its ``reconnect_timeout``.
+
+Not yet: the issue's two server replicas and a replica restarted with ``serve --resume`` (rejoining is refused when
+replicas serve a federation, and a trunk restored from a checkpoint no longer knows the clients' data positions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from machine import machine  # this folder is on sys.path when a script here runs
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+TOLERANCE = 1e-5
+"""Largest weight difference from the replay that counts as float rounding (a lost or doubled update moves weights
+by about the learning rate, 1e-4 by default)."""
+RSS_TARGET = 0.05
+KILL_UNTIL = 0.8
+"""Clients are killed while the federation has made less than this share of its steps (later ones could not catch
+up before the run ends)."""
+REPLAY = '''import json, sys
+from collections import deque
+from splittrain.federated.client import FederatedClients
+from splittrain.federated.settings import FederatedSettings
+import splittrain.modules
+
+
+class Replay(FederatedClients):
+    """Each client away for the steps [dropped at, expected again from) the soak's server recorded."""
+
+    away = {int(i): spans for i, spans in json.loads(sys.argv.pop(1)).items()}
+    # held by the class: the CLI runs this method where the script's globals are not found
+    queue, drawn = deque, staticmethod(FederatedSettings.participants)
+
+    def step(self, step, batches, train):
+        if step == 0:
+            self._queues = {i: self.queue() for i in self.away}
+        here = {}
+        for i, spans in self.away.items():
+            self._queues[i].append(batches[i])  # the loader moves every step; a client takes its batches in order
+            here[i] = not any(a <= step < b for a, b in spans)
+            if here[i]:
+                batches = {**batches, i: self._queues[i].popleft()}
+        fed, drawn = self.settings, self.drawn
+        fed.participants = lambda round: [c for c in drawn(fed, round) if here.get(c, True)]
+        try:
+            return super().step(step, batches, train)
+        finally:
+            del fed.participants
+
+
+splittrain.modules.FederatedClients = Replay
+from splittrain.cli import main
+main()
+'''
+"""``python -c REPLAY AWAY_JSON fit ...``: the soak's federation in one process, clients away as recorded."""
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("SPLITTRAIN_TOKEN", None)
+    env.update(extra)
+    return env
+
+
+def write_config(folder: Path, clients: int, steps: int, batch_size: int, lr: float, round_timeout: float,
+                 reconnect_timeout: float) -> Path:
+    """The quickstart config as a FedSGD federation of ``clients`` LoRA clients, ``steps`` steps."""
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config["trainer"].update({"max_steps": steps, "default_root_dir": str(folder / "unused"),
+                              "val_check_interval": steps, "limit_val_batches": 1, "enable_progress_bar": False,
+                              "enable_model_summary": False, "num_sanity_val_steps": 0, "logger": False})
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = steps
+    config["model"].update({"client": "lora", "sample_prompt": None, "eval_generate": False,
+                            "reconnect_timeout": reconnect_timeout,
+                            "federated": {"clients": clients, "average": "gradients", "trunk_update": "sync",
+                                          "round_timeout": round_timeout}})
+    config["model"]["optim"]["lr"] = config["model"]["trunk"]["optim"]["lr"] = lr
+    config["data"].update({"batch_size": batch_size, "limit": 40 * clients})
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def make_tokens(folder: Path, names: list[str]) -> tuple[Path, dict[str, str]]:
+    from splittrain.transport.tcp import make_token
+
+    tokens = {name: make_token() for name in names}
+    path = folder / "tokens.json"
+    path.write_text(json.dumps(tokens))
+    path.chmod(0o600)
+    return path, tokens
+
+
+class Soak:
+    """The server and the clients' processes, each in a session of its own and ended by its pid (group)."""
+
+    def __init__(self, folder: Path, config: Path, clients: int, session_timeout: float) -> None:
+        self.folder, self.config, self.clients = folder, config, clients
+        self.names = [f"c{i:02d}" for i in range(clients)]
+        self.tokens_file, self.tokens = make_tokens(folder, self.names)
+        self.server_run = folder / "server"
+        self.session_timeout = session_timeout
+        self.procs: list[subprocess.Popen] = []
+        self.fits: dict[int, subprocess.Popen] = {}
+        self.runs: dict[int, list[Path]] = {i: [] for i in range(clients)}
+        self.server: subprocess.Popen | None = None
+        self.address = ""
+
+    def start(self, args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.folder,
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def serve(self, timeout: float = 300.0) -> None:
+        log = self.folder / "server.log"
+        self.server = self.start([sys.executable, "-m", "splittrain", "serve", "--config", str(self.config),
+                                  "--address", "127.0.0.1:0", "--tokens", str(self.tokens_file), "--run_dir",
+                                  str(self.server_run), "--session_timeout", str(self.session_timeout)],
+                                 log, child_env())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line.split("listening on ", 1)[1].split()[0] for line in log.read_text(errors="replace")
+                     .splitlines() if "listening on " in line]
+            if found:
+                self.address = found[-1]
+                return
+            if self.server.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.server.returncode}):\n{tail(log)}")
+            time.sleep(0.2)
+        raise RuntimeError(f"the server did not listen within {timeout} s:\n{tail(log)}")
+
+    def fit(self, index: int) -> None:
+        """Client ``index``'s ``fit`` in a new run folder (its first or a rejoin after a kill)."""
+        run = self.folder / f"{self.names[index]}-{len(self.runs[index])}"
+        self.runs[index].append(run)
+        self.fits[index] = self.start(
+            [sys.executable, "-m", "splittrain", "fit", "--config", str(self.config), "--model.transport", "tcp",
+             "--model.address", self.address, "--model.client_name", self.names[index],
+             "--model.federated.client_index", str(index), "--trainer.default_root_dir", str(run)],
+            self.folder / f"{run.name}.log", child_env(SPLITTRAIN_TOKEN=self.tokens[self.names[index]]))
+
+    def kill(self, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=timeout)
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.server_run / "server_status.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.kill(proc, timeout=30)
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def federation_of(status: dict[str, Any] | None) -> dict[str, Any]:
+    """The federation's part of the server's status (its step, who is dropped, data positions, rejoins)."""
+    return {k: v for k, v in (status or {}).items() if k in ("federated_step", "dropped", "positions", "rejoins")}
+
+
+def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Run the soak in ``folder``; the record of what happened."""
+    config = write_config(folder, args.clients, args.steps, args.batch_size, args.lr, args.round_timeout,
+                          args.reconnect_timeout)
+    rng = random.Random(args.seed)
+    run = Soak(folder, config, args.clients, args.session_timeout)
+    kills: list[dict[str, Any]] = []
+    rss: list[tuple[float, int]] = []
+    try:
+        run.serve()
+        began = time.monotonic()
+        for index in range(args.clients):
+            run.fit(index)
+        next_kill = began + args.warmup + rng.expovariate(1 / args.kill_every)
+        next_rss = began
+        restarts: list[tuple[float, int]] = []  # (when, index) of killed clients waiting to start again
+        deadline = began + args.timeout
+        last_step, moved, stalls, longest, first_step = -1, began, [], 0.0, None
+        while any(p.poll() is None for p in run.fits.values()) or restarts:
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(f"the soak ran past --timeout {args.timeout} s")
+            status = run.status()
+            fed = federation_of(status)
+            step = fed.get("federated_step", 0)
+            if step != last_step:
+                if step and first_step is None:
+                    first_step = now - began
+                if last_step > 0:
+                    longest = max(longest, now - moved)
+                last_step, moved = step, now
+            elif step and now - moved > args.stall and (not stalls or stalls[-1]["step"] != step):
+                # what the server held when the federation stopped moving (a dead client's wait is one)
+                stalls.append({"at_s": round(now - began, 1), "step": step, "status": status})
+                (folder / "stall.json").write_text(json.dumps(stalls[-1], indent=2))
+                print(f"[{now - began:6.0f} s] the federation has not moved for {args.stall:g} s at step {step}",
+                      flush=True)
+            caught = [r for r in fed.get("rejoins", [])]
+            for kill in kills:
+                if kill.get("back_s") is None and sum(r["index"] == kill["index"] for r in caught) >= kill["nth"]:
+                    kill["back_s"] = round(now - kill["at"], 2)
+            if now >= next_rss:
+                value = rss_bytes(run.server.pid)
+                if value is not None:
+                    rss.append((round(now - began, 1), value))
+                next_rss = now + args.rss_every
+            for when, index in list(restarts):
+                if now >= when:
+                    restarts.remove((when, index))
+                    run.fit(index)
+            for index, proc in run.fits.items():
+                if proc.poll() not in (None, 0):
+                    raise RuntimeError(f"client {index} exited {proc.returncode}:\n"
+                                       f"{tail(folder / f'{run.runs[index][-1].name}.log')}")
+            waiting = {k["index"] for k in kills if k.get("back_s") is None}
+            if now >= next_kill and 2 <= step < KILL_UNTIL * args.steps:
+                candidates = [i for i, p in run.fits.items() if p.poll() is None and i not in waiting]
+                if len(candidates) > 1:
+                    index = rng.choice(candidates)
+                    run.kill(run.fits.pop(index))
+                    nth = sum(k["index"] == index for k in kills) + 1
+                    kills.append({"index": index, "nth": nth, "at": now, "at_s": round(now - began, 1),
+                                  "federated_step": step, "back_s": None})
+                    restarts.append((now + rng.uniform(0, args.reboot), index))
+                    print(f"[{now - began:6.0f} s] step {step}: killed client {index}", flush=True)
+                next_kill = now + rng.expovariate(1 / args.kill_every)
+            time.sleep(0.25)
+        seconds = time.monotonic() - began
+        for index, proc in run.fits.items():
+            if proc.wait(timeout=60) != 0:
+                raise RuntimeError(f"client {index} exited {proc.returncode}")
+        status = run.status()
+    finally:
+        run.close()
+    fed = federation_of(status)
+    return {"seconds": round(seconds, 1), "counters": status["counters"], "federation": fed, "kills": kills,
+            "stalls": stalls, "longest_without_a_step_s": round(longest, 1),
+            "first_step_s": round(first_step or 0.0, 1),
+            "rss": rss, "runs": {str(i): [str(p) for p in r] for i, r in run.runs.items()},
+            "server_run": str(run.server_run), "config": str(config)}
+
+
+def away_spans(federation: dict[str, Any]) -> dict[int, list[tuple[int, int]]]:
+    """Per client, the steps [dropped at, expected again from) it was away, from the server's rejoin records."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for r in federation.get("rejoins", []):
+        spans.setdefault(int(r["index"]), []).append((int(r["dropped_at"]), int(r["step"])))
+    return spans
+
+
+def replay(record: dict[str, Any], folder: Path, timeout: float) -> dict[str, Any]:
+    """The soak's federation in one process with each client away as recorded; the largest differences of the
+    trunk's and the clients' final weights from the soak's."""
+    from splittrain.state import load_state
+
+    spans = away_spans(record["federation"])
+    ref = folder / "replay"
+    done = subprocess.run([sys.executable, "-c", REPLAY, json.dumps(spans), "fit", "--config", record["config"],
+                           "--trainer.default_root_dir", str(ref)], env=child_env(), cwd=folder, timeout=timeout,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the replay failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    steps = record["federation"]["federated_step"]
+    server_run = Path(record["server_run"])
+    trunk = load_state(server_run / "trunk" / f"step-{steps}.safetensors")["trainable"]
+    trunk_ref = load_state(ref / "trunk" / f"step-{steps}.safetensors")["trainable"]
+    trunk_diff = max((trunk[k] - trunk_ref[k]).abs().max().item() for k in trunk_ref)
+    want = load_state(ref / "checkpoints" / "last.ckpt")["federated"]
+    client_diff = 0.0
+    for index, runs in record["runs"].items():
+        got = load_state(Path(runs[-1]) / "checkpoints" / "last.ckpt")["federated"][index]["params"]
+        client_diff = max([client_diff] + [(a - b).abs().max().item()
+                                           for a, b in zip(got, want[index]["params"], strict=True)])
+    return {"spans": {str(k): v for k, v in spans.items()}, "trunk_max_diff": trunk_diff,
+            "client_max_diff": client_diff}
+
+
+def report(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The targets, from the record."""
+    counters, fed = record["counters"], record["federation"]
+    rss = record["rss"]
+    # the first minute of training: the clients take a while to start before the federation's first step
+    after_minute = next((v for t, v in rss if t >= record["first_step_s"] + 60), rss[0][1] if rss else None)
+    end = rss[-1][1] if rss else None
+    backs = [k["back_s"] for k in record["kills"]]
+    check = record.get("replay", {})
+    worst = max(check.get("trunk_max_diff", float("nan")), check.get("client_max_diff", float("nan")))
+    return {
+        "steps_applied": counters["steps_applied"], "federated_steps": fed.get("federated_step"),
+        "steps_applied_twice": counters["steps_applied"] - fed.get("federated_step", 0),
+        "step_requests_answered_again": counters["steps_repeated"],
+        "lost_updates": None if not check else int(not worst <= TOLERANCE),
+        "replay_max_diff": worst if check else None,
+        "rss_after_first_training_minute": after_minute, "rss_end": end,
+        "rss_end_ratio": end / after_minute if end and after_minute else None,
+        "kills": len(backs), "rejoins": len(fed.get("rejoins", [])),
+        "longest_without_a_step_s": record["longest_without_a_step_s"],
+        "rejoin_latency_s": {"max": max((b for b in backs if b is not None), default=None),
+                             "median": sorted(b for b in backs if b is not None)[len(backs) // 2]
+                             if backs and None not in backs else None},
+        "clients_not_back": sum(b is None for b in backs),
+        "all_back_within_reconnect_timeout": all(b is not None and b <= args.reconnect_timeout for b in backs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=650, help="the federation's optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=8, help="each client's rows per step (40 rows a client)")
+    parser.add_argument("--lr", type=float, default=1e-4,
+                        help="both parties' learning rate: at the quickstart's 2e-3 float rounding between the tcp run "
+                             "and its one-process replay grows past 1e-5 after ~70 steps of 16 clients, kills or not")
+    parser.add_argument("--kill-every", type=float, default=25.0, help="mean seconds between two kills")
+    parser.add_argument("--warmup", type=float, default=30.0, help="seconds before the first kill")
+    parser.add_argument("--reboot", type=float, default=5.0, help="most seconds a killed client stays down")
+    parser.add_argument("--round-timeout", type=float, default=120.0, help="model.federated.round_timeout")
+    parser.add_argument("--session-timeout", type=float, default=2.0,
+                        help="serve --session_timeout: how soon a dead client's session ends")
+    parser.add_argument("--reconnect-timeout", type=float, default=120.0, help="model.reconnect_timeout")
+    parser.add_argument("--rss-every", type=float, default=5.0)
+    parser.add_argument("--stall", type=float, default=60.0,
+                        help="seconds without a federation step after which the server's status is recorded")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the soak may take at most")
+    parser.add_argument("--no-replay", action="store_true", help="skip the final replay")
+    parser.add_argument("--keep", action="store_true", help="keep the run folders (printed)")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "soak.json")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="splittrain-soak-"))
+    try:
+        record = soak(args, folder)
+        if not args.no_replay:
+            record["replay"] = replay(record, folder, args.timeout)
+        summary = report(record, args)
+    finally:
+        if args.keep:
+            print(f"kept {folder}")
+        else:
+            subprocess.run(["rm", "-rf", str(folder)], check=False)
+    for key, value in summary.items():
+        print(f"{key:36} {value}")
+    record.pop("config"), record.pop("server_run"), record.pop("runs")
+    result = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "out"},
+              "tolerance": TOLERANCE, "rss_target": RSS_TARGET, "summary": summary, **record}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
