@@ -256,7 +256,7 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 (folder / "stall.json").write_text(json.dumps(stalls[-1], indent=2))
                 print(f"[{now - began:6.0f} s] the federation has not moved for {args.stall:g} s at step {step}",
                       flush=True)
-            caught = [r for r in fed.get("rejoins", [])]
+            caught = fed.get("rejoins", [])
             for kill in kills:
                 if kill.get("back_s") is None and sum(r["index"] == kill["index"] for r in caught) >= kill["nth"]:
                     kill["back_s"] = round(now - kill["at"], 2)
