@@ -31,18 +31,20 @@ and ``gradient_checkpointing`` for the client's bottom and top, ``trunk_quantiza
   and keeps much of what they free: measured, the peak holds about half (:data:`HEAP_RETAINED`) of the bytes that
   the forward passes of all the party's layers but one allocate, checkpointed or not (the first layer's freed
   blocks are taken again by the next ones); per token and layer that is every projection's output (four times for
-  a LoRA-adapted one: base, LoRA B, scaled, sum) and ``8 hidden + 5.5 q_dim + 4.5 kv_dim + 2 intermediate``
+  a LoRA-adapted one: base, LoRA B, scaled, sum; five over a 4-bit base, whose output peft's ``Linear4bit``
+  clones) and ``8 hidden + 5.5 q_dim + 4.5 kv_dim + 2 intermediate``
   (norms, residual sums, rotary embedding, attention output, activation). Tensors above glibc's 32 MiB mmap
   threshold go back to the system when freed, so of those only one layer's count. On CUDA the caching allocator
   reuses freed blocks from layer to layer: one layer's allocations (a model, not measured here). A quantized party
   dequantizes each projection's weight into the compute dtype for its matmuls (bitsandbytes' CPU int8 training
-  path and its 4-bit path, in forward and backward): one layer's projections on CPU, twice with checkpointing (the
-  recomputation dequantizes them again), the largest at a time on CUDA. With the chunked loss (``loss_chunk``
-  positions at a time, fewer than the batch's tokens; :mod:`splittrain.loss`) the top keeps no logits: the
-  workspace holds one chunk's float32 logits, softmax taken in place, and for a bfloat16 or softcapped head a
-  second copy (``benchmarks/chunked_loss.py`` measured 1.1 and 1.6 such chunks for fp32 with a frozen and a
-  trained head, the latter with the head's gradient, which ``gradients`` counts). An int8 head adds the float32 rows
-  it dequantizes at a time and their block of each chunk's logits (:data:`splittrain.quantize.HEAD_BLOCK` rows). On
+  path and its 4-bit path, in forward and backward, one weight live at a time): one layer's projections on CPU,
+  twice with checkpointing (the recomputation dequantizes them again), the largest at a time on CUDA. With the
+  chunked loss (``loss_chunk`` positions at a time, fewer than the batch's tokens; :mod:`splittrain.loss`) the
+  top keeps no logits: the workspace holds one chunk's float32 logits, softmax taken in place, and for a bfloat16
+  or softcapped head a second copy (``benchmarks/chunked_loss.py`` measured 1.1 and 1.6 such chunks for fp32 with a
+  frozen and a trained head, the latter with the head's gradient, which ``gradients`` counts). An int8 head adds
+  the float32 rows it dequantizes at a time and their block of each chunk's logits
+  (:data:`splittrain.quantize.HEAD_BLOCK` rows). On
   CPU, where a chunk's logits reach :data:`splittrain.segments.TRIM_LOGITS_BYTES`, the top gives the heap's free
   pages back before and after its chunks (``release_freed_memory``), so the loss's workspace takes the place of what
   the layers' left resident, and the larger of the two counts (measured with ``benchmarks/client_memory.py``);
@@ -145,9 +147,11 @@ class _Layer:
     projections: list[int]
 
 
-def _layer(config: Any, layer: torch.nn.Module, adapted: list[str], r: int, width: int) -> _Layer:
+def _layer(config: Any, layer: torch.nn.Module, adapted: list[str], r: int, width: int,
+           quantized: str | None = None) -> _Layer:
     """What one decoder layer keeps and allocates in a compute dtype of ``width`` bytes, as counted for a Qwen2
-    layer on CPU with torch's SDPA (see the module docstring)."""
+    layer on CPU with torch's SDPA (see the module docstring), its projections' base weights in ``quantized``'s
+    format."""
     hidden, inter = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     q_dim, kv_dim = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
@@ -155,8 +159,10 @@ def _layer(config: Any, layer: torch.nn.Module, adapted: list[str], r: int, widt
     lora = [m for name, m in projections if name in adapted]
     saved = (4 * hidden + 2 * q_dim + 2 * kv_dim + 4 * inter + r * len(lora)) * width
     saved += 4 * config.num_attention_heads + 2 * hidden * (4 - width)  # float32 log-sum-exp and norm states
-    # an adapted projection allocates its output four times (base, LoRA B, scaled, sum), a plain one once
-    allocated = [m.out_features for _, m in projections for _ in range(4 if m in lora else 1)]
+    # an adapted projection allocates its output four times (base, LoRA B, scaled, sum), a plain one once; over a
+    # 4-bit base peft's Linear4bit clones the base's output first ("defensively", for backward through a view)
+    copies = 5 if quantized not in (None, "int8") else 4
+    allocated = [m.out_features for _, m in projections for _ in range(copies if m in lora else 1)]
     allocated += [hidden] * 8 + [q_dim] * 5 + [q_dim // 2] + [kv_dim] * 4 + [kv_dim // 2] + [inter] * 2
     return _Layer(saved, allocated, [m.weight.numel() for _, m in projections])
 
@@ -315,7 +321,7 @@ def estimate_memory(model: str, cuts: tuple[int, int], batch_size: int, seq_len:
         bnb = quantized or (name == "client" and embedding_quantization)
         party.runtime = RUNTIME_BYTES[name] + (BITSANDBYTES_BYTES if bnb else 0) if cpu else CUDA_CONTEXT_BYTES
         if party.layers:
-            shapes = [_layer(config, meta.layers[i], adapted, r, meta.width) for i in party.layers]
+            shapes = [_layer(config, meta.layers[i], adapted, r, meta.width, quantized) for i in party.layers]
             _add_activations(party, shapes, tokens, config.hidden_size, meta.width, checkpointing[name], quantized,
                              cpu)
     _add_loss(parties["client"], config, tokens, meta.width, loss_chunk, embedding_quantization is not None, cpu)

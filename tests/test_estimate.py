@@ -83,10 +83,16 @@ def test_workspace_on_cpu_and_cuda(folder):
     assert cpu.workspace == int(HEAP_RETAINED * layer)  # two layers (all but one), blocks below the mmap threshold
     assert cuda.workspace == layer  # the caching allocator reuses one layer's blocks
     # a quantized trunk dequantizes one layer's projections (CPU: all kept; CUDA: the largest at a time)
-    assert estimate(folder, trunk_quantization="nf4")["server"].workspace == cpu.workspace + LINEAR * 2
-    checkpointed = estimate(folder, trunk_quantization="nf4", trunk_gradient_checkpointing=True)["server"]
+    assert estimate(folder, trunk_quantization="int8")["server"].workspace == cpu.workspace + LINEAR * 2
+    checkpointed = estimate(folder, trunk_quantization="int8", trunk_gradient_checkpointing=True)["server"]
     assert checkpointed.workspace == cpu.workspace + 2 * LINEAR * 2  # dequantized again when recomputed
-    assert estimate(folder, trunk_quantization="nf4", device="cuda")["server"].workspace == layer + HIDDEN * INTER * 2
+    assert estimate(folder, trunk_quantization="int8", device="cuda")["server"].workspace == layer + HIDDEN * INTER * 2
+    # over a 4-bit base peft's Linear4bit clones each adapted projection's output: five copies of it, not four
+    nf4 = estimate(folder, trunk_quantization="nf4")["server"]
+    assert nf4.workspace == int(HEAP_RETAINED * TOKENS * (allocated + ROWS) * 2) + LINEAR * 2
+    nf4_cuda = estimate(folder, trunk_quantization="nf4", device="cuda")["server"]
+    assert nf4_cuda.workspace == layer + TOKENS * ROWS * 2 + HIDDEN * INTER * 2
+    assert estimate(folder, trunk_quantization="fp4")["server"].workspace == nf4.workspace
     # blocks above glibc's mmap threshold go back to the system when freed: of those, one layer's count
     tokens = 40000  # intermediate-sized blocks are above the threshold, hidden-sized ones below
     assert tokens * HIDDEN * 2 < MMAP_THRESHOLD < tokens * INTER * 2
