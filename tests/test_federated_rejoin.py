@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from processes import Processes, child_env, make_tokens, read_status, tail, wait_for, write_config
+from processes import Processes, child_env, free_port, make_tokens, read_status, tail, wait_for, write_config
 from splittrain.federated import FederatedSettings, Masker, aggregate, decode, flatten, unflatten_into
 from splittrain.federated.client import FederatedClients
 from splittrain.federated.trunk import TrunkFederation
@@ -391,3 +391,54 @@ def test_fedavg_client_killed_across_a_round_and_rejoined_equals_the_reference(p
     ref = reference(monkeypatch, cfg, tmp_path / "reference", 3, back["step"])
     assert_equal_to_reference({0: tmp_path / "c0", 1: tmp_path / "c1", 2: tmp_path / "c2-again"}, server_run, ref,
                               3, back["step"], steps=8)
+
+
+SERVER_DIES = '''import os, signal
+from splittrain.federated.trunk import TrunkFederation
+from splittrain.cli import main
+step = TrunkFederation.step
+def step_or_die(self, session, header):  # SIGKILL when the first member asks for step SPLITTRAIN_TEST_DIE_AT
+    if header["step"] == int(os.environ["SPLITTRAIN_TEST_DIE_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, session, header)
+TrunkFederation.step = step_or_die
+main()
+'''
+"""``python -c SERVER_DIES serve ...``: a trunk server that kills itself (SIGKILL) at a federation's step."""
+
+
+@pytest.mark.slow
+def test_a_restarted_server_resumes_the_federation_and_a_client_still_rejoins(procs, tmp_path, monkeypatch):
+    """FedSGD, 3 clients over tcp: the trunk server dies (SIGKILL) when step 5 is asked for and is started again
+    with --resume from its last checkpoint (step 4: it saves every step); the clients join again and replay step 5's
+    requests (their masked updates too). Later c2 is killed at the start of step 7 and rejoins the restarted server, which kept every
+    client's data position in the checkpoint. The run equals the reference in which c2 was away for steps 6..A-1,
+    and no step was applied twice."""
+    steps = 9
+    cfg = config(tmp_path, steps=steps, every=3)
+    tokens, known = make_tokens(tmp_path, "c0", "c1", "c2")
+    server_run, address = tmp_path / "server", f"127.0.0.1:{free_port()}"
+    serve = ["serve", "--config", str(cfg), "--address", address, "--tokens", str(tokens), "--run_dir",
+             str(server_run), "--session_timeout", "1"]
+    dying = procs.start([sys.executable, "-c", SERVER_DIES, *serve], tmp_path / "server-dies.log",
+                        env=child_env(SPLITTRAIN_TEST_DIE_AT="5"))
+    dying.log_start = 0
+    procs.address_of(dying)
+    fits = start_clients(procs, cfg, address, known, tmp_path, dies_at=6)
+    assert dying.wait(timeout=300) == -signal.SIGKILL, tail(dying.log)
+    assert all(fit.poll() is None for fit in fits.values())  # the clients wait for their server
+    procs.serve(cfg, tokens, server_run, "--resume", "--session_timeout", "1", address=address)
+    assert fits["c2"].wait(timeout=300) == -signal.SIGKILL, tail(fits["c2"].log)
+    again = rejoin(procs, cfg, address, known["c2"], tmp_path)
+    for proc in (fits["c0"], fits["c1"], again):
+        Processes.finish(proc, timeout=300)
+    for name in ("c0", "c1"):
+        log = (tmp_path / f"{name}.log").read_text()
+        assert "the trunk server restarted at step 4; replaying 4 requests" in log, tail(tmp_path / f"{name}.log")
+    status = read_status(server_run)
+    assert status["counters"]["steps_applied"] == steps - 4 and status["counters"].get("steps_repeated", 0) == 0
+    back = rejoined(server_run)
+    assert back["dropped_at"] == 6 and back["position"] == 6 and 6 < back["step"] < steps, back
+    ref = reference(monkeypatch, cfg, tmp_path / "reference", 6, back["step"])
+    assert_equal_to_reference({0: tmp_path / "c0", 1: tmp_path / "c1", 2: tmp_path / "c2-again"}, server_run, ref,
+                              6, back["step"], steps=steps)

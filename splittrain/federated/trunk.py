@@ -31,6 +31,12 @@ every member takes its new public key (a retry carries the members' public keys)
 went into a step's average but that never asked for the step (it died in between) takes part in the step's trunk
 update too, with the trunk gradients it left, so both sides of the step hold the same clients.
 
+Restarts. A checkpoint of the shared adapter keeps the federation's bookkeeping (:meth:`TrunkFederation.persisted`:
+the roster, shard sizes, data positions, dropped and gone clients, the secure aggregation's public keys and the
+federation's id they are bound to, the last weight average), written after a step's bookkeeping. A server
+restarted from it (``serve --resume``) goes on with the same federation: each member that waited for it joins
+again at the checkpoint's step and replays the requests since; a client that drops later still rejoins.
+
 Replicas. When several server processes serve the trunk (:attr:`TrunkFederation.replicas`,
 :mod:`splittrain.server.replicas`), each waits at a synchronisation point for its own clients only, then combines
 what it gathered with the other replicas' (the key agreement's keys and weights, a secure average's participants,
@@ -344,11 +350,12 @@ class TrunkFederation:
             raise RuntimeError(f"client {session.client!r} asks for optimizer step {target} after {done}")
         participant = bool(header.get("participant", True))
         if settings.trunk_update == "sequential":  # each participant's step is a trunk step, in arrival order
-            if participant:
-                self.apply(session.adapter, dict(session.grads), header.get("scale"))
+            grads = dict(session.grads)
             session.grads.clear()
             session.step = target
             self.positions[index] = self.positions.get(index, 0) + 1
+            if participant:
+                self.apply(session.adapter, grads, header.get("scale"))
             return session.adapter.step_reply(), {}
         if target <= self.federated_step:
             raise RuntimeError(f"client {session.client!r} was dropped from step {target} after "
@@ -371,7 +378,6 @@ class TrunkFederation:
                 grads = self.replicas.mean_gradients(f"step {target}", session.adapter.trainable, weighted)
             else:
                 grads = combine(weighted, mean=True)
-            self.apply(session.adapter, grads, scale)
             for s, _, _, _ in arrived.values():
                 s.grads.clear()
                 s.step = target
@@ -379,6 +385,7 @@ class TrunkFederation:
                 self.positions[i] = self.positions.get(i, 0) + 1
             self.federated_step = target
             self.shares = {a: share for a, share in self.shares.items() if a >= target}
+            self.apply(session.adapter, grads, scale)  # last: a checkpoint it writes holds the step's bookkeeping
 
         weight = settings.weight(participant, session.samples) if participant else 0.0
         gathering = self._gather(f"step {target}", target - 1, index,
@@ -388,18 +395,46 @@ class TrunkFederation:
         return session.adapter.step_reply(), {}
 
     # ------------------------------------------------------------------------------------------ restores
-    def restored(self, name: str, steps: int, federated_step: int) -> None:
-        """The shared adapter was restored from checkpoint file ``name`` at ``steps``: the federation starts over
-        from there (data positions count from it, keys are agreed again)."""
-        self.federated_step = self.counted_from = federated_step
+    def persisted(self) -> dict[str, Any]:
+        """What a checkpoint of the shared adapter keeps of the federation, so that a server restarted from it
+        (``serve --resume``) goes on with the same members: who holds each index with how many rows, each one's
+        data position, who was dropped or left, the secure aggregation's public keys and the last weight average.
+        Nothing here is private: the server learnt all of it from the clients' requests."""
+        return {
+            "instance": self.instance, "roster": dict(self.roster), "samples": dict(self.samples), "positions": dict(self.positions),
+            "dropped": sorted(self.dropped), "dropped_at": dict(self.dropped_at), "left": sorted(self.left),
+            "keyring": None if self.keyring is None else dict(self.keyring), "key_weights": dict(self.key_weights),
+            "keyring_version": self.keyring_version,
+            "last_average": None if self.last_average is None else list(self.last_average),
+        }
+
+    def restored(self, name: str, steps: int, federated_step: int, saved: Mapping[str, Any] | None = None) -> None:
+        """The shared adapter was restored from checkpoint file ``name`` at ``steps``: the federation goes on from
+        there with what the checkpoint kept of it (``saved``: :meth:`persisted`), so its members re-join and replay
+        the steps after it, and a client that dropped can still rejoin. A checkpoint that kept nothing (written
+        before the federation was saved with it) starts the federation over: data positions count from it, keys
+        are agreed again."""
+        self.federated_step = federated_step
         self._restored = (name, steps)
-        self.positions.clear()
         self.joined.clear()
         self.rejoining.clear()
         self.shares.clear()
         self.summed.clear()
-        self.last_average = self.keyring = None
-        self.keyring_version = 0
+        saved = saved or {}
+        self.instance = str(saved.get("instance", self.instance))  # the secure aggregation's keys are bound to it
+        self.counted_from = 0 if "positions" in saved else federated_step
+        self.roster = {int(i): str(n) for i, n in saved.get("roster", self.roster).items()}
+        self.samples = {int(i): int(n) for i, n in saved.get("samples", self.samples).items()}
+        self.positions = {int(i): int(p) for i, p in saved.get("positions", {}).items()}
+        self.dropped = {int(i) for i in saved.get("dropped", ())}
+        self.dropped_at = {int(i): int(s) for i, s in saved.get("dropped_at", {}).items()}
+        self.left = {int(i) for i in saved.get("left", ())}
+        keyring = saved.get("keyring")
+        self.keyring = None if keyring is None else {int(i): str(k) for i, k in keyring.items()}
+        self.key_weights = {str(i): float(w) for i, w in saved.get("key_weights", {}).items()}
+        self.keyring_version = int(saved.get("keyring_version", 0))
+        average = saved.get("last_average")
+        self.last_average = None if average is None else (int(average[0]), float(average[1]), average[2])
 
     def at_restore_point(self, session: Member, tag: str, path: Path, steps: int, force: bool) -> bool:
         """Whether ``session`` going back to checkpoint ``tag`` (``path``) finds the shared adapter there already

@@ -46,6 +46,7 @@ class Checkpoints:
             "federated_step": self.federation.federated_step,
             "fingerprint": self.fingerprint,
             "wire_feedback": feedback or {},
+            **({"federation": self.federation.persisted()} if adapter.owner == FEDERATION else {}),
         }
 
     def save(self, tag: str, adapter: TrunkAdapter, feedback: dict[str, Any] | None = None) -> Path:
@@ -75,7 +76,8 @@ class Checkpoints:
         adapter.optimizer.zero_grad(set_to_none=True)
         adapter.steps = adapter.saved_step = int(state["steps"])
         if adapter.owner == FEDERATION:
-            self.federation.restored(path.name, adapter.steps, int(state.get("federated_step", 0)))
+            self.federation.restored(path.name, adapter.steps, int(state.get("federated_step", 0)),
+                                     state.get("federation"))
         return adapter.steps, state.get("wire_feedback", {})
 
     def resume_points(self, federated: bool) -> dict[str, int]:

@@ -62,7 +62,7 @@ HANDSHAKE_TIMEOUT = 5.0
 TLS_HANDSHAKE = b"\x16"
 """The first byte a TLS client sends (a handshake record)."""
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-@")
-_LOGGED_KINDS = ("forward", "backward", "step")  # what a restarted server must see again
+_LOGGED_KINDS = ("forward", "backward", "step", "aggregate")  # what a restarted server must see again
 
 
 class HandshakeError(RemoteError):
@@ -659,6 +659,8 @@ class TcpTransport:
         """Requests sent whose replies have not been read yet, oldest first."""
         self.acked = 0
         """The last seq whose reply this client has (the server may forget the replies up to it)."""
+        self.joined: Header | None = None
+        """The ``join`` this session sent to take part in a federation: a restarted server is sent it again."""
         self.closed = False
         self._connect_with_retry(None)
 
@@ -771,6 +773,8 @@ class TcpTransport:
         buffers = encode(kind, header, tensors)  # a frame that cannot be made raises here, before it is outstanding
         self.seq += 1
         entry = None
+        if kind == "join":
+            self.joined = header
         if kind in _LOGGED_KINDS and (kind != "forward" or header.get("training")):
             entry = (self.server_step, kind, header, tensors)
             self.replay.append(entry)
@@ -878,6 +882,13 @@ class TcpTransport:
         print(f"splittrain: the trunk server restarted at step {restarted_at}; replaying "
               f"{sum(1 for e in self.replay if e[0] >= restarted_at)} requests of the steps it had not saved",
               file=sys.stderr, flush=True)
+        if self.joined is not None and not any(r.kind == "join" for r in in_flight):
+            # a federation's member takes its index again, at the step it replays from
+            self.seq += 1
+            frame = self._exchange("join", {**self.joined, "step": restarted_at, "seq": self.seq,
+                                            "ack": self.seq - 1}, {})
+            if frame.kind == "error":
+                raise RemoteError(f"trunk server (joining the federation again): {frame.header.get('error')}")
         waiting = {id(r.entry): r for r in in_flight if r.entry is not None}
         answers: dict[int, Frame] = {}
         for entry in list(self.replay):
