@@ -32,7 +32,8 @@ LISTENING = re.compile(r"listening on (\S+) .*trunk replica (\d+) of (\d+) \(pid
 
 def test_a_replica_serves_its_share_of_the_clients():
     """Replica 0 of 2 serves clients 0 and 2, waits for them alone at a synchronisation point, refuses client 1 with
-    the address of the replica that serves it, and refuses a rejoin."""
+    the address of the replica that serves it, and takes a client that comes back behind the federation as a
+    rejoin."""
     replicas = Replicas(0, 2, None, None, 1.0)
     replicas.addresses = ["127.0.0.1:7000", "127.0.0.1:7001"]
     sessions: dict = {}
@@ -53,8 +54,7 @@ def test_a_replica_serves_its_share_of_the_clients():
         join("c1", 1)
     assert fed._expected(0) == {0, 2}
     fed.federated_step = 3
-    with pytest.raises(ValueError, match="rejoining is not supported when several trunk replicas serve it"):
-        join("c2", 2)
+    assert join("c2", 2)["rejoin"] is True
 
 
 @pytest.fixture
@@ -85,13 +85,13 @@ def config(folder: Path, steps: int = STEPS, **federated) -> Path:
                         model={"client": "lora", "federated": {**FEDERATED, **federated}})
 
 
-def replicas(procs: Processes, workers: list[int], cfg: Path, tokens: Path, run: Path, count: int = 2
+def replicas(procs: Processes, workers: list[int], cfg: Path, tokens: Path, run: Path, *extra: str, count: int = 2
              ) -> tuple[subprocess.Popen, dict[int, tuple[str, int]]]:
     """``serve`` under torchrun with ``count`` replicas on free loopback ports; returns torchrun and, by rank, each
     replica's address and pid (added to ``workers``)."""
     proc = procs.start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(count),
                         "-m", "splittrain", "serve", "--config", str(cfg), "--address", "127.0.0.1:0", "--tokens",
-                        str(tokens), "--run_dir", str(run), "--threads", "1"], procs.folder / "replicas.log")
+                        str(tokens), "--run_dir", str(run), "--threads", "1", *extra], procs.folder / "replicas.log")
 
     def listening() -> dict[int, tuple[str, int]] | None:
         found = {int(m[1]): (m[0], int(m[3])) for m in LISTENING.findall(proc.log.read_text(errors="replace"))}
@@ -167,6 +167,43 @@ def test_two_replicas_of_two_clients_equal_one_server_of_four(procs, workers, tm
         assert status["replica"]["rank"] == rank and status["federated_step"] == STEPS
         assert status["counters"]["aggregations"] == 2 * STEPS  # its 2 clients' masked updates, every step
         assert sorted(status["clients"]) == [f"c{i}" for i in range(4) if i % 2 == rank]
+
+
+@pytest.mark.slow
+def test_a_client_of_a_replica_rejoins_the_run(procs, workers, tmp_path, quickstart_built, monkeypatch):
+    """2 replicas x 2 clients: c2 (replica 0's) is killed at the start of step 2 and runs fit again; it catches up
+    through its replica (the state from c0, its new public key to every replica's clients). The run equals the
+    one-process run in which c2 was away for steps 2..A-1."""
+    from test_federated_rejoin import DIES, assert_equal_to_reference, reference
+
+    steps = 6
+    cfg = config(tmp_path, steps=steps)
+    tokens, known = make_tokens(tmp_path, "c0", "c1", "c2", "c3")
+    server_run = tmp_path / "server"
+    torchrun, where = replicas(procs, workers, cfg, tokens, server_run, "--session_timeout", "1")
+    clients = fits(procs, cfg, {name: known[name] for name in ("c0", "c1")}, where)
+    clients[3] = procs.fit(cfg, "--model.transport", "tcp", "--model.address", where[1][0], "--model.client_name",
+                           "c3", "--model.federated.client_index", "3", "--trainer.default_root_dir",
+                           str(tmp_path / "c3"), token=known["c3"], log_name="c3.log")
+    c2 = ["fit", "--config", str(cfg), "--model.transport", "tcp", "--model.address", where[0][0],
+          "--model.client_name", "c2", "--model.federated.client_index", "2"]
+    dying = procs.start([sys.executable, "-c", DIES, *c2, "--trainer.default_root_dir", str(tmp_path / "c2")],
+                        tmp_path / "c2.log", env=child_env(SPLITTRAIN_TOKEN=known["c2"], SPLITTRAIN_TEST_DIE_AT="2"))
+    assert dying.wait(timeout=300) == -signal.SIGKILL, tail(dying.log)
+    clients[2] = procs.fit(cfg, *c2[3:], "--trainer.default_root_dir", str(tmp_path / "c2-again"), token=known["c2"],
+                           log_name="c2-again.log")
+    for fit in clients.values():
+        Processes.finish(fit, timeout=400)
+    Processes.signal(torchrun, signal.SIGTERM, timeout=120)
+    status = read_status(server_run)
+    assert len(status["rejoins"]) == 1, status
+    back = status["rejoins"][0]
+    assert back["index"] == 2 and back["dropped_at"] == 2 and back["position"] == 2 and 2 < back["step"] < steps
+    assert not read_status(server_run / "replica1")["rejoins"]
+    ref = reference(monkeypatch, cfg, tmp_path / "reference", 2, back["step"])
+    runs = {0: tmp_path / "c0", 1: tmp_path / "c1", 2: tmp_path / "c2-again", 3: tmp_path / "c3"}
+    assert_equal_to_reference(runs, server_run, ref, 2, back["step"], steps=steps)
+    assert_equal_to_reference(runs, server_run / "replica1", ref, 2, back["step"], steps=steps)
 
 
 @pytest.mark.slow

@@ -41,7 +41,8 @@ Replicas. When several server processes serve the trunk (:attr:`TrunkFederation.
 :mod:`splittrain.server.replicas`), each waits at a synchronisation point for its own clients only, then combines
 what it gathered with the other replicas' (the key agreement's keys and weights, a secure average's participants,
 masked sum and total weight, a ``sync`` step's weighted trunk gradients) before it finishes, so every replica
-finishes alike. Rejoining is refused there.
+finishes alike. A client rejoins through the replica that serves it: its state comes from a member of that
+replica, and each secure average first gathers every client's latest public key from the replica serving it.
 """
 
 from __future__ import annotations
@@ -184,7 +185,10 @@ class TrunkFederation:
         self.key_weights: dict[str, float] = {}
         """The weights published at the first key agreement (their sum scales every client's masked update)."""
         self.keyring_version = 0
-        """How often a public key changed since the first agreement (a rejoin brings a new key pair)."""
+        """How often a public key changed since the first agreement (a rejoin brings a new key pair); with replicas,
+        as of the last secure average, which adds up :attr:`key_changes` across them."""
+        self.key_changes = 0
+        """How often one of this server's (replica's) clients brought a new public key since the first agreement."""
         self.shares: dict[int, tuple[int, torch.Tensor] | None] = {}
         """FedSGD: step A -> (optimizer steps, client-side state after step A - 1) for the clients rejoining at A
         (None until a member sent it)."""
@@ -270,11 +274,7 @@ class TrunkFederation:
             raise ValueError(f"client {session.client!r} has made {step} steps but the federation {self.federated_step}: "
                              "restart the server with --resume in its run folder, or resume the client from the "
                              "server's step (--ckpt_path)")
-        rejoin = step < self.federated_step or again
-        if rejoin and self.replicas is not None:
-            raise ValueError(f"client {session.client!r} (index {index}) comes back to a federation in progress: "
-                             "rejoining is not supported when several trunk replicas serve it")
-        return rejoin
+        return step < self.federated_step or again
 
     def check_replicas(self) -> None:
         """Refuse every request once the trunk's replicas cannot go on (one died or stopped answering)."""
@@ -404,7 +404,7 @@ class TrunkFederation:
             "instance": self.instance, "roster": dict(self.roster), "samples": dict(self.samples), "positions": dict(self.positions),
             "dropped": sorted(self.dropped), "dropped_at": dict(self.dropped_at), "left": sorted(self.left),
             "keyring": None if self.keyring is None else dict(self.keyring), "key_weights": dict(self.key_weights),
-            "keyring_version": self.keyring_version,
+            "keyring_version": self.keyring_version, "key_changes": self.key_changes,
             "last_average": None if self.last_average is None else list(self.last_average),
         }
 
@@ -433,6 +433,7 @@ class TrunkFederation:
         self.keyring = None if keyring is None else {int(i): str(k) for i, k in keyring.items()}
         self.key_weights = {str(i): float(w) for i, w in saved.get("key_weights", {}).items()}
         self.keyring_version = int(saved.get("keyring_version", 0))
+        self.key_changes = int(saved.get("key_changes", self.keyring_version))
         average = saved.get("last_average")
         self.last_average = None if average is None else (int(average[0]), float(average[1]), average[2])
 
@@ -467,6 +468,7 @@ class TrunkFederation:
             if self.keyring.get(index) != public:
                 self.keyring[index] = public
                 self.keyring_version += 1
+                self.key_changes += 1
             return self._keys_reply(), {}
 
         def finish(arrived: dict[int, Any]) -> Header:
@@ -480,6 +482,15 @@ class TrunkFederation:
         if not gathering.done:
             raise RuntimeError("secure aggregation needs clients that can wait for each other (tcp)")
         return gathering.result, {}
+
+    def _merge_keyrings(self, name: str) -> None:
+        """With replicas: every client's latest public key, each from the replica that serves it, and the key
+        changes added up across the replicas as the keyring's version."""
+        own = self.replicas.own(self.settings.clients)
+        merged = self.replicas.keyring(f"{name} keys", self.settings.clients,
+                                       {i: (k, 0.0) for i, k in self.keyring.items() if i in own})
+        self.keyring = {i: public for i, (public, _) in merged.items()}
+        self.keyring_version = int(self.replicas.sum(torch.tensor([self.key_changes], dtype=torch.int64)))
 
     def _keys_reply(self) -> Header:
         """The members' public keys (those not dropped nor gone), the first agreement's weights, the federation."""
@@ -499,6 +510,8 @@ class TrunkFederation:
             return {"share": step}, {}
 
         def finish(arrived: dict[int, Any]) -> Any:
+            if self.replicas is not None:  # a client of another replica may have come back with a new key pair
+                self._merge_keyrings(name)
             version = self.keyring_version
             sizes = {v[0].numel() for v in arrived.values()}
             who, agreed = set(arrived), all(sorted(v[2]) == sorted(arrived) and v[3] == version
