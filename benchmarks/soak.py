@@ -2,9 +2,10 @@
 
     python benchmarks/soak.py                                    # 16 clients, 650 FedSGD steps (~12 min, then the replay)
     python benchmarks/soak.py --clients 4 --steps 40 --kill-every 10 --out /tmp/soak.json   # a smoke run (~2 min)
+    python benchmarks/soak.py --replicas 2 --out benchmarks/results/soak_replicas.json     # 2 trunk replicas
 
-One ``python -m splittrain serve`` and ``--clients`` ``python -m splittrain fit`` processes over tcp on loopback
-train the quickstart model (``client: lora``, 40 rows a client, batches of 8) as a FedSGD federation (``average:
+One ``python -m splittrain serve`` (``--replicas`` R: R of them under torchrun, replica r serving the clients
+``c % R == r``) and ``--clients`` ``python -m splittrain fit`` processes over tcp on loopback train the quickstart model (``client: lora``, 40 rows a client, batches of 8) as a FedSGD federation (``average:
 gradients``, ``trunk_update: sync``: every step waits for every client it expects). While the federation is short
 of 80% of its steps, a client drawn at random (seeded) is killed with SIGKILL every ``--kill-every`` seconds on
 average (its process group, by pid) and started again after a pause of up to ``--reboot`` seconds, as a machine
@@ -24,8 +25,9 @@ Targets (issue "a federation that runs for days"): 0 steps applied twice (steps 
 level after the first minute of training (medians of the second and the last minute of training), every killed
 client caught up again within its ``reconnect_timeout``.
 
-Not yet: the issue's two server replicas and a replica restarted with ``serve --resume`` (rejoining is refused when
-replicas serve a federation, and a trunk restored from a checkpoint no longer knows the clients' data positions).
+With replicas, every replica's resident set is recorded, the rejoins are those of every replica, and both
+replicas' final trunks are compared with the replay's. A killed client's replica always keeps another live client
+(it sends the state the rejoining one catches up from).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -96,7 +99,7 @@ main()
 
 def child_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     env.pop("SPLITTRAIN_TOKEN", None)
     env.update(extra)
     return env
@@ -134,8 +137,8 @@ def make_tokens(folder: Path, names: list[str]) -> tuple[Path, dict[str, str]]:
 class Soak:
     """The server and the clients' processes, each in a session of its own and ended by its pid (group)."""
 
-    def __init__(self, folder: Path, config: Path, clients: int, session_timeout: float) -> None:
-        self.folder, self.config, self.clients = folder, config, clients
+    def __init__(self, folder: Path, config: Path, clients: int, session_timeout: float, replicas: int = 1) -> None:
+        self.folder, self.config, self.clients, self.replicas = folder, config, clients, replicas
         self.names = [f"c{i:02d}" for i in range(clients)]
         self.tokens_file, self.tokens = make_tokens(folder, self.names)
         self.server_run = folder / "server"
@@ -144,7 +147,17 @@ class Soak:
         self.fits: dict[int, subprocess.Popen] = {}
         self.runs: dict[int, list[Path]] = {i: [] for i in range(clients)}
         self.server: subprocess.Popen | None = None
-        self.address = ""
+        self.addresses: dict[int, str] = {}
+        """Replica rank -> the address it listens on."""
+        self.pids: dict[int, int] = {}
+        """Replica rank -> its pid (torchrun's worker, or the one server)."""
+
+    def run_dir(self, rank: int) -> Path:
+        """Replica ``rank``'s run folder (checkpoints, status)."""
+        return self.server_run if rank == 0 else self.server_run / f"replica{rank}"
+
+    def owner(self, index: int) -> int:
+        return index % self.replicas
 
     def start(self, args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
         with open(log, "ab") as out:
@@ -155,16 +168,23 @@ class Soak:
 
     def serve(self, timeout: float = 300.0) -> None:
         log = self.folder / "server.log"
-        self.server = self.start([sys.executable, "-m", "splittrain", "serve", "--config", str(self.config),
-                                  "--address", "127.0.0.1:0", "--tokens", str(self.tokens_file), "--run_dir",
-                                  str(self.server_run), "--session_timeout", str(self.session_timeout)],
-                                 log, child_env())
+        launch = [sys.executable, "-m", "splittrain"] if self.replicas == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(self.replicas),
+            "-m", "splittrain"]
+        self.server = self.start([*launch, "serve", "--config", str(self.config), "--address", "127.0.0.1:0",
+                                  "--tokens", str(self.tokens_file), "--run_dir", str(self.server_run),
+                                  "--session_timeout", str(self.session_timeout)], log, child_env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = [line.split("listening on ", 1)[1].split()[0] for line in log.read_text(errors="replace")
-                     .splitlines() if "listening on " in line]
-            if found:
-                self.address = found[-1]
+            lines = [line for line in log.read_text(errors="replace").splitlines() if "listening on " in line]
+            if self.replicas == 1 and lines:
+                self.addresses, self.pids = {0: lines[-1].split("listening on ", 1)[1].split()[0]}, {0: self.server.pid}
+                return
+            found = [re.search(r"listening on (\S+) .*trunk replica (\d+) of \d+ \(pid (\d+)\)", line) for line in lines]
+            found = {int(m[2]): (m[1], int(m[3])) for m in found if m}
+            if len(found) == self.replicas:
+                self.addresses = {r: a for r, (a, _) in found.items()}
+                self.pids = {r: pid for r, (_, pid) in found.items()}
                 return
             if self.server.poll() is not None:
                 raise RuntimeError(f"the server exited ({self.server.returncode}):\n{tail(log)}")
@@ -177,7 +197,7 @@ class Soak:
         self.runs[index].append(run)
         self.fits[index] = self.start(
             [sys.executable, "-m", "splittrain", "fit", "--config", str(self.config), "--model.transport", "tcp",
-             "--model.address", self.address, "--model.client_name", self.names[index],
+             "--model.address", self.addresses[self.owner(index)], "--model.client_name", self.names[index],
              "--model.federated.client_index", str(index), "--trainer.default_root_dir", str(run)],
             self.folder / f"{run.name}.log", child_env(SPLITTRAIN_TOKEN=self.tokens[self.names[index]]))
 
@@ -188,11 +208,15 @@ class Soak:
             pass
         proc.wait(timeout=timeout)
 
-    def status(self) -> dict[str, Any] | None:
+    def status(self, rank: int = 0) -> dict[str, Any] | None:
         try:
-            return json.loads((self.server_run / "server_status.json").read_text())
+            return json.loads((self.run_dir(rank) / "server_status.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+
+    def rejoins(self) -> list[dict[str, Any]]:
+        """Every replica's rejoin records."""
+        return [r for rank in range(self.replicas) for r in (self.status(rank) or {}).get("rejoins", [])]
 
     def close(self) -> None:
         for proc in self.procs:
@@ -224,9 +248,10 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     config = write_config(folder, args.clients, args.steps, args.batch_size, args.lr, args.round_timeout,
                           args.reconnect_timeout)
     rng = random.Random(args.seed)
-    run = Soak(folder, config, args.clients, args.session_timeout)
+    run = Soak(folder, config, args.clients, args.session_timeout, args.replicas)
     kills: list[dict[str, Any]] = []
-    rss: list[tuple[float, int, int]] = []  # (seconds, bytes, the federation's step)
+    rss: list[tuple[float, int, int]] = []  # (seconds, bytes, the federation's step); replica 0's
+    rss_replicas: dict[int, list[tuple[float, int, int]]] = {}
     try:
         run.serve()
         began = time.monotonic()
@@ -256,14 +281,16 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 (folder / "stall.json").write_text(json.dumps(stalls[-1], indent=2))
                 print(f"[{now - began:6.0f} s] the federation has not moved for {args.stall:g} s at step {step}",
                       flush=True)
-            caught = fed.get("rejoins", [])
+            caught = run.rejoins() if args.replicas > 1 else fed.get("rejoins", [])
             for kill in kills:
                 if kill.get("back_s") is None and sum(r["index"] == kill["index"] for r in caught) >= kill["nth"]:
                     kill["back_s"] = round(now - kill["at"], 2)
             if now >= next_rss:
-                value = rss_bytes(run.server.pid)
-                if value is not None:
-                    rss.append((round(now - began, 1), value, step))
+                for rank, pid in run.pids.items():
+                    value = rss_bytes(pid)
+                    if value is not None:
+                        rss_replicas.setdefault(rank, []).append((round(now - began, 1), value, step))
+                rss = rss_replicas.get(0, [])
                 next_rss = now + args.rss_every
             for when, index in list(restarts):
                 if now >= when:
@@ -275,7 +302,9 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                                        f"{tail(folder / f'{run.runs[index][-1].name}.log')}")
             waiting = {k["index"] for k in kills if k.get("back_s") is None}
             if now >= next_kill and 2 <= step < KILL_UNTIL * args.steps:
-                candidates = [i for i, p in run.fits.items() if p.poll() is None and i not in waiting]
+                live = [i for i, p in run.fits.items() if p.poll() is None and i not in waiting]
+                # a replica keeps a live client besides the killed one: it sends the state the rejoiner catches up from
+                candidates = [i for i in live if sum(run.owner(j) == run.owner(i) for j in live) > 1]
                 if len(candidates) > 1:
                     index = rng.choice(candidates)
                     run.kill(run.fits.pop(index))
@@ -291,14 +320,16 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             if proc.wait(timeout=60) != 0:
                 raise RuntimeError(f"client {index} exited {proc.returncode}")
         status = run.status()
+        rejoins = run.rejoins()
     finally:
         run.close()
-    fed = federation_of(status)
+    fed = {**federation_of(status), "rejoins": rejoins}
     return {"seconds": round(seconds, 1), "counters": status["counters"], "federation": fed, "kills": kills,
             "stalls": stalls, "longest_without_a_step_s": round(longest, 1),
             "first_step_s": round(first_step or 0.0, 1),
-            "rss": rss, "runs": {str(i): [str(p) for p in r] for i, r in run.runs.items()},
-            "server_run": str(run.server_run), "config": str(config)}
+            "rss": rss, **({"rss_replicas": {str(r): v for r, v in rss_replicas.items()}} if args.replicas > 1 else {}),
+            "runs": {str(i): [str(p) for p in r] for i, r in run.runs.items()},
+            "server_runs": [str(run.run_dir(r)) for r in range(args.replicas)], "config": str(config)}
 
 
 def away_spans(federation: dict[str, Any]) -> dict[int, list[tuple[int, int]]]:
@@ -322,10 +353,11 @@ def replay(record: dict[str, Any], folder: Path, timeout: float) -> dict[str, An
     if done.returncode != 0:
         raise RuntimeError(f"the replay failed ({done.returncode}):\n{done.stderr[-3000:]}")
     steps = record["federation"]["federated_step"]
-    server_run = Path(record["server_run"])
-    trunk = load_state(server_run / "trunk" / f"step-{steps}.safetensors")["trainable"]
     trunk_ref = load_state(ref / "trunk" / f"step-{steps}.safetensors")["trainable"]
-    trunk_diff = max((trunk[k] - trunk_ref[k]).abs().max().item() for k in trunk_ref)
+    trunk_diff = 0.0
+    for server_run in record["server_runs"]:  # every replica's trunk
+        trunk = load_state(Path(server_run) / "trunk" / f"step-{steps}.safetensors")["trainable"]
+        trunk_diff = max([trunk_diff] + [(trunk[k] - trunk_ref[k]).abs().max().item() for k in trunk_ref])
     want = load_state(ref / "checkpoints" / "last.ckpt")["federated"]
     client_diff = 0.0
     for index, runs in record["runs"].items():
@@ -352,6 +384,13 @@ def report(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     after_minute = median([v for t, v in training if start + 60 <= t < start + 120])
     end = median([v for t, v in training if t >= training[-1][0] - 60]) if training else None
     backs = [k["back_s"] for k in record["kills"]]
+    per_replica = {}
+    for rank, values in record.get("rss_replicas", {}).items():
+        span = [(t, v) for t, v, step in values if 0 < step < args.steps]
+        if span:
+            second = median([v for t, v in span if span[0][0] + 60 <= t < span[0][0] + 120])
+            last = median([v for t, v in span if t >= span[-1][0] - 60])
+            per_replica[rank] = last / second if second and last else None
     check = record.get("replay", {})
     worst = max(check.get("trunk_max_diff", float("nan")), check.get("client_max_diff", float("nan")))
     return {
@@ -362,6 +401,7 @@ def report(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "replay_max_diff": worst if check else None,
         "rss_second_training_minute": after_minute, "rss_last_training_minute": end,
         "rss_end_ratio": end / after_minute if end and after_minute else None,
+        **({"rss_end_ratio_per_replica": per_replica} if per_replica else {}),
         "kills": len(backs), "rejoins": len(fed.get("rejoins", [])),
         "longest_without_a_step_s": record["longest_without_a_step_s"],
         "rejoin_latency_s": {"max": max((b for b in backs if b is not None), default=None),
@@ -375,6 +415,7 @@ def report(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--replicas", type=int, default=1, help="trunk replicas (serve under torchrun)")
     parser.add_argument("--steps", type=int, default=650, help="the federation's optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8, help="each client's rows per step (40 rows a client)")
     parser.add_argument("--lr", type=float, default=1e-4,
@@ -409,7 +450,7 @@ def main() -> None:
             subprocess.run(["rm", "-rf", str(folder)], check=False)
     for key, value in summary.items():
         print(f"{key:36} {value}")
-    record.pop("config"), record.pop("server_run"), record.pop("runs")
+    record.pop("config"), record.pop("server_runs"), record.pop("runs")
     result = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "out"},
               "tolerance": TOLERANCE, "rss_target": RSS_TARGET, "summary": summary, **record}
     args.out.parent.mkdir(parents=True, exist_ok=True)
