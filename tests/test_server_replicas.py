@@ -206,6 +206,83 @@ def test_a_client_of_a_replica_rejoins_the_run(procs, workers, tmp_path, quickst
     assert_equal_to_reference(runs, server_run / "replica1", ref, 2, back["step"], steps=steps)
 
 
+def free_ports(count: int) -> int:
+    """A port P with P .. P + count - 1 free on 127.0.0.1 right now (replica r listens on P + r)."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        held = []
+        try:
+            for port in range(base + 1, base + count):
+                held.append(socket.socket())
+                held[-1].bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+@pytest.mark.slow
+def test_a_killed_replica_is_restarted_and_the_run_goes_on(procs, workers, tmp_path, quickstart_built):
+    """torchrun --max-restarts 1, serve --resume: replica 1 is killed (SIGKILL) mid-run; torchrun restarts both,
+    they resume at the last step both saved, and each client reconnects and replays the steps since. The run equals
+    the uninterrupted one-process run of the 2 clients, and no step is applied twice."""
+    from splittrain.cli import main
+
+    steps = 12
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    main(["fit", "--config", str(config(reference, steps=steps, clients=2))])
+    want_client = load_state(reference / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    want_trunk = load_state(reference / "run" / "trunk" / f"step-{steps}.safetensors")["trainable"]
+
+    cfg = config(tmp_path, steps=steps, clients=2)
+    tokens, known = make_tokens(tmp_path, "c0", "c1")
+    server_run = tmp_path / "server"
+    base = free_ports(2)
+    torchrun = procs.start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "--max-restarts", "1", "-m", "splittrain", "serve", "--config", str(cfg), "--address",
+                            f"127.0.0.1:{base}", "--tokens", str(tokens), "--run_dir", str(server_run), "--threads",
+                            "1", "--resume"], tmp_path / "replicas.log")
+
+    def listening(lives: int) -> dict[int, int] | None:
+        found = LISTENING.findall(torchrun.log.read_text(errors="replace"))
+        pids = {int(m[1]): int(m[3]) for m in found}  # the last life's
+        return pids if len(found) == 2 * lives else None
+
+    first = wait_for(lambda: listening(1), 300, "every replica to listen", torchrun, torchrun.log)
+    workers.extend(first.values())
+    clients = fits(procs, cfg, known, {0: (f"127.0.0.1:{base}", 0), 1: (f"127.0.0.1:{base + 1}", 0)})
+    wait_for(lambda: (s := read_status(server_run)) and s["federated_step"] >= 3, 300, "three federated steps",
+             torchrun, torchrun.log)
+    os.kill(first[1], signal.SIGKILL)
+    second = wait_for(lambda: listening(2), 300, "the replicas to restart", torchrun, torchrun.log)
+    workers.extend(second.values())
+    for fit in clients.values():
+        Processes.finish(fit, timeout=400)
+    Processes.signal(torchrun, signal.SIGTERM, timeout=120)
+    log = torchrun.log.read_text(errors="replace")
+    resumed = [int(m) for m in re.findall(r"trunk replica \d resumes at step (\d+)", log)]
+    assert len(resumed) == 2 and resumed[0] == resumed[1] and 3 <= resumed[0] < steps, tail(torchrun.log)
+    for name in ("c0", "c1"):
+        text = (tmp_path / f"{name}.log").read_text()
+        assert f"the trunk server restarted at step {resumed[0]}; replaying" in text, tail(tmp_path / f"{name}.log")
+    worst = max(largest_difference(load_state(tmp_path / f"c{i}" / "checkpoints" / "last.ckpt")["state_dict"],
+                                   want_client) for i in range(2))
+    trunks = [load_state(run / "trunk" / f"step-{steps}.safetensors")["trainable"]
+              for run in (server_run, server_run / "replica1")]
+    worst = max([worst] + [largest_difference(trunk, want_trunk) for trunk in trunks])
+    print(f"replicas restarted at step {resumed[0]}; largest difference from the uninterrupted run: {worst:.3g}")
+    assert worst <= 1e-5
+    for run in (server_run, server_run / "replica1"):
+        status = read_status(run)
+        assert status["federated_step"] == steps and status["counters"]["steps_applied"] == steps - resumed[0]
+
+
 @pytest.mark.slow
 def test_a_killed_replica_stops_the_run_naming_it(procs, workers, tmp_path, quickstart_built):
     cfg = config(tmp_path, steps=400, clients=2)

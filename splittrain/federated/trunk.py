@@ -59,7 +59,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..transport import Header, Tensors
+from ..transport import Header, ServerUnavailable, Tensors
 from .secagg import aggregate as add_masked
 from .settings import FederatedSettings
 
@@ -277,9 +277,10 @@ class TrunkFederation:
         return step < self.federated_step or again
 
     def check_replicas(self) -> None:
-        """Refuse every request once the trunk's replicas cannot go on (one died or stopped answering)."""
+        """Once the trunk's replicas cannot go on (one died or stopped answering), close every connection without
+        a reply (:class:`ServerUnavailable`): the clients wait for the replicas to be restarted, then replay."""
         if self.replicas is not None and self.replicas.failure is not None:
-            raise RuntimeError(self.replicas.failure)
+            raise ServerUnavailable(self.replicas.failure)
 
     def member(self, session: Member) -> int:
         """The client index of ``session``, which must have joined and not been dropped since."""
@@ -345,7 +346,7 @@ class TrunkFederation:
         done = session.step
         if target == done:  # already applied; the reply was lost
             self.count("steps_repeated")
-            return session.adapter.step_reply(), {}
+            return self._step_reply(session), {}
         if target != done + 1:
             raise RuntimeError(f"client {session.client!r} asks for optimizer step {target} after {done}")
         participant = bool(header.get("participant", True))
@@ -356,7 +357,7 @@ class TrunkFederation:
             self.positions[index] = self.positions.get(index, 0) + 1
             if participant:
                 self.apply(session.adapter, grads, header.get("scale"))
-            return session.adapter.step_reply(), {}
+            return self._step_reply(session), {}
         if target <= self.federated_step:
             raise RuntimeError(f"client {session.client!r} was dropped from step {target} after "
                                f"round_timeout ({settings.round_timeout:g} s); the federation is at step "
@@ -392,7 +393,16 @@ class TrunkFederation:
                                  (session, dict(session.grads), weight, header.get("scale")), finish)
         if not gathering.done:
             return {"pending": True}, {}
-        return session.adapter.step_reply(), {}
+        return self._step_reply(session), {}
+
+    def _step_reply(self, session: Member) -> Header:
+        """The shared adapter's answer to a step. With replicas the step the client may count as saved is the one
+        before: another replica may have died before it saved this one, and the replicas restart from the step
+        every one of them saved."""
+        reply = session.adapter.step_reply()
+        if self.replicas is not None and reply.get("saved") is not None:
+            reply["saved"] = min(reply["saved"], reply["step"] - 1)
+        return reply
 
     # ------------------------------------------------------------------------------------------ restores
     def persisted(self) -> dict[str, Any]:
@@ -573,6 +583,7 @@ class TrunkFederation:
                 self.shares.get(step) is not None if gradients else
                 last < 0 or self.last_average is not None and self.last_average[0] == last):
             self.member(session)
+            self.check_replicas()
             if not self._expected(step) - {index}:
                 raise RuntimeError(f"client {session.client!r} cannot catch up: no other member of the federation "
                                    "is left")
@@ -648,6 +659,7 @@ class TrunkFederation:
                     break
                 self.changed.wait(remaining)
         if gathering.error is not None:
+            self.check_replicas()  # a replica lost in a collective: the clients wait for the restart
             raise RuntimeError(f"{gathering.name} failed: {gathering.error}")
         return gathering
 

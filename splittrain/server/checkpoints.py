@@ -14,6 +14,9 @@ from ..transport.protocol import TAG
 from .adapters import FEDERATION, TrunkAdapter
 
 LATEST = "latest"
+PREVIOUS = "previous"
+"""With trunk replicas, the ``latest`` checkpoint before the last: the replicas restart from a step every one of
+them saved, which may be the one before this replica's last."""
 
 
 class Checkpoints:
@@ -27,6 +30,10 @@ class Checkpoints:
 
     def __init__(self, fingerprint: dict[str, Any], federation: TrunkFederation, run_dir: Path | None) -> None:
         self.fingerprint, self.federation, self.run_dir = fingerprint, federation, run_dir
+        self.keep_previous = False
+        """Keep the ``latest`` checkpoint of another step a save replaces as ``previous`` (trunk replicas)."""
+        self._latest: dict[Path, int] = {}
+        """The steps of each ``latest`` checkpoint this process wrote."""
 
     def path(self, tag: str, adapter: TrunkAdapter) -> Path:
         """``<adapter's folder>/<tag>.safetensors``."""
@@ -52,7 +59,14 @@ class Checkpoints:
     def save(self, tag: str, adapter: TrunkAdapter, feedback: dict[str, Any] | None = None) -> Path:
         """Write ``adapter``'s state (and ``feedback``: :meth:`state`) to its folder's ``<tag>.safetensors``
         atomically (write, then rename)."""
-        path = save_state(self.state(adapter, feedback), self.path(tag, adapter))
+        target = self.path(tag, adapter)
+        if tag == LATEST and self.keep_previous and target.is_file():
+            held = self._latest.get(target)
+            if (held if held is not None else int(load_state(target)["steps"])) != adapter.steps:
+                target.replace(target.with_name(f"{PREVIOUS}.safetensors"))
+        path = save_state(self.state(adapter, feedback), target)
+        if tag == LATEST:
+            self._latest[target] = adapter.steps
         if tag == LATEST or adapter.saved_step is None or adapter.steps >= adapter.saved_step:
             adapter.saved_step = adapter.steps
         return path
@@ -92,6 +106,14 @@ class Checkpoints:
             owners = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
             found = {p.name: last_checkpoint(p) for p in owners}
         return {owner: int(load_state(path)["steps"]) for owner, path in found.items() if path is not None}
+
+
+def checkpoint_at(folder: Path, steps: int) -> Path | None:
+    """The checkpoint written last in ``folder`` whose adapter had made ``steps`` steps (None: there is none)."""
+    for path in sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        if int(load_state(path)["steps"]) == steps:
+            return path
+    return None
 
 
 def last_checkpoint(folder: Path | None) -> Path | None:

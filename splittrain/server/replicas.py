@@ -21,9 +21,12 @@ configs (trunk fingerprint, cuts, LoRA settings and initial values, trunk schedu
 with another one is refused on every side with the differences.
 
 Liveness: every replica exchanges a heartbeat with every other one each second (point-to-point in a group of its
-own); a replica that dies or stops answering for ``timeout`` seconds is named by every survivor, which tells its
-clients and stops (the run cannot go on without that replica's clients). A stop asked of one replica (SIGTERM,
-as torchrun sends to all) travels with the next heartbeat, so all replicas stop at the same round.
+own); a replica that dies or stops answering for ``timeout`` seconds is named by every survivor, which closes its
+clients' connections, refuses them for a moment with why (they retry) and stops: the run cannot go on without that
+replica's clients. Under ``torchrun --max-restarts`` with ``serve --resume`` the replicas are restarted and
+resume at the last step all of them saved (:meth:`splittrain.server.TrunkServer.replicate`), and the clients
+replay the steps since. A stop asked of one replica (SIGTERM, as torchrun sends to all) travels with the next
+heartbeat, so all replicas stop at the same round.
 """
 
 from __future__ import annotations
@@ -86,8 +89,16 @@ class Replicas:
         if torch.cuda.is_available():  # a GPU per replica (model.device_map's "cuda" is this one)
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         wait = round_timeout + 2 * timeout
+        rank = int(os.environ["RANK"])
         try:
-            dist.init_process_group("gloo", timeout=timedelta(seconds=wait))
+            # torchrun --max-restarts keeps its store across restarts: each life's keys go under a prefix of their
+            # own, or restarted replicas read the addresses of the life before. Without torchrun rank 0 hosts it.
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
+                                  is_master=not agent and rank == 0, timeout=timedelta(seconds=wait))
+            life = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group("gloo", store=dist.PrefixStore(f"splittrain-replicas-{life}", store), rank=rank,
+                                    world_size=size, timeout=timedelta(seconds=wait))
             health = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
         except (RuntimeError, ValueError) as error:  # DistStoreError, DistNetworkError: RuntimeErrors
             raise ReplicaError(f"the {size} trunk replicas did not all meet within {wait:g} s at "
@@ -160,6 +171,13 @@ class Replicas:
             self.failure = "the trunk replicas are out of step: " + ", ".join(
                 f"replica {r} at {t!r}" for r, t in enumerate(texts))
             raise ReplicaError(self.failure)
+
+    def bounds(self, value: int) -> tuple[int, int]:
+        """The least and the greatest of every replica's ``value`` (at start: the steps each one can resume at)."""
+        low, high = torch.tensor([value], dtype=torch.int64), torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.group)
+        return int(low), int(high)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the replicas (in place, on the CPU)."""

@@ -24,12 +24,13 @@ from ..federated import FederatedSettings
 from ..federated.trunk import TrunkFederation, combine, trunk_steps
 from ..optim import OptimSettings
 from ..segments import Activations, Segment
-from ..transport import Header, Tensors, fingerprint
+from ..state import load_state
+from ..transport import Header, SessionBusy, Tensors, fingerprint
 from ..transport.codec import pack, unpack, wire_of
 from ..transport.protocol import Bounds, check_request
 from ..transport.wire import ProtocolError, TensorSpec
 from .adapters import FEDERATION, TrunkAdapter, TrunkAdapters
-from .checkpoints import LATEST, Checkpoints, last_checkpoint
+from .checkpoints import LATEST, Checkpoints, checkpoint_at, last_checkpoint
 from .generation import Generations
 from .replicas import ReplicaError, Replicas, describe
 from .sessions import Graph, Session, Sessions
@@ -84,6 +85,8 @@ class TrunkServer:
         """Owner (client name, or :data:`FEDERATION`) -> its trunk adapter, made when the owner first connects."""
         self.resuming = False
         """Adapters made from now on start from their folder's last checkpoint (``serve --resume``)."""
+        self.resume_from: dict[str, Path] = {}
+        """Owner -> the checkpoint its adapter resumes from instead (the one trunk replicas agreed on)."""
         self.federated = TrunkFederation(self.federation, self.sessions, self.lock, self.count, self._apply,
                                          self.instance)
         """The federation's trunk half (membership, synchronisation points, secure-aggregation relay)."""
@@ -115,7 +118,7 @@ class TrunkServer:
             adapter = self.adapters.get(owner)
             if adapter is None:
                 adapter = self.adapters.make(owner, schedule)
-                last = last_checkpoint(adapter.folder) if self.resuming else None
+                last = self.resume_from.get(owner) or last_checkpoint(adapter.folder) if self.resuming else None
                 if last is not None:
                     self.restore(last, adapter)
                     log.info("resumed the trunk adapter of %r at step %d from %s", owner, adapter.steps, last)
@@ -160,6 +163,31 @@ class TrunkServer:
             raise ReplicaError(f"{replicas.size} trunk replicas for a federation of {fed.clients} clients: each "
                                "replica serves at least one client")
         self.federated.replicas = replicas
+        self.checkpoints.keep_previous = True
+        if self.resuming:
+            self._resume_replicas(replicas)
+
+    def _resume_replicas(self, replicas: Replicas) -> None:
+        """``serve --resume`` of trunk replicas: every replica resumes at the last step all of them saved (one that
+        died mid-step may have saved the step before the others' last; each keeps that one as ``previous``)."""
+        folder = self.run_dir / "trunk" if self.run_dir is not None else None
+        last = last_checkpoint(folder)
+        mine = int(load_state(last)["steps"]) if last is not None else -1
+        low, high = replicas.bounds(mine)
+        if low < 0 <= high:
+            raise ReplicaError(f"trunk replica {replicas.rank} has {'no' if mine < 0 else 'a'} trunk checkpoint in "
+                               f"{folder} and another replica {'has' if mine < 0 else 'has none'}: resume every "
+                               "replica from its own run folder of the same run")
+        if low < 0:
+            return
+        path = checkpoint_at(folder, low)
+        if path is None:
+            raise ReplicaError(f"the trunk replicas resume at step {low} (the last step every one of them saved) but "
+                               f"replica {replicas.rank} has no checkpoint of step {low} in {folder} (its last: step "
+                               f"{mine})")
+        self.resume_from[FEDERATION] = path
+        log.info("trunk replica %d resumes at step %d from %s (the replicas' last saved steps: %d to %d)",
+                 replicas.rank, low, path, low, high)
 
     def fail(self, why: str) -> None:
         """The replicas cannot go on (:meth:`Replicas.watch`): every request from now on, and every client waiting
@@ -181,6 +209,9 @@ class TrunkServer:
         """
         wanted = OptimSettings.from_schedule(schedule) if schedule is not None else None
         with self.lock:
+            replicas = self.federated.replicas
+            if replicas is not None and replicas.failure is not None:  # worth retrying: they are to be restarted
+                raise SessionBusy(replicas.failure, retry_after=1.0)
             session = self.sessions.claim(client, session_id)
             adapter = self._adapter_for(client, wanted)
             known = session is not None

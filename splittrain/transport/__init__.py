@@ -120,6 +120,12 @@ class SessionBusy(RuntimeError):
         self.retry_after = retry_after
 
 
+class ServerUnavailable(Exception):
+    """The server cannot answer now (its trunk replicas lost one of them and are to be restarted): the connection is
+    closed without a reply, so that the client reconnects and sends its requests again, or replays them to the
+    restarted server. Not a refusal: a client must not give up on it."""
+
+
 def config_digest(config: Any) -> str:
     """sha256 of the decoder config's architecture (what fixes the weights' names, shapes and computation)."""
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy
 
 from ..errors import UserError
-from . import Header, LinkOptions, RemoteError, SessionBusy, Tensors, fingerprint_mismatch
+from . import Header, LinkOptions, RemoteError, ServerUnavailable, SessionBusy, Tensors, fingerprint_mismatch
 from .protocol import check_reply, reply_limit, serve_frames
 from .wire import (
     Frame,
@@ -494,6 +494,8 @@ class TcpServer:
                          session=session_id, log=log)
         except (OSError, PeerClosed, ssl.SSLError) as exc:
             log.info("connection from %s ended: %s", where, exc)
+        except ServerUnavailable as exc:
+            log.info("closed the connection of %s (%s) without a reply: %s", where, client, exc)
         except ProtocolError as exc:
             self.server.count("frames_refused")
             log.warning("refused a frame from %s (%s): %s", where, client or "unauthenticated", exc)
