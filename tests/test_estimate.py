@@ -111,7 +111,7 @@ def test_cli_estimate_passes_quantization_and_checkpointing(capsys):
     quantized = main(["estimate", "--config", config, "--model.quantization", "int8",
                       "--model.gradient_checkpointing", "true", *off])
     title = capsys.readouterr().out.splitlines()[0]
-    assert "client lora (int8 weights, checkpointing on, loss chunks of 256)" in title
+    assert "client lora (int8 weights, checkpointing on, loss chunks of 128)" in title
     assert "server (bfloat16 weights, checkpointing off)" in title
     assert quantized["server"] == plain["server"]
     client, before = quantized["client"], plain["client"]
