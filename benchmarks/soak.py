@@ -3,6 +3,7 @@
     python benchmarks/soak.py                                    # 16 clients, 650 FedSGD steps (~12 min, then the replay)
     python benchmarks/soak.py --clients 4 --steps 40 --kill-every 10 --out /tmp/soak.json   # a smoke run (~2 min)
     python benchmarks/soak.py --replicas 2 --out benchmarks/results/soak_replicas.json     # 2 trunk replicas
+    python benchmarks/soak.py --replicas 2 --restart-replica 0.5 --out benchmarks/results/soak_restart.json
 
 One ``python -m splittrain serve`` (``--replicas`` R: R of them under torchrun, replica r serving the clients
 ``c % R == r``) and ``--clients`` ``python -m splittrain fit`` processes over tcp on loopback train the quickstart model (``client: lora``, 40 rows a client, batches of 8) as a FedSGD federation (``average:
@@ -27,7 +28,13 @@ client caught up again within its ``reconnect_timeout``.
 
 With replicas, every replica's resident set is recorded, the rejoins are those of every replica, and both
 replicas' final trunks are compared with the replay's. A killed client's replica always keeps another live client
-(it sends the state the rejoining one catches up from).
+(it sends the state the rejoining one catches up from). ``--restart-replica F`` runs the replicas under
+``torchrun --max-restarts 1`` with ``serve --resume`` and SIGKILLs the last replica once the federation has made
+that share of its steps (when no killed client is still on its way back; no client is killed until the federation
+has moved again): torchrun restarts them, they resume at the last step both saved, and the clients replay the
+steps since. Recorded: the step it was killed at, the step resumed at, the seconds until the replicas listened
+again and until the federation moved past the step it was killed at, and the steps the restarted replicas applied
+(exactly the federation's steps after the one resumed at, or some were applied twice).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -137,8 +145,9 @@ def make_tokens(folder: Path, names: list[str]) -> tuple[Path, dict[str, str]]:
 class Soak:
     """The server and the clients' processes, each in a session of its own and ended by its pid (group)."""
 
-    def __init__(self, folder: Path, config: Path, clients: int, session_timeout: float, replicas: int = 1) -> None:
-        self.folder, self.config, self.clients, self.replicas = folder, config, clients, replicas
+    def __init__(self, folder: Path, config: Path, clients: int, session_timeout: float, replicas: int = 1,
+                 restart: bool = False) -> None:
+        self.folder, self.config, self.clients, self.replicas, self.restart = folder, config, clients, replicas, restart
         self.names = [f"c{i:02d}" for i in range(clients)]
         self.tokens_file, self.tokens = make_tokens(folder, self.names)
         self.server_run = folder / "server"
@@ -151,6 +160,9 @@ class Soak:
         """Replica rank -> the address it listens on."""
         self.pids: dict[int, int] = {}
         """Replica rank -> its pid (torchrun's worker, or the one server)."""
+        self.rejoin_records: dict[tuple[int, int, int], dict[str, Any]] = {}
+        """Every rejoin seen in a replica's status, by (index, dropped at, back at): a restarted replica's status
+        no longer lists the ones before."""
 
     def run_dir(self, rank: int) -> Path:
         """Replica ``rank``'s run folder (checkpoints, status)."""
@@ -170,26 +182,37 @@ class Soak:
         log = self.folder / "server.log"
         launch = [sys.executable, "-m", "splittrain"] if self.replicas == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(self.replicas),
-            "-m", "splittrain"]
-        self.server = self.start([*launch, "serve", "--config", str(self.config), "--address", "127.0.0.1:0",
+            *(["--max-restarts", "1"] if self.restart else []), "-m", "splittrain"]
+        # restarted replicas must listen where their clients reconnect: fixed ports
+        address = f"127.0.0.1:{free_ports(self.replicas)}" if self.restart else "127.0.0.1:0"
+        self.server = self.start([*launch, "serve", "--config", str(self.config), "--address", address,
                                   "--tokens", str(self.tokens_file), "--run_dir", str(self.server_run),
-                                  "--session_timeout", str(self.session_timeout)], log, child_env())
+                                  "--session_timeout", str(self.session_timeout),
+                                  *(["--resume"] if self.restart else [])], log, child_env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            lines = [line for line in log.read_text(errors="replace").splitlines() if "listening on " in line]
-            if self.replicas == 1 and lines:
-                self.addresses, self.pids = {0: lines[-1].split("listening on ", 1)[1].split()[0]}, {0: self.server.pid}
-                return
-            found = [re.search(r"listening on (\S+) .*trunk replica (\d+) of \d+ \(pid (\d+)\)", line) for line in lines]
-            found = {int(m[2]): (m[1], int(m[3])) for m in found if m}
-            if len(found) == self.replicas:
-                self.addresses = {r: a for r, (a, _) in found.items()}
-                self.pids = {r: pid for r, (_, pid) in found.items()}
+            if self.listening(1):
                 return
             if self.server.poll() is not None:
                 raise RuntimeError(f"the server exited ({self.server.returncode}):\n{tail(log)}")
             time.sleep(0.2)
         raise RuntimeError(f"the server did not listen within {timeout} s:\n{tail(log)}")
+
+    def listening(self, lives: int) -> bool:
+        """Whether every replica of the ``lives``-th start listens; learns their addresses and pids if so."""
+        lines = [line for line in (self.folder / "server.log").read_text(errors="replace").splitlines()
+                 if "listening on " in line]
+        if self.replicas == 1:
+            if lines:
+                self.addresses, self.pids = {0: lines[-1].split("listening on ", 1)[1].split()[0]}, {0: self.server.pid}
+            return bool(lines)
+        found = [m for line in lines
+                 if (m := re.search(r"listening on (\S+) .*trunk replica (\d+) of \d+ \(pid (\d+)\)", line))]
+        if len(found) < lives * self.replicas:
+            return False
+        self.addresses = {int(m[2]): m[1] for m in found}
+        self.pids = {int(m[2]): int(m[3]) for m in found}  # the last start's
+        return True
 
     def fit(self, index: int) -> None:
         """Client ``index``'s ``fit`` in a new run folder (its first or a rejoin after a kill)."""
@@ -215,13 +238,36 @@ class Soak:
             return None
 
     def rejoins(self) -> list[dict[str, Any]]:
-        """Every replica's rejoin records."""
-        return [r for rank in range(self.replicas) for r in (self.status(rank) or {}).get("rejoins", [])]
+        """Every replica's rejoin records, those of earlier starts too."""
+        for rank in range(self.replicas):
+            for r in (self.status(rank) or {}).get("rejoins", []):
+                self.rejoin_records.setdefault((r["index"], r["dropped_at"], r["step"]), r)
+        return list(self.rejoin_records.values())
 
     def close(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 self.kill(proc, timeout=30)
+
+
+def free_ports(count: int) -> int:
+    """A port P with P .. P + count - 1 free on 127.0.0.1 right now (replica r listens on P + r)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        held = []
+        try:
+            for port in range(base, base + count):
+                held.append(socket.socket())
+                held[-1].bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError(f"found no {count} consecutive free ports")
 
 
 def tail(log: Path, lines: int = 40) -> str:
@@ -248,7 +294,8 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     config = write_config(folder, args.clients, args.steps, args.batch_size, args.lr, args.round_timeout,
                           args.reconnect_timeout)
     rng = random.Random(args.seed)
-    run = Soak(folder, config, args.clients, args.session_timeout, args.replicas)
+    run = Soak(folder, config, args.clients, args.session_timeout, args.replicas, args.restart_replica > 0)
+    restart: dict[str, Any] = {}
     kills: list[dict[str, Any]] = []
     rss: list[tuple[float, int, int]] = []  # (seconds, bytes, the federation's step); replica 0's
     rss_replicas: dict[int, list[tuple[float, int, int]]] = {}
@@ -281,7 +328,7 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 (folder / "stall.json").write_text(json.dumps(stalls[-1], indent=2))
                 print(f"[{now - began:6.0f} s] the federation has not moved for {args.stall:g} s at step {step}",
                       flush=True)
-            caught = run.rejoins() if args.replicas > 1 else fed.get("rejoins", [])
+            caught = run.rejoins()
             for kill in kills:
                 if kill.get("back_s") is None and sum(r["index"] == kill["index"] for r in caught) >= kill["nth"]:
                     kill["back_s"] = round(now - kill["at"], 2)
@@ -301,7 +348,25 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                     raise RuntimeError(f"client {index} exited {proc.returncode}:\n"
                                        f"{tail(folder / f'{run.runs[index][-1].name}.log')}")
             waiting = {k["index"] for k in kills if k.get("back_s") is None}
-            if now >= next_kill and 2 <= step < KILL_UNTIL * args.steps:
+            if (args.restart_replica and not restart and step >= args.restart_replica * args.steps and not waiting
+                    and not restarts):
+                rank = args.replicas - 1
+                os.kill(run.pids[rank], signal.SIGKILL)  # torchrun's worker: torchrun restarts the replicas
+                restart = {"replica": rank, "at": now, "at_s": round(now - began, 1), "federated_step": step,
+                           "instance": (status or {}).get("instance")}
+                print(f"[{now - began:6.0f} s] step {step}: killed trunk replica {rank}", flush=True)
+            if restart and "listening_s" not in restart and run.listening(2):
+                restart["listening_s"] = round(now - restart["at"], 2)
+                found = re.findall(r"resumes at step (\d+)", (folder / "server.log").read_text(errors="replace"))
+                restart["resumed_at"] = int(found[-1]) if found else None
+            if restart and "moved_s" not in restart and "listening_s" in restart \
+                    and (status or {}).get("instance") != restart["instance"] and step > restart["federated_step"]:
+                restart["moved_s"] = round(now - restart["at"], 2)
+                next_kill = now + args.warmup
+                print(f"[{now - began:6.0f} s] the replicas resumed at step {restart['resumed_at']}; the federation "
+                      f"is at step {step} again {restart['moved_s']:.1f} s after the kill", flush=True)
+            paused = bool(restart) and "moved_s" not in restart
+            if now >= next_kill and 2 <= step < KILL_UNTIL * args.steps and not paused:
                 live = [i for i, p in run.fits.items() if p.poll() is None and i not in waiting]
                 # a replica keeps a live client besides the killed one: it sends the state the rejoiner catches up from
                 candidates = [i for i in live if sum(run.owner(j) == run.owner(i) for j in live) > 1]
@@ -321,11 +386,15 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 raise RuntimeError(f"client {index} exited {proc.returncode}")
         status = run.status()
         rejoins = run.rejoins()
+        if restart:
+            restart["steps_applied_after"] = status["counters"]["steps_applied"]
+            restart.pop("at"), restart.pop("instance")
     finally:
         run.close()
     fed = {**federation_of(status), "rejoins": rejoins}
     return {"seconds": round(seconds, 1), "counters": status["counters"], "federation": fed, "kills": kills,
             "stalls": stalls, "longest_without_a_step_s": round(longest, 1),
+            **({"replica_restart": restart} if restart else {}),
             "first_step_s": round(first_step or 0.0, 1),
             "rss": rss, **({"rss_replicas": {str(r): v for r, v in rss_replicas.items()}} if args.replicas > 1 else {}),
             "runs": {str(i): [str(p) for p in r] for i, r in run.runs.items()},
@@ -395,7 +464,9 @@ def report(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     worst = max(check.get("trunk_max_diff", float("nan")), check.get("client_max_diff", float("nan")))
     return {
         "steps_applied": counters["steps_applied"], "federated_steps": fed.get("federated_step"),
-        "steps_applied_twice": counters["steps_applied"] - fed.get("federated_step", 0),
+        # after a replica restart the status counts the restarted replicas' steps: those after the step resumed at
+        "steps_applied_twice": counters["steps_applied"] - fed.get("federated_step", 0)
+        + (record["replica_restart"].get("resumed_at") or 0 if "replica_restart" in record else 0),
         "step_requests_answered_again": counters["steps_repeated"],
         "lost_updates": None if not check else int(not worst <= TOLERANCE),
         "replay_max_diff": worst if check else None,
@@ -408,6 +479,9 @@ def report(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                              "median": sorted(b for b in backs if b is not None)[len(backs) // 2]
                              if backs and None not in backs else None},
         "clients_not_back": sum(b is None for b in backs),
+        **({"replica_restart": {k: record["replica_restart"].get(k) for k in
+                                ("federated_step", "resumed_at", "listening_s", "moved_s")}}
+           if "replica_restart" in record else {}),
         "all_back_within_reconnect_timeout": all(b is not None and b <= args.reconnect_timeout for b in backs),
     }
 
@@ -416,6 +490,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--replicas", type=int, default=1, help="trunk replicas (serve under torchrun)")
+    parser.add_argument("--restart-replica", type=float, default=0.0,
+                        help="with replicas: kill the last replica once the federation made this share of its steps "
+                             "(torchrun restarts them, serve --resume); 0: never")
     parser.add_argument("--steps", type=int, default=650, help="the federation's optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8, help="each client's rows per step (40 rows a client)")
     parser.add_argument("--lr", type=float, default=1e-4,
