@@ -57,6 +57,41 @@ def test_a_replica_serves_its_share_of_the_clients():
     assert join("c2", 2)["rejoin"] is True
 
 
+def test_a_replica_keeps_its_checkpoint_of_the_step_before(tmp_path):
+    """A replica's every-step ``latest`` keeps the one it replaces as ``previous`` when that holds another step (the
+    replicas may resume at the step before this one's last), also after a restart; the checkpoint of a step is found
+    by the step it holds."""
+    from splittrain.server import FEDERATION, Checkpoints
+    from splittrain.server.checkpoints import checkpoint_at
+
+    fed = TrunkFederation(FederatedSettings(clients=2), {}, threading.RLock(), lambda counter: None,
+                          lambda *args: None, "instance")
+    weight = torch.nn.Parameter(torch.zeros(3))
+    adapter = SimpleNamespace(trainable=[("w", weight)], optimizer=torch.optim.AdamW([weight]), scheduler=None,
+                              steps=3, owner=FEDERATION, folder=tmp_path / "trunk", saved_step=None)
+
+    def held() -> dict[str, int]:
+        return {p.stem: int(load_state(p)["steps"]) for p in sorted(adapter.folder.glob("*.safetensors"))}
+
+    checkpoints = Checkpoints({"config": {}}, fed, tmp_path)
+    checkpoints.keep_previous = True
+    checkpoints.save("latest", adapter)
+    assert held() == {"latest": 3}
+    adapter.steps = 4
+    checkpoints.save("latest", adapter)
+    checkpoints.save("latest", adapter)  # the same step again (serve saves when it stops): step 3 stays
+    assert held() == {"latest": 4, "previous": 3}
+    restarted = Checkpoints({"config": {}}, fed, tmp_path)  # a new process reads the step of the file it replaces
+    restarted.keep_previous = True
+    restarted.save("latest", adapter)
+    assert held() == {"latest": 4, "previous": 3}
+    adapter.steps = 5
+    restarted.save("latest", adapter)
+    assert held() == {"latest": 5, "previous": 4}
+    assert checkpoint_at(adapter.folder, 4).stem == "previous" and checkpoint_at(adapter.folder, 3) is None
+    assert load_state(checkpoint_at(adapter.folder, 5))["federation"]["instance"] == "instance"
+
+
 @pytest.fixture
 def quickstart_built():
     """The quickstart model, built before processes race to build it."""
