@@ -160,6 +160,8 @@ class Soak:
         """Replica rank -> the address it listens on."""
         self.pids: dict[int, int] = {}
         """Replica rank -> its pid (torchrun's worker, or the one server)."""
+        self.workers: set[int] = set()
+        """Every torchrun worker seen: each runs in a session of its own, so ending torchrun's group misses them."""
         self.rejoin_records: dict[tuple[int, int, int], dict[str, Any]] = {}
         """Every rejoin seen in a replica's status, by (index, dropped at, back at): a restarted replica's status
         no longer lists the ones before."""
@@ -212,6 +214,7 @@ class Soak:
             return False
         self.addresses = {int(m[2]): m[1] for m in found}
         self.pids = {int(m[2]): int(m[3]) for m in found}  # the last start's
+        self.workers.update(int(m[3]) for m in found)
         return True
 
     def fit(self, index: int) -> None:
@@ -248,6 +251,11 @@ class Soak:
         for proc in self.procs:
             if proc.poll() is None:
                 self.kill(proc, timeout=30)
+        for pid in self.workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def free_ports(count: int) -> int:
