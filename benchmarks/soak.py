@@ -2,8 +2,8 @@
 
     python benchmarks/soak.py                                    # 16 clients, 650 FedSGD steps (~12 min, then the replay)
     python benchmarks/soak.py --clients 4 --steps 40 --kill-every 10 --out /tmp/soak.json   # a smoke run (~2 min)
-    python benchmarks/soak.py --replicas 2 --out benchmarks/results/soak_replicas.json     # 2 trunk replicas
-    python benchmarks/soak.py --replicas 2 --restart-replica 0.5 --out benchmarks/results/soak_restart.json
+    python benchmarks/soak.py --replicas 2 --steps 600 --out benchmarks/results/soak_replicas.json   # 2 replicas
+    python benchmarks/soak.py --replicas 2 --steps 600 --restart-replica 0.5 --out benchmarks/results/soak_restart.json
 
 One ``python -m splittrain serve`` (``--replicas`` R: R of them under torchrun, replica r serving the clients
 ``c % R == r``) and ``--clients`` ``python -m splittrain fit`` processes over tcp on loopback train the quickstart model (``client: lora``, 40 rows a client, batches of 8) as a FedSGD federation (``average:
