@@ -191,7 +191,8 @@ class TrunkServer:
 
     def fail(self, why: str) -> None:
         """The replicas cannot go on (:meth:`Replicas.watch`): every request from now on, and every client waiting
-        at a synchronisation point, is refused with ``why``."""
+        at a synchronisation point, has its connection closed without a reply, and a new connection is refused as
+        worth retrying with ``why`` (the clients wait for the replicas to be restarted)."""
         log.error("%s", why)
         with self.lock:
             self.federated.changed.notify_all()
