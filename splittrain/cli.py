@@ -500,44 +500,53 @@ def serve_command(options: ServeOptions, connections: dict[str, Any], limits: An
     check_address(options.address)
     http_token = _monitor_token(options.http, options.http_token_file)
     server, run, replicas = _trunk_server(options, limits, overrides)
-    address = options.address
-    if replicas is not None:  # replica r listens on the port plus r
-        host, _, port = address.rpartition(":")
-        address = f"{host}:{replicas.listen_port(int(port))}"
     try:
-        tcp = TcpServer(server, address, known, tls, status_file=run / "server_status.json", **connections)
-    except OSError as error:  # taken while the model loaded
-        raise UserError(f"--address {address}: {_bind_problem(error)}") from error
-    if replicas is not None:
-        _replicate(server, replicas, tcp)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: tcp.stop() if replicas is None else replicas.request_stop())
-    if options.http:
-        from .server.monitor import Monitor
-
+        address = options.address
+        if replicas is not None:  # replica r listens on the port plus r
+            host, _, port = address.rpartition(":")
+            address = f"{host}:{replicas.listen_port(int(port))}"
         try:
-            monitor = Monitor(tcp.status, options.http, http_token)
-        except OSError as error:
-            raise UserError(f"--http {options.http}: {_bind_problem(error)}") from error
-        monitor.start()
-        print(f"splittrain: monitor on http://{monitor.address}/ (/metrics, /status)", flush=True)
-    fed = server.federation
-    federation = "" if fed is None else (f"; a federation of {fed.clients} clients (average {fed.average}, trunk "
-                                         f"update {fed.trunk_update}, round timeout {fed.round_timeout:g} s)")
-    replica = "" if replicas is None else (f"; trunk replica {replicas.rank} of {replicas.size} (pid {os.getpid()}) "
-                                           f"for clients {sorted(replicas.own(fed.clients))}")
-    print(f"splittrain: trunk server (layers {server.trunk.start}-{server.trunk.stop - 1}) listening on {tcp.address}"
-          f"{' with TLS' if tls else ''} for {len(known)} client(s){federation}{replica}; checkpoints in "
-          f"{run / 'trunk'}", flush=True)
-    tcp.serve_forever()
-    if replicas is not None and replicas.failure is not None:  # mid-step: the checkpoints save_every wrote stand
-        raise UserError(replicas.failure)
-    paths = server.save_all(LATEST)
-    steps = ", ".join(f"{owner!r} at step {adapter.steps}" for owner, adapter in server.adapters.items())
-    print(f"splittrain: trunk server stopped ({steps or 'no client trained'}); saved "
-          f"{', '.join(map(str, paths)) or 'nothing'}", flush=True)
-    if replicas is not None:
-        replicas.close()
+            tcp = TcpServer(server, address, known, tls, status_file=run / "server_status.json", **connections)
+        except OSError as error:  # taken while the model loaded
+            raise UserError(f"--address {address}: {_bind_problem(error)}") from error
+        if replicas is not None:
+            _replicate(server, replicas, tcp)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: tcp.stop() if replicas is None else replicas.request_stop())
+        if options.http:
+            from .server.monitor import Monitor
+
+            try:
+                monitor = Monitor(tcp.status, options.http, http_token)
+            except OSError as error:
+                raise UserError(f"--http {options.http}: {_bind_problem(error)}") from error
+            monitor.start()
+            _say(f"splittrain: monitor on http://{monitor.address}/ (/metrics, /status)")
+        fed = server.federation
+        federation = "" if fed is None else (f"; a federation of {fed.clients} clients (average {fed.average}, trunk "
+                                             f"update {fed.trunk_update}, round timeout {fed.round_timeout:g} s)")
+        replica = "" if replicas is None else (f"; trunk replica {replicas.rank} of {replicas.size} "
+                                               f"(pid {os.getpid()}) for clients {sorted(replicas.own(fed.clients))}")
+        layers = f"{server.trunk.start}-{server.trunk.stop - 1}"
+        _say(f"splittrain: trunk server (layers {layers}) listening on {tcp.address}{' with TLS' if tls else ''} for "
+             f"{len(known)} client(s){federation}{replica}; checkpoints in {run / 'trunk'}")
+        tcp.serve_forever()
+        if replicas is not None and replicas.failure is not None:  # mid-step: the checkpoints save_every wrote stand
+            raise UserError(replicas.failure)
+        paths = server.save_all(LATEST)
+        steps = ", ".join(f"{owner!r} at step {adapter.steps}" for owner, adapter in server.adapters.items())
+        _say(f"splittrain: trunk server stopped ({steps or 'no client trained'}); saved "
+             f"{', '.join(map(str, paths)) or 'nothing'}")
+    finally:  # leave the replicas' group on every path: its threads abort the process if left to exit
+        if replicas is not None:
+            replicas.close()
+
+
+def _say(line: str) -> None:
+    """Print one line of a server's progress in one write: the replicas under torchrun share one output, and an
+    unbuffered stdout (``PYTHONUNBUFFERED``) would otherwise let another process's line land before the newline."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _replicate(server: Any, replicas: Any, tcp: Any) -> None:
@@ -559,8 +568,8 @@ def _replicate(server: Any, replicas: Any, tcp: Any) -> None:
 
     replicas.watch(failed, tcp.stop)
     if replicas.rank == 0:
-        print("splittrain: trunk replicas (client c connects to replica c % "
-              f"{replicas.size}): {', '.join(f'{r}: {a}' for r, a in enumerate(replicas.addresses))}", flush=True)
+        _say("splittrain: trunk replicas (client c connects to replica c % "
+             f"{replicas.size}): {', '.join(f'{r}: {a}' for r, a in enumerate(replicas.addresses))}")
 
 
 def _monitor_token(http: str | None, token_file: str | None) -> str | None:
@@ -636,14 +645,19 @@ def _trunk_server(options: ServeOptions, limits: Any, overrides: Sequence[str]) 
     if replicas is not None and replicas.rank:
         run = run / f"replica{replicas.rank}"
     max_steps = trainer.get("max_steps") or -1
-    check_model(module)
-    server = module.build_server(max_steps if max_steps > 0 else None, run, limits, save_every=options.save_every)
-    if options.resume:
-        resumed = server.resume()
-        for owner, step in resumed.items():
-            print(f"splittrain: resumed the trunk adapter of {owner!r} at step {step} (when it connects)", flush=True)
-        if not resumed:
-            print(f"splittrain: no trunk checkpoint in {run / 'trunk'}; starting at step 0", flush=True)
+    try:
+        check_model(module)
+        server = module.build_server(max_steps if max_steps > 0 else None, run, limits, save_every=options.save_every)
+        if options.resume:
+            resumed = server.resume()
+            for owner, step in resumed.items():
+                _say(f"splittrain: resumed the trunk adapter of {owner!r} at step {step} (when it connects)")
+            if not resumed:
+                _say(f"splittrain: no trunk checkpoint in {run / 'trunk'}; starting at step 0")
+    except BaseException:
+        if replicas is not None:
+            replicas.close()
+        raise
     return server, run, replicas
 
 

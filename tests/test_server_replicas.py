@@ -27,7 +27,7 @@ from splittrain.state import load_state
 
 STEPS = 4
 FEDERATED = {"clients": 4, "average": "gradients", "trunk_update": "sync", "round_timeout": 300}
-LISTENING = re.compile(r"listening on (\S+) .*trunk replica (\d+) of (\d+) \(pid (\d+)\)")
+LISTENING = re.compile(r"listening on (\S+) .*?trunk replica (\d+) of (\d+) \(pid (\d+)\)")
 
 
 def test_a_replica_serves_its_share_of_the_clients():

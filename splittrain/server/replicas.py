@@ -297,8 +297,10 @@ class Replicas:
             self._stop.wait(BEAT_SECONDS)
 
     def close(self) -> None:
-        """Leave the group (after a stop every replica agreed on)."""
-        dist.destroy_process_group()
+        """Leave the group (once; also after a failure): a process that exits still in it may be aborted by the
+        group's threads as the interpreter tears down."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def describe(server: Any) -> dict[str, Any]:
