@@ -494,6 +494,11 @@ def report(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def stop_soak(signum: int, frame: Any) -> None:
+    """A signal ends the soak as an interrupt does: the ``finally`` blocks kill and reap every child."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
@@ -522,6 +527,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the run folders (printed)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "soak.json")
     args = parser.parse_args()
+    # SIGTERM, and SIGINT where a background shell ignored it, end the soak through its cleanup (every child by pid)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_soak)
     folder = Path(tempfile.mkdtemp(prefix="splittrain-soak-"))
     try:
         record = soak(args, folder)
