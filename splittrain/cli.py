@@ -482,6 +482,11 @@ def _sections(config: str) -> str:
     return yaml.safe_dump({k: v for k, v in loaded.items() if k in ("model", "trainer", "data")})
 
 
+SERVER_HEAP_ARENAS = 2
+"""glibc heaps a trunk server's threads share (:func:`~splittrain.segments.limit_heap_arenas`): its compute is
+serialized by one lock, so more heaps buy no speed, only free bytes held per connection thread."""
+
+
 def serve_command(options: ServeOptions, connections: dict[str, Any], limits: Any,
                   overrides: Sequence[str] = ()) -> None:
     """Serve the trunk that ``options.config`` describes on ``options.address`` until SIGTERM/SIGINT (then save and
@@ -490,10 +495,12 @@ def serve_command(options: ServeOptions, connections: dict[str, Any], limits: An
     import logging
     import signal
 
+    from .segments import limit_heap_arenas
     from .server import LATEST
     from .transport.tcp import TcpServer
 
     _set_threads(options.threads)
+    limit_heap_arenas(SERVER_HEAP_ARENAS)  # before any thread allocates
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     # Everything the user gave is checked before the model loads (seconds to minutes): files, then the address.
     known, tls = _serve_credentials(options.tokens, options.tls_cert, options.tls_key)

@@ -41,3 +41,32 @@ def test_release_freed_memory_is_still_loadings():
     """Loading (and the federated clients, which import it from there) trims with the same function."""
     assert loading.release_freed_memory is segments.release_freed_memory
     segments.release_freed_memory()  # a no-op where the C library has no malloc_trim
+
+
+def test_a_trunk_server_shares_two_heaps_among_its_threads(monkeypatch, tmp_path):
+    """serve limits glibc's heaps before its threads start (its compute is serialized; a heap per connection
+    thread only held more free bytes as clients came and went), unless MALLOC_ARENA_MAX says otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    from splittrain.cli import SERVER_HEAP_ARENAS, main
+    from splittrain.errors import UserError
+
+    calls = []
+    monkeypatch.setattr(segments, "_glibc", lambda name: (lambda *args: calls.append(args) or 1)
+                        if name == "mallopt" else None)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert segments.limit_heap_arenas(2) and calls == [(segments.M_ARENA_MAX, 2)]
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert not segments.limit_heap_arenas(2) and len(calls) == 1
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    calls.clear()
+    with pytest.raises(UserError, match="tokens file .* does not exist"):  # stops there, after the limit
+        main(["serve", "--config", "configs/quickstart.yaml", "--tokens", str(tmp_path / "missing.json")])
+    assert calls == [(segments.M_ARENA_MAX, SERVER_HEAP_ARENAS)]
+    # glibc takes the setting (mallopt answers 1), in a process of its own
+    done = subprocess.run([sys.executable, "-c", "from splittrain.segments import limit_heap_arenas as l; "
+                           "print(l(2))"], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"})
+    assert done.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False"), done.stderr[-500:]
