@@ -500,12 +500,12 @@ def serve_command(options: ServeOptions, connections: dict[str, Any], limits: An
     from .transport.tcp import TcpServer
 
     _set_threads(options.threads)
-    limit_heap_arenas(SERVER_HEAP_ARENAS)  # before any thread allocates
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     # Everything the user gave is checked before the model loads (seconds to minutes): files, then the address.
     known, tls = _serve_credentials(options.tokens, options.tls_cert, options.tls_key)
     check_address(options.address)
     http_token = _monitor_token(options.http, options.http_token_file)
+    limit_heap_arenas(SERVER_HEAP_ARENAS)  # before the model loads and any thread allocates
     server, run, replicas = _trunk_server(options, limits, overrides)
     try:
         address = options.address

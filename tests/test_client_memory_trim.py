@@ -44,12 +44,16 @@ def test_release_freed_memory_is_still_loadings():
 
 
 def test_a_trunk_server_shares_two_heaps_among_its_threads(monkeypatch, tmp_path):
-    """serve limits glibc's heaps before its threads start (its compute is serialized; a heap per connection
-    thread only held more free bytes as clients came and went), unless MALLOC_ARENA_MAX says otherwise."""
+    """serve limits glibc's heaps once its arguments are checked, before the model loads and its threads start (its
+    compute is serialized; a heap per connection thread only held more free bytes as clients came and went), unless
+    MALLOC_ARENA_MAX says otherwise."""
+    import json
     import os
+    import re
     import subprocess
     import sys
 
+    from splittrain import cli
     from splittrain.cli import SERVER_HEAP_ARENAS, main
     from splittrain.errors import UserError
 
@@ -62,9 +66,19 @@ def test_a_trunk_server_shares_two_heaps_among_its_threads(monkeypatch, tmp_path
     assert not segments.limit_heap_arenas(2) and len(calls) == 1
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     calls.clear()
-    with pytest.raises(UserError, match="tokens file .* does not exist"):  # stops there, after the limit
+    with pytest.raises(UserError, match="tokens file .* does not exist"):  # a mistake changes nothing
         main(["serve", "--config", "configs/quickstart.yaml", "--tokens", str(tmp_path / "missing.json")])
-    assert calls == [(segments.M_ARENA_MAX, SERVER_HEAP_ARENAS)]
+    assert not calls
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"alice": "a" * 32}))
+    tokens.chmod(0o600)
+
+    def loading(*args):  # the limit is set before the model loads
+        raise RuntimeError(f"loading after {calls}")
+
+    monkeypatch.setattr(cli, "_trunk_server", loading)
+    with pytest.raises(RuntimeError, match=re.escape(f"loading after {[(segments.M_ARENA_MAX, SERVER_HEAP_ARENAS)]}")):
+        main(["serve", "--config", "configs/quickstart.yaml", "--tokens", str(tokens), "--address", "127.0.0.1:0"])
     # glibc takes the setting (mallopt answers 1), in a process of its own
     done = subprocess.run([sys.executable, "-c", "from splittrain.segments import limit_heap_arenas as l; "
                            "print(l(2))"], capture_output=True, text=True, timeout=120,
