@@ -1,6 +1,6 @@
 """A CPU top gives glibc's freed heap pages back around its chunked loss when a chunk's logits are large: before them
 (the step's largest tensor, which would otherwise stack on the freed activations of the layers before it) and after
-them, before the backward pass. Nothing else changes."""
+them, before the backward pass. Nothing else changes. A trunk server's threads share two glibc heaps."""
 
 from __future__ import annotations
 
