@@ -3,10 +3,17 @@
 Every process is started in a session of its own and killed by its process-group id (= its pid) at the end of
 the test, so a torchrun and its workers go too. Waits are bounded; a process that exits early fails the test
 with its log.
+
+``python -m splittrain ...`` and ``python -c ...`` are forked from a zygote that imported the libraries once
+(``tests/zygote.py``: it saves each about 6 s of CPU) unless ``SPLITTRAIN_TEST_FRESH_PROCESSES=1``, the
+environment differs from the zygote's in a variable a process reads as it starts, or no zygote could start;
+then, and for every other command, a fresh interpreter.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import json
 import os
 import re
@@ -15,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -100,17 +108,110 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+FRESH_ENV = "SPLITTRAIN_TEST_FRESH_PROCESSES"
+RUNTIME_ENV = re.compile(r"SPLITTRAIN_\w+|PYTEST_CURRENT_TEST|MASTER_ADDR|MASTER_PORT|RANK|LOCAL_RANK|WORLD_SIZE")
+"""Variables read when a process runs, not as it starts: a forked process may set them otherwise than the zygote."""
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Forked:
+    """A process the zygote forked for this one, which (a child subreaper) inherits it: waited for, signalled and
+    killed by its pid like a ``Popen``."""
+
+    def __init__(self, pid: int, args: list[str]) -> None:
+        self.pid, self.args, self.returncode = pid, args, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode  # type: ignore[return-value]
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+
+class Zygote:
+    """The session's zygote (``tests/zygote.py``), started at its first use and killed by pid when pytest exits."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
+        self.socket = ""
+        self.broken = False
+
+    def fork(self, args: list[str], log: Path, env: dict[str, str], cwd: Path) -> Forked | None:
+        """The process ``args`` forked from the zygote, or None where it takes a fresh interpreter."""
+        forkable = (len(args) >= 2 and args[0] == sys.executable
+                    and (args[1] == "-c" or args[1:3] == ["-m", "splittrain"]))
+        if not forkable or self.broken or os.environ.get(FRESH_ENV, "") not in ("", "0"):
+            return None
+        if self.proc is None and not self._start():
+            return None
+        if any(env.get(k) != self.env.get(k) and not RUNTIME_ENV.fullmatch(k) for k in {*env, *self.env}):
+            return None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(60)
+            conn.connect(self.socket)
+            request = {"argv": args[1:], "env": env, "cwd": str(cwd), "log": str(log)}
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            answer = conn.makefile("rb").readline()
+        return Forked(json.loads(answer)["pid"], args)
+
+    def _start(self) -> bool:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1) != 0:  # the forked processes must come to this one
+            self.broken = True
+            return False
+        folder = Path(tempfile.mkdtemp(prefix="splittrain-zygote-"))
+        self.socket, self.env, log = str(folder / "zygote.sock"), child_env(), folder / "zygote.log"
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py")), self.socket],
+                                         stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        atexit.register(self.close, folder)
+        try:
+            wait_for(lambda: b"ready" in log.read_bytes(), 120, "the test zygote", self.proc, log)
+        except AssertionError as exc:
+            print(f"tests: no zygote, fresh interpreters instead: {exc}", file=sys.stderr)
+            self.close(folder)
+            self.broken = True
+            return False
+        return True
+
+    def close(self, folder: Path) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+ZYGOTE = Zygote()
+
+
 class Processes:
     """Starts processes for one test and ends every one of them, by pid, when the test ends."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.started: list[subprocess.Popen] = []
+        self.started: list[subprocess.Popen | Forked] = []
 
-    def start(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env or child_env(),
-                                    cwd=self.folder, start_new_session=True)
+    def start(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen | Forked:
+        env = env or child_env()
+        proc = ZYGOTE.fork(args, log, env, self.folder)
+        if proc is None:
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.folder,
+                                        start_new_session=True)
         proc.log = log  # type: ignore[attr-defined]
         self.started.append(proc)
         return proc
