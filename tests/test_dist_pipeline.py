@@ -196,8 +196,9 @@ def test_under_nccl_submit_reads_its_reply(monkeypatch):
 
 
 def test_torchrun_pipelined_equals_unpipelined_and_in_process(reference_run, procs, tmp_path):
-    """4 micro-batches in flight over dist give the losses and weights of whole batches over dist and in one
-    process (which the suite proves equal to monolithic peft), within 1e-5."""
+    """The README's torchrun line (``--standalone``, 2 processes): whole batches over dist give the in-process
+    run's losses and weights within 1e-6 (the in-process run the suite proves equal to monolithic peft), and 4
+    micro-batches in flight give both within 1e-5."""
     config, ref = reference_run
     runs = {pipeline: tmp_path / f"pipeline{pipeline}" for pipeline in (1, 4)}
     jobs = [procs.start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -209,8 +210,10 @@ def test_torchrun_pipelined_equals_unpipelined_and_in_process(reference_run, pro
         Processes.finish(job, timeout=300)
     assert_same_run(runs[4], runs[4], runs[1], tolerance=1e-5)
     assert_same_run(runs[4], runs[4], ref, tolerance=1e-5)
-    assert_same_run(runs[1], runs[1], ref, tolerance=1e-5)
-    # The same tensors cross; 4 frames per batch and direction instead of 1 add their headers.
+    assert_same_run(runs[1], runs[1], ref)
+    # wire_bytes counts what crossed the process group, headers too: more than the tensors in process. The same
+    # tensors cross pipelined; 4 frames per batch and direction instead of 1 add their headers.
+    assert summary(runs[1])["wire_bytes"] > summary(ref)["wire_bytes"]
     assert 1.0 < summary(runs[4])["wire_bytes"] / summary(runs[1])["wire_bytes"] < 1.05
 
 

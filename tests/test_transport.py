@@ -1,5 +1,6 @@
-"""The cut across real process boundaries: ``tcp`` (a ``serve`` process) and ``dist`` (torchrun) give the
-in-process run's numbers; the wire dtype halves the bytes; authentication, replays, fingerprints and TLS."""
+"""The cut across real process boundaries: ``tcp`` (a ``serve`` process) and ``dist`` (torchrun on two "nodes")
+give the in-process run's numbers; the wire dtype halves the bytes; authentication, replays, fingerprints and TLS.
+torchrun on one node, pipelined and not, is in ``test_dist_pipeline.py``."""
 
 from __future__ import annotations
 
@@ -49,17 +50,6 @@ def test_tcp_fit_equals_in_process(reference_run, procs, tmp_path):
     ratio = summary(client_run)["wire_bytes"] / summary(ref)["wire_bytes"]
     assert 1.0 < ratio < 1.02, ratio
     assert known["client0"] not in (tmp_path / "client.log").read_text() + (tmp_path / "server.log").read_text()
-
-
-def test_torchrun_fit_equals_in_process(reference_run, procs, tmp_path):
-    config, ref = reference_run
-    run = tmp_path / "dist"
-    proc = procs.start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "splittrain", "fit", "--config", str(config), "--model.transport", "dist",
-                        "--trainer.default_root_dir", str(run)], tmp_path / "torchrun.log")
-    Processes.finish(proc, timeout=300)
-    assert_same_run(run, run, ref)
-    assert summary(run)["wire_bytes"] > summary(ref)["wire_bytes"]
 
 
 def test_torchrun_on_two_nodes_equals_in_process(reference_run, procs, tmp_path):
