@@ -150,8 +150,10 @@ class Zygote:
         self.socket = ""
         self.broken = False
 
-    def fork(self, args: list[str], log: Path, env: dict[str, str], cwd: Path) -> Forked | None:
-        """The process ``args`` forked from the zygote, or None where it takes a fresh interpreter."""
+    def fork(self, args: list[str], env: dict[str, str], cwd: Path, stdout: Path, stderr: Path | None = None
+             ) -> Forked | None:
+        """The process ``args`` forked from the zygote, its output appended to ``stdout`` (and ``stderr``, else
+        the same file), or None where it takes a fresh interpreter."""
         forkable = (len(args) >= 2 and args[0] == sys.executable
                     and (args[1] == "-c" or args[1:3] == ["-m", "splittrain"]))
         if not forkable or self.broken or os.environ.get(FRESH_ENV, "") not in ("", "0"):
@@ -163,7 +165,8 @@ class Zygote:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(60)
             conn.connect(self.socket)
-            request = {"argv": args[1:], "env": env, "cwd": str(cwd), "log": str(log)}
+            request = {"argv": args[1:], "env": env, "cwd": str(cwd), "stdout": str(stdout),
+                       "stderr": str(stderr or stdout)}
             conn.sendall(json.dumps(request).encode() + b"\n")
             answer = conn.makefile("rb").readline()
         return Forked(json.loads(answer)["pid"], args)
@@ -198,6 +201,26 @@ class Zygote:
 ZYGOTE = Zygote()
 
 
+def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True)``, forked from the zygote where it can be; killed by
+    its pid if it outlives ``timeout``."""
+    folder = Path(tempfile.mkdtemp(prefix="splittrain-run-"))
+    try:
+        proc = ZYGOTE.fork(args, env, cwd, folder / "stdout", folder / "stderr")
+        if proc is None:
+            return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                Processes.signal(proc, signal.SIGKILL)
+        out, err = ((folder / name).read_text(errors="replace") if (folder / name).exists() else ""
+                    for name in ("stdout", "stderr"))
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class Processes:
     """Starts processes for one test and ends every one of them, by pid, when the test ends."""
 
@@ -207,7 +230,7 @@ class Processes:
 
     def start(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen | Forked:
         env = env or child_env()
-        proc = ZYGOTE.fork(args, log, env, self.folder)
+        proc = ZYGOTE.fork(args, env, self.folder, log)
         if proc is None:
             with open(log, "ab") as out:
                 proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.folder,

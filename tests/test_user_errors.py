@@ -9,7 +9,6 @@ stderr file descriptor captured); the same cases run as ``python -m splittrain``
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from processes import child_env, run
 from splittrain.cli import main
 from splittrain.state import save_state
 
@@ -169,8 +169,7 @@ def test_a_mistake_is_one_line_and_changes_nothing(case, inputs, busy_port, capf
 
 
 def run_splittrain(words: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "splittrain", *words], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **env})
+    return run([sys.executable, "-m", "splittrain", *words], cwd, child_env(**env), timeout=120)
 
 
 # One case per path a mistake takes out of a real process (each start costs seconds; the test above covers every

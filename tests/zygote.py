@@ -4,12 +4,12 @@ Every ``python -m splittrain ...`` spends about 6 s of CPU importing its librari
 multi-process tests start well over a hundred of them. ``python tests/zygote.py SOCKET`` imports them once (it
 starts no Python thread, so forking it is safe) and then, for each request on its Unix socket, forks twice: the
 grandchild becomes the requested process in a session of its own (``setsid``: its pid is its group, as with
-``Popen(start_new_session=True)``), with the request's argv, environment, working folder and log as stdout and
-stderr; the middle process exits at once, so the kernel hands the grandchild to the test process, which made
+``Popen(start_new_session=True)``), with the request's argv, environment, working folder, stdout and stderr; the middle process exits at once, so the kernel hands the grandchild to the test process, which made
 itself a child subreaper. The test then waits for it, and kills it, by its pid like any child of its own
 (:class:`processes.Forked`).
 
-A request is one JSON line ``{"argv": [...], "env": {...}, "cwd": "...", "log": "..."}`` where argv is
+A request is one JSON line ``{"argv": [...], "env": {...}, "cwd": "...", "stdout": "...", "stderr": "..."}``
+(files it appends to; the same one for both, or two) where argv is
 ``["-m", "splittrain", ...]`` or ``["-c", SCRIPT, ...]``; the answer is one line ``{"pid": N}``.
 """
 
@@ -36,13 +36,13 @@ def become(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
     os.close(null)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        log = os.open(request[name], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(log, fd)
+        os.close(log)
     argv = request["argv"]
     sys.path[0] = os.getcwd() if argv[0] == "-m" else ""  # as python -m / -c set it (here: this file's folder)
     if argv[0] == "-m":
