@@ -16,6 +16,7 @@ A request is one JSON line ``{"argv": [...], "env": {...}, "cwd": "...", "stdout
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import runpy
@@ -64,6 +65,7 @@ def main(path: str) -> None:
     # datasets' forked workers.
     if threading.active_count() != 1:
         raise SystemExit(f"zygote: Python threads after the imports: {threading.enumerate()}; not forking")
+    gc.freeze()  # the collector leaves the imported objects alone, so forked processes share their pages longer
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
