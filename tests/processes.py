@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -158,18 +159,23 @@ class Zygote:
                     and (args[1] == "-c" or args[1:3] == ["-m", "splittrain"]))
         if not forkable or self.broken or os.environ.get(FRESH_ENV, "") not in ("", "0"):
             return None
-        if self.proc is None and not self._start():
-            return None
+        if self.proc is None:
+            # started from the main thread only: the zygote goes when the thread that started it ends
+            if threading.current_thread() is not threading.main_thread() or not self._start():
+                return None
         if any(env.get(k) != self.env.get(k) and not RUNTIME_ENV.fullmatch(k) for k in {*env, *self.env}):
             return None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(60)
-            conn.connect(self.socket)
-            request = {"argv": args[1:], "env": env, "cwd": str(cwd), "stdout": str(stdout),
-                       "stderr": str(stderr or stdout)}
-            conn.sendall(json.dumps(request).encode() + b"\n")
-            answer = conn.makefile("rb").readline()
-        return Forked(json.loads(answer)["pid"], args)
+        request = {"argv": args[1:], "env": env, "cwd": str(cwd), "stdout": str(stdout), "stderr": str(stderr or stdout)}
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(60)
+                conn.connect(self.socket)
+                conn.sendall(json.dumps(request).encode() + b"\n")
+                return Forked(json.loads(conn.makefile("rb").readline())["pid"], args)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"tests: the zygote stopped answering ({exc!r}); fresh interpreters from now on", file=sys.stderr)
+            self.broken = True
+            return None
 
     def _start(self) -> bool:
         libc = ctypes.CDLL(None, use_errno=True)
