@@ -16,6 +16,7 @@ import atexit
 import ctypes
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -40,11 +41,36 @@ STEPS = 20
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
+def free_ports(count: int = 1) -> int:
+    """A port P with P .. P + count - 1 free on 127.0.0.1 right now (replica r listens on P + r).
+
+    Picked below the kernel's ephemeral range where there is room: no outgoing connection's own port and no bind to
+    port 0 (gloo's, torchrun's, another test's) lands there, so nothing takes it before the test's server binds it,
+    and a client retrying while its server is down cannot connect to itself."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 1024
+    for _ in range(200):
+        if low - count > 10_000:
+            base = random.randrange(10_000, low - count)
+        else:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                base = probe.getsockname()[1]
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"found no {count} consecutive free ports on 127.0.0.1")
+
+
 def free_port() -> int:
-    """A port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 right now (see :func:`free_ports`)."""
+    return free_ports(1)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -165,7 +191,8 @@ class Zygote:
                 return None
         if any(env.get(k) != self.env.get(k) and not RUNTIME_ENV.fullmatch(k) for k in {*env, *self.env}):
             return None
-        request = {"argv": args[1:], "env": env, "cwd": str(cwd), "stdout": str(stdout), "stderr": str(stderr or stdout)}
+        request = {"argv": args[1:], "env": env, "cwd": str(cwd), "stdout": str(stdout),
+                   "stderr": str(stderr or stdout)}
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                 conn.settimeout(60)

@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from processes import Processes, child_env, free_port, make_tokens, read_status, tail, wait_for, write_config
+from processes import (Processes, child_env, free_port, free_ports, make_tokens, read_status, tail, wait_for,
+                       write_config)
 from splittrain.federated import FederatedSettings
 from splittrain.federated.trunk import TrunkFederation
 from splittrain.server.replicas import Replicas
@@ -202,26 +203,6 @@ def test_two_replicas_of_two_clients_equal_one_server_of_four(procs, workers, tm
         assert status["replica"]["rank"] == rank and status["federated_step"] == STEPS
         assert status["counters"]["aggregations"] == 2 * STEPS  # its 2 clients' masked updates, every step
         assert sorted(status["clients"]) == [f"c{i}" for i in range(4) if i % 2 == rank]
-
-
-def free_ports(count: int) -> int:
-    """A port P with P .. P + count - 1 free on 127.0.0.1 right now (replica r listens on P + r)."""
-    import socket
-
-    for _ in range(50):
-        base = free_port()
-        held = []
-        try:
-            for port in range(base + 1, base + count):
-                held.append(socket.socket())
-                held[-1].bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise RuntimeError(f"found no {count} consecutive free ports")
 
 
 @pytest.mark.slow

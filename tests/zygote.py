@@ -4,8 +4,9 @@ Every ``python -m splittrain ...`` spends about 6 s of CPU importing its librari
 multi-process tests start well over a hundred of them. ``python tests/zygote.py SOCKET`` imports them once (it
 starts no Python thread, so forking it is safe) and then, for each request on its Unix socket, forks twice: the
 grandchild becomes the requested process in a session of its own (``setsid``: its pid is its group, as with
-``Popen(start_new_session=True)``), with the request's argv, environment, working folder, stdout and stderr; the middle process exits at once, so the kernel hands the grandchild to the test process, which made
-itself a child subreaper. The test then waits for it, and kills it, by its pid like any child of its own
+``Popen(start_new_session=True)``), with the request's argv, environment, working folder, stdout and stderr;
+the middle process exits at once, so the kernel hands the grandchild to the test process, which made itself a
+child subreaper. The test then waits for it, and kills it, by its pid like any child of its own
 (:class:`processes.Forked`).
 
 A request is one JSON line ``{"argv": [...], "env": {...}, "cwd": "...", "stdout": "...", "stderr": "..."}``
