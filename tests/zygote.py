@@ -99,5 +99,6 @@ def main(path: str) -> None:
             stream.write(json.dumps({"pid": worker}).encode() + b"\n")
             stream.flush()
 
+
 if __name__ == "__main__":
     main(sys.argv[1])
