@@ -98,6 +98,7 @@ def add_lora(segment: nn.Module, layers: Iterable[int], settings: LoraSettings, 
     for param in segment.parameters():
         param.requires_grad_(False)
     inject_adapter_in_model(lora_config(segment.family, layers, settings), segment)
+    segment.train(segment.training)  # peft makes its layers in training mode: they take the segment's
     init_lora(segment, seed)
     return segment
 

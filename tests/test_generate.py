@@ -267,3 +267,39 @@ def test_the_quickstart_answers_half_its_held_out_rows(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"exact match {summary['test_exact_match']:.3f}" in out
     assert "assistant: nomel" in out  # the sample answer: 'Reverse the word "lemon".'
+
+
+def test_generation_runs_every_lora_layer_in_eval_mode(checkpoint):
+    """The server switches its trunk between training and eval only when the mode changes (a walk over every
+    module costs 1.7 ms per decode step on a 100M trunk with LoRA). peft makes LoRA layers in training mode: those
+    of the trunk as loaded and those of a client that comes later take the trunk's mode, so no generation has
+    dropout. Every client's tokens equal those of a trunk without dropout (both adapters start from the same
+    tensors); the server trains in between and generates again in eval mode."""
+    from splittrain.lora import LoraSettings
+    from splittrain.server import load_trunk
+
+    _, folder = checkpoint("qwen2")
+    parts = split_model(folder, cuts=(1, 3))
+    ids, mask = batch("left", length=11)
+
+    def server_of(dropout: float) -> TrunkServer:
+        trunk = load_trunk(str(folder), (1, 3), LoraSettings(r=4, alpha=8, dropout=dropout), seed=1)
+        with torch.no_grad():  # a LoRA update large enough for its dropout to change tokens
+            for name, p in trunk.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        return TrunkServer(trunk, total_steps=1)
+
+    def tokens(server: TrunkServer, client: str) -> torch.Tensor:
+        link = TrunkLink(LocalTransport(server, client))
+        return generate(parts["bottom"], link, parts["top"], ids, mask, max_new_tokens=NEW, pad_token_id=0,
+                        eos_token_id=[])
+
+    expected = tokens(server_of(0.0), "alice")
+    server = server_of(0.5)
+    assert torch.equal(tokens(server, "alice"), expected)
+    assert torch.equal(tokens(server, "bob"), expected)  # bob's LoRA layers were added just now
+    assert not any(m.training for m in server.trunk.modules())
+    server.trunk.switch_mode(True)  # as a training forward does
+    assert all(m.training for m in server.trunk.modules())
+    assert torch.equal(tokens(server, "bob"), expected)

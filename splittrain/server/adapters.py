@@ -111,6 +111,7 @@ class TrunkAdapters(dict[str, TrunkAdapter]):
         with warnings.catch_warnings():  # several adapters in one model are what we want
             warnings.filterwarnings("ignore", "Already found a `peft_config` attribute")
             inject_adapter_in_model(self._lora_config, self.trunk, adapter_name=name)
+        self.trunk.train(self.trunk.training)  # the new LoRA modules start in training mode
         # peft may leave the layers on the new adapter: make them run the one they ran before
         active, self._active = self._active, name
         self.use(active)

@@ -59,7 +59,7 @@ class Generations:
             generation = self._extend(session, gid, new_mask, batch)
         positions = tensors["position_ids"].to(device=device, dtype=torch.long)
         self.use(session.adapter.name)
-        self.trunk.eval()
+        self.trunk.switch_mode(False)
         with torch.no_grad():
             y = self.trunk(x, attention_mask=generation.mask, position_ids=positions,
                            cache=generation.cache).hidden_states

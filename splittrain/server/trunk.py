@@ -344,7 +344,7 @@ class TrunkServer:
                                f"made {adapter.steps} steps: resume the client from the server's step "
                                f"(--ckpt_path) or the server from the client's (serve --resume)")
         self.adapters.use(adapter.name)
-        self.trunk.train(training)
+        self.trunk.switch_mode(training)
         saved = 0
 
         def count_saved(t: torch.Tensor) -> torch.Tensor:
@@ -380,7 +380,7 @@ class TrunkServer:
         del session.graphs[key]
         # a checkpointed trunk runs its layers again now: with this client's adapter, in training mode
         self.adapters.use(session.adapter.name)
-        self.trunk.train(True)
+        self.trunk.switch_mode(True)
         params = session.adapter.trainable
         for name, p in params:  # accumulate into this client's own buffers
             p.grad = session.grads.get(name)
