@@ -76,7 +76,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=DTYPES[self.dtype][0]).element_size()
+        return math.prod(self.shape) * DTYPES[self.dtype][0].itemsize
 
 
 @dataclass
@@ -247,7 +247,7 @@ def parse_payload(payload: bytearray | memoryview, specs: list[TensorSpec]) -> d
         spans.append((begin, end))
         if spec.nbytes == 0:
             tensors[spec.name] = torch.empty(spec.shape, dtype=dtype)
-        elif (base + begin) % torch.empty((), dtype=dtype).element_size():
+        elif (base + begin) % dtype.itemsize:
             raw = torch.frombuffer(payload, dtype=torch.uint8, count=end - begin, offset=base + begin).clone()
             tensors[spec.name] = raw.view(dtype).reshape(spec.shape)
         else:
