@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from processes import Processes, make_tokens, read_status, wait_for, write_config
 from splittrain.transport import fingerprint
-from splittrain.transport.tcp import SocketReader, _proof
+from splittrain.transport.tcp import TLS_HANDSHAKE, SocketReader, _proof
 from splittrain.transport.wire import (
     MAGIC,
     MAX_HEADER_BYTES,
@@ -169,6 +169,8 @@ class Case:
 
 
 def refused(category: str, data: bytes, stage: str = "raw", **kwargs: Any) -> Case:
+    if stage == "raw" and data[:1] == TLS_HANDSHAKE:  # a connection that opens like TLS is told it is the wrong one
+        kwargs.setdefault("counter", "handshakes_refused")
     return Case(category, data, stage, "refused", **kwargs)
 
 
@@ -861,6 +863,8 @@ EDGE_INPUTS: dict[str, tuple[Case, str]] = {
         "serves another split"),
     "error frame instead of a hello": (
         Case("edge", frame({**hello_fields(b"\5" * 32, PLACEHOLDER_FP), "kind": "error", "tensors": []})), "^bad frame"),
+    "garbage whose first byte is TLS's handshake byte": (
+        refused("edge", TLS_HANDSHAKE + PRE_AUTH_HELLO[1:]), "^this trunk server does not speak TLS"),
     "error frame carrying the right proof instead of an auth": (
         Case("edge", b"", "hello", proper_auth=True, auth_kind="error"), "^bad frame"),
 }

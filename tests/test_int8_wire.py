@@ -201,6 +201,7 @@ def test_a_request_that_cannot_be_encoded_leaves_nothing_outstanding():
     transport = TcpTransport.__new__(TcpTransport)  # no connection: encode refuses before anything is sent
     transport.closed, transport.seq, transport.acked, transport.server_step = False, 0, 0, 0
     transport.replay, transport.outstanding = [], __import__("collections").deque()
+    transport.sock = transport.sender = None  # what __del__ closes
     with pytest.raises(ProtocolError, match="at most"):
         transport.submit("forward", {}, {f"t{i}": torch.zeros(1) for i in range(9)})
     assert not transport.outstanding and transport.seq == 0 and not transport.replay
